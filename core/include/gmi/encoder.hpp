@@ -1,0 +1,57 @@
+#pragma once
+/// Encoders map images (G) and prompts (T) to L2-normalised vectors.
+///
+/// Every encoder has an identity; a spec records the identities of the encoders that
+/// made it and is never scored against a query embedded by different ones.
+/// Thread-safety: encode() is const and safe to call from several threads.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gmi/image.hpp"
+#include "gmi/linalg.hpp"
+
+namespace gmi {
+
+/// Who made an embedding: two embeddings are comparable iff their identities are equal.
+struct EncoderIdentity {
+  std::string name;
+  std::string version;
+  int dim = 0;
+  double default_gamma = 1.0;  ///< kernel width suited to this feature space
+
+  bool operator==(const EncoderIdentity& o) const {
+    return name == o.name && version == o.version && dim == o.dim;
+  }
+  /// "name/version/dim", for messages and logs.
+  std::string str() const;
+};
+
+class ImageEncoder {
+ public:
+  virtual ~ImageEncoder() = default;
+  virtual const EncoderIdentity& identity() const = 0;
+  /// The shorter side the encoder wants; decoders may DCT-scale toward it.
+  virtual int input_min_side() const = 0;
+  /// One row per image, each row L2-normalised.
+  virtual RowMatrix encode(const std::vector<Image>& images) const = 0;
+};
+
+class TextEncoder {
+ public:
+  virtual ~TextEncoder() = default;
+  virtual const EncoderIdentity& identity() const = 0;
+  /// One row per text, each row L2-normalised (an empty text maps to the zero vector).
+  virtual RowMatrix encode(const std::vector<std::string>& texts) const = 0;
+};
+
+/// The built-in, deterministic, CPU-only style descriptor (no weights needed).
+std::unique_ptr<ImageEncoder> make_builtin_image_encoder();
+/// The built-in hashed word / character n-gram prompt embedding.
+std::unique_ptr<TextEncoder> make_builtin_text_encoder();
+
+/// Encoders by name ("builtin"); the TorchScript path registers more names later.
+std::unique_ptr<ImageEncoder> make_image_encoder(const std::string& name);
+std::unique_ptr<TextEncoder> make_text_encoder(const std::string& name);
+
+}  // namespace gmi

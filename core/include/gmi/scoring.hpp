@@ -1,0 +1,103 @@
+#pragma once
+/// Ranking a hub's models against one query (or a batch) with every spec packed into
+/// contiguous matrices: a query is one GEMV over all reduced points plus elementwise
+/// passes; a batch of queries is one GEMM. See shared METHOD.md, "Identification".
+/// Thread-safety: a built SpecIndex is immutable; rank*/score* are const and reentrant.
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "gmi/linalg.hpp"
+#include "gmi/spec.hpp"
+
+namespace gmi {
+
+enum class Scorer {
+  kWeighted,    ///< prompt-weighted RKME MMD^2 (the method); ascending
+  kRkme,        ///< unweighted RKME MMD^2 (w = beta); ascending
+  kMean,        ///< cos(x_q, mean_m) (Modelverse first moment); descending
+  kNearest,     ///< max_j k_x(zx_j, x_q); descending
+  kPopularity,  ///< downloads; descending
+};
+
+const char* to_string(Scorer s);
+/// "weighted" | "rkme" | "mean" | "nearest" | "popularity"; throws InputError otherwise.
+Scorer parse_scorer(std::string_view name);
+/// True when lower scores rank first.
+bool ascending(Scorer s);
+
+struct ScoreOptions {
+  Scorer scorer = Scorer::kWeighted;
+  double tau = 0.1;  ///< prompt-weight temperature (weighted scorer only)
+  int top_k = 10;    ///< <= 0 means all models
+};
+
+struct RankedModel {
+  std::string model;
+  double score = 0;
+};
+
+/// All specs of one hub, packed. Specs must share encoder identities (else
+/// EncoderMismatchError naming the offending model). r may differ between models.
+class SpecIndex {
+ public:
+  SpecIndex() = default;
+  explicit SpecIndex(std::vector<Spec> specs);
+
+  std::size_t size() const { return model_ids_.size(); }
+  std::size_t points() const { return static_cast<std::size_t>(zx_.rows()); }
+  const EncoderIdentity& image_encoder() const { return image_encoder_; }
+  const EncoderIdentity& text_encoder() const { return text_encoder_; }
+  const std::vector<std::string>& model_ids() const { return model_ids_; }
+
+  /// Throws EncoderMismatchError unless the query was embedded by this hub's encoders.
+  void check_compatible(const EncoderIdentity& image, const EncoderIdentity& text) const;
+
+  /// Scores every model for one query. x: d (L2-normalised image embedding); t: dt
+  /// pseudo-prompt embedding (used by the weighted scorer only; may be empty otherwise).
+  /// Returns one score per model, in model_ids() order.
+  Eigen::VectorXd score_all(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
+                            const ScoreOptions& options) const;
+
+  /// Batch form: rows of xs (B x d) and ts (B x dt). Returns B x M scores.
+  RowMatrixD score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
+                             const ScoreOptions& options) const;
+
+  /// score_all + top-k selection in rank order.
+  std::vector<RankedModel> rank(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
+                                const ScoreOptions& options) const;
+  std::vector<std::vector<RankedModel>> rank_batch(const RowMatrix& xs, const RowMatrix& ts,
+                                                   const ScoreOptions& options) const;
+
+  /// Packed reduced points, for interrogators that learn from the hub itself.
+  const RowMatrix& all_zx() const { return zx_; }
+  const RowMatrix& all_zt() const { return zt_; }
+  const Eigen::VectorXf& all_beta() const { return beta_; }
+  /// Reduced points of model m are rows [offsets()[m], offsets()[m+1]).
+  const std::vector<std::size_t>& offsets() const { return offsets_; }
+
+ private:
+  std::vector<std::string> model_ids_;
+  EncoderIdentity image_encoder_, text_encoder_;
+  std::vector<std::size_t> offsets_;   // M + 1
+  RowMatrix zx_;                       // P x d, all reduced points
+  RowMatrix zt_;                       // P x dt
+  Eigen::VectorXf zx_sqnorm_;          // P
+  Eigen::VectorXf zt_norm_;            // P
+  Eigen::VectorXf beta_;               // P
+  Eigen::VectorXf point_gamma_;        // P, gamma of the owning model
+  std::vector<float> grams_;           // sum_m r_m^2, each model's K_zz^x row-major
+  std::vector<std::size_t> gram_offsets_;  // M
+  Eigen::VectorXf beta_k_beta_;        // M, beta^T K beta (unweighted self term)
+  RowMatrix mean_unit_;                // M x d, L2-normalised sample means
+  Eigen::VectorXd downloads_;          // M
+
+  void finish_scores(const float* s_row, const float* x_sqnorm_ptr, const float* tcos_row,
+                     double x_sqnorm, const ScoreOptions& options, double* out) const;
+};
+
+/// Top-k of `scores` (ascending or descending), ties broken by model id.
+std::vector<RankedModel> top_k(const Eigen::VectorXd& scores,
+                               const std::vector<std::string>& ids, bool ascending, int k);
+
+}  // namespace gmi

@@ -1,0 +1,59 @@
+#pragma once
+/// Test helpers: scratch directories, a real redis-server on a free port, subprocesses.
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace gmi::testing {
+
+/// A fresh directory under the system temp dir, removed on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// Starts a real `redis-server` (no persistence) on a free loopback port; killed on
+/// destruction. Skips the calling test (GTEST_SKIP) only when no redis-server binary
+/// exists and GMI_REQUIRE_REDIS is unset; CI sets GMI_REQUIRE_REDIS=1 so it fails instead.
+class RedisServer {
+ public:
+  /// `password`: when non-empty, the server requires it (requirepass).
+  explicit RedisServer(const std::string& password = "");
+  ~RedisServer();
+  RedisServer(const RedisServer&) = delete;
+  RedisServer& operator=(const RedisServer&) = delete;
+  bool started() const { return pid_ > 0; }
+  int port() const { return port_; }
+  std::string uri() const;  ///< redis://127.0.0.1:PORT
+
+ private:
+  int pid_ = -1;
+  int port_ = 0;
+  TempDir dir_;
+};
+
+struct ProcessResult {
+  int exit_code = -1;  ///< -signal when killed by a signal
+  std::string out;
+  std::string err;
+};
+
+/// Runs argv (no shell), with extra environment entries "K=V", capturing stdout/stderr.
+ProcessResult run_process(const std::vector<std::string>& argv,
+                          const std::vector<std::string>& extra_env = {},
+                          const std::string& stdin_data = "");
+
+/// A free TCP port on 127.0.0.1.
+int free_port();
+
+/// Path of the gmi binary under test.
+std::string gmi_binary();
+
+}  // namespace gmi::testing
