@@ -10,7 +10,7 @@ packages=(
   libeigen3-dev libhiredis-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server redis-tools
-  python3 python3-numpy python3-pil python3-skimage
+  python3 python3-numpy python3-pil python3-skimage python3-matplotlib
 )
 
 missing=()

@@ -1,2 +1,369 @@
-// gmi command-line entry point (placeholder until the CLI lands).
-int main() { return 0; }
+// gmi: build model specs and identify the model behind one image, on one machine.
+//
+//   gmi spec build   --model ID --manifest DIR/manifest.jsonl --store dir:SPECDIR
+//   gmi spec inspect --store dir:SPECDIR [MODEL...]
+//   gmi spec remove  --store dir:SPECDIR MODEL
+//   gmi identify     --store dir:SPECDIR --top K [--scorer ...] [--json] IMAGE
+//   gmi identify     --store dir:SPECDIR --top K --batch QUERIES.jsonl
+//
+// Exit codes: 0 success, 1 environment failure (I/O, Redis), 2 bad input or usage.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "gmi/encoder.hpp"
+#include "gmi/error.hpp"
+#include "gmi/image.hpp"
+#include "gmi/manifest.hpp"
+#include "gmi/parallel.hpp"
+#include "gmi/pipeline.hpp"
+#include "gmi/spec_store.hpp"
+#include "progress.hpp"
+
+namespace {
+
+using gmi::cli::ProgressBar;
+using nlohmann::json;
+
+constexpr const char* kVersion = "0.1.0";
+
+struct CommonOptions {
+  std::string store = "dir:specs";
+  int threads = 0;
+  std::string image_encoder = "builtin";
+  std::string text_encoder = "builtin";
+};
+
+/// One decoded-and-embedded batch: a row per usable input, an error per unusable one.
+struct EmbeddedBatch {
+  gmi::RowMatrix x;
+  std::vector<int> row_of;          // input index -> row in x, or -1
+  std::vector<std::string> errors;  // input index -> error ("" when fine)
+};
+
+EmbeddedBatch decode_and_embed(const std::vector<std::filesystem::path>& paths,
+                               const gmi::ImageEncoder& encoder, int threads,
+                               const gmi::DecodeOptions& base, const std::string& label) {
+  const size_t n = paths.size();
+  EmbeddedBatch out;
+  out.errors.assign(n, "");
+  out.row_of.assign(n, -1);
+  gmi::RowMatrix all(static_cast<Eigen::Index>(n), encoder.identity().dim);
+  std::vector<char> ok(n, 0);
+  gmi::DecodeOptions opt = base;
+  opt.target_min_side = encoder.input_min_side();
+  ProgressBar bar(label, n);
+  gmi::parallel_for(n, threads, [&](size_t i) {
+    try {
+      gmi::Image img = gmi::read_image_file(paths[i], opt);
+      all.row(static_cast<Eigen::Index>(i)) = encoder.encode({img}).row(0);
+      ok[i] = 1;
+    } catch (const std::exception& e) {
+      out.errors[i] = e.what();
+    }
+    bar.tick();
+  });
+  bar.finish();
+  int rows = 0;
+  for (size_t i = 0; i < n; ++i) rows += ok[i];
+  out.x.resize(rows, all.cols());
+  int r = 0;
+  for (size_t i = 0; i < n; ++i)
+    if (ok[i]) {
+      out.row_of[i] = r;
+      out.x.row(r++) = all.row(static_cast<Eigen::Index>(i));
+    }
+  return out;
+}
+
+void add_common(CLI::App* cmd, CommonOptions& c) {
+  cmd->add_option("--store", c.store, "spec store: dir:PATH or redis://[USER@]HOST[:PORT][/DB][?prefix=P]")
+      ->envname("GMI_STORE")
+      ->capture_default_str();
+  cmd->add_option("--threads", c.threads, "worker threads for decoding and embedding (0: all cores)")
+      ->envname("GMI_THREADS");
+}
+
+// ------------------------------------------------------------------ spec build
+
+struct BuildArgs {
+  std::string model, manifest, info_file, card;
+  double downloads = -1;
+  int reduced = 32, min_samples = 4, max_iterations = 100;
+  double gamma = 0, lambda = -1;
+  bool json_out = false, unconstrained = false;
+};
+
+int run_spec_build(const CommonOptions& c, const BuildArgs& a) {
+  gmi::validate_model_id(a.model);
+  gmi::Manifest man = gmi::read_manifest(a.manifest, /*require_prompt=*/true);
+  for (const auto& issue : man.issues)
+    std::fprintf(stderr, "gmi: %s:%d: %s (line skipped)\n", a.manifest.c_str(), issue.line,
+                 issue.message.c_str());
+  auto image_encoder = gmi::make_image_encoder(c.image_encoder);
+  auto text_encoder = gmi::make_text_encoder(c.text_encoder);
+
+  std::vector<std::filesystem::path> paths;
+  for (const auto& e : man.entries) paths.push_back(e.image);
+  EmbeddedBatch batch = decode_and_embed(paths, *image_encoder, c.threads, {}, "embedding");
+  std::vector<std::string> prompts;
+  int skipped = static_cast<int>(man.issues.size());
+  for (size_t i = 0; i < man.entries.size(); ++i) {
+    if (batch.row_of[i] < 0) {
+      std::fprintf(stderr, "gmi: %s:%d: %s (sample skipped)\n", a.manifest.c_str(), man.entries[i].line,
+                   batch.errors[i].c_str());
+      ++skipped;
+      continue;
+    }
+    prompts.push_back(man.entries[i].prompt);
+  }
+  gmi::RowMatrix t = text_encoder->encode(prompts);
+
+  gmi::SpecBuildOptions opt;
+  opt.rkme.reduced_size = a.reduced;
+  opt.rkme.gamma = a.gamma;
+  opt.rkme.lambda = a.lambda;
+  opt.rkme.constrained = !a.unconstrained;
+  opt.rkme.max_iterations = a.max_iterations;
+  opt.min_samples = a.min_samples;
+  if (!a.info_file.empty()) {
+    std::ifstream in(a.info_file);
+    if (!in) throw gmi::IoError("cannot open model info " + a.info_file);
+    json info = json::parse(in, nullptr, false);
+    if (!info.is_object()) throw gmi::InputError(a.info_file + ": not a JSON object");
+    opt.downloads = info.value("downloads", 0.0);
+    opt.card = info.value("card", std::string());
+  }
+  if (a.downloads >= 0) opt.downloads = a.downloads;
+  if (!a.card.empty()) opt.card = a.card;
+
+  ProgressBar bar("fitting", static_cast<size_t>(a.max_iterations));
+  gmi::Spec spec = gmi::build_spec_from_embeddings(a.model, batch.x, t, image_encoder->identity(),
+                                                   text_encoder->identity(), opt,
+                                                   [&](int, double) { bar.tick(); });
+  bar.finish();
+  spec.extra["skipped_samples"] = skipped;
+  auto store = gmi::open_spec_store(c.store);
+  store->put(spec);
+  json meta = gmi::spec_metadata(spec);
+  if (a.json_out) {
+    std::cout << json{{"model", spec.model_id}, {"store", store->describe()}, {"spec", meta}}.dump() << "\n";
+  } else {
+    std::printf("built spec for '%s': n=%d r=%d gamma=%.4g lambda=%.4g residual MMD^2=%.3g (skipped %d)\n",
+                spec.model_id.c_str(), spec.n, spec.r(), spec.gamma, spec.lambda, spec.residual_mmd2, skipped);
+    std::printf("stored in %s\n", store->describe().c_str());
+  }
+  return 0;
+}
+
+// ------------------------------------------------------------------ spec inspect / remove
+
+int run_spec_inspect(const CommonOptions& c, const std::vector<std::string>& models, bool json_out) {
+  auto store = gmi::open_spec_store(c.store);
+  std::vector<std::string> ids = models.empty() ? store->list() : models;
+  json all = json::array();
+  int missing = 0;
+  if (!json_out)
+    std::printf("%-28s %6s %4s %5s %5s %10s %12s  %s\n", "model", "n", "r", "d", "dt", "gamma", "residual",
+                "encoder");
+  for (const auto& id : ids) {
+    auto spec = store->get(id);
+    if (!spec) {
+      std::fprintf(stderr, "gmi: no spec for model '%s' in %s\n", id.c_str(), store->describe().c_str());
+      ++missing;
+      continue;
+    }
+    if (json_out) {
+      all.push_back(gmi::spec_metadata(*spec));
+    } else {
+      std::printf("%-28s %6d %4d %5d %5d %10.4g %12.4g  %s + %s\n", spec->model_id.c_str(), spec->n,
+                  spec->r(), spec->image_encoder.dim, spec->text_encoder.dim, spec->gamma,
+                  spec->residual_mmd2, spec->image_encoder.str().c_str(), spec->text_encoder.str().c_str());
+    }
+  }
+  if (json_out) std::cout << json{{"specs", all}}.dump(2) << "\n";
+  return missing ? 2 : 0;
+}
+
+// ------------------------------------------------------------------ identify
+
+struct IdentifyArgs {
+  std::string image, batch, scorer = "weighted", interrogator = "neighbour", prompt;
+  int top = 4;
+  double tau = 0;
+  bool json_out = false;
+};
+
+json results_json(const std::vector<gmi::RankedModel>& ranked) {
+  json arr = json::array();
+  for (size_t i = 0; i < ranked.size(); ++i)
+    arr.push_back({{"rank", i + 1}, {"model", ranked[i].model}, {"score", ranked[i].score}});
+  return arr;
+}
+
+std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const IdentifyArgs& a) {
+  auto store = gmi::open_spec_store(c.store);
+  std::vector<gmi::Spec> specs;
+  auto ids = store->list();
+  ProgressBar bar("loading specs", ids.size());
+  for (const auto& id : ids) {
+    auto s = store->get(id);
+    if (s) specs.push_back(std::move(*s));
+    bar.tick();
+  }
+  bar.finish();
+  if (specs.empty()) throw gmi::InputError("no specs in " + store->describe() + " (run `gmi spec build` first)");
+  gmi::IdentifyOptions opt;
+  opt.score.scorer = gmi::parse_scorer(a.scorer);
+  opt.score.top_k = a.top;
+  if (a.tau > 0) opt.score.tau = a.tau;
+  opt.interrogator = a.interrogator;
+  std::shared_ptr<const gmi::ImageEncoder> ie = gmi::make_image_encoder(c.image_encoder);
+  std::shared_ptr<const gmi::TextEncoder> te = gmi::make_text_encoder(c.text_encoder);
+  return std::make_unique<gmi::Identifier>(std::move(specs), ie, te, opt);
+}
+
+int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
+  if (a.image.empty() == a.batch.empty())
+    throw gmi::InputError("give exactly one of IMAGE or --batch QUERIES.jsonl");
+  auto identifier = load_identifier(c, a);
+  auto encoder = gmi::make_image_encoder(c.image_encoder);
+
+  if (!a.image.empty()) {
+    EmbeddedBatch b = decode_and_embed({a.image}, *encoder, 1, {}, "embedding");
+    if (b.row_of[0] < 0) throw gmi::DecodeError(gmi::DecodeFailure::kCorrupt, b.errors[0]);
+    auto id = identifier->identify(b.x, {a.prompt});
+    const auto& ranked = id[0].results;
+    if (a.json_out) {
+      std::cout << json{{"results", results_json(ranked)}, {"scorer", a.scorer}}.dump() << "\n";
+    } else {
+      std::printf("%4s  %-32s %12s\n", "rank", "model", a.scorer == "weighted" || a.scorer == "rkme"
+                                                            ? "MMD^2" : "score");
+      for (size_t i = 0; i < ranked.size(); ++i)
+        std::printf("%4zu  %-32s %12.6f\n", i + 1, ranked[i].model.c_str(), ranked[i].score);
+    }
+    return 0;
+  }
+
+  // Batch: one JSON line out per line in, in order; a bad line gets an "error" field.
+  gmi::Manifest man = gmi::read_manifest(a.batch, /*require_prompt=*/false);
+  std::vector<std::filesystem::path> paths;
+  std::vector<std::string> prompts;
+  for (const auto& e : man.entries) {
+    paths.push_back(e.image);
+    prompts.push_back(a.prompt.empty() ? e.fields.value("query_prompt", std::string()) : a.prompt);
+  }
+  EmbeddedBatch b = decode_and_embed(paths, *encoder, c.threads, {}, "queries");
+  std::vector<std::string> used_prompts;
+  for (size_t i = 0; i < paths.size(); ++i)
+    if (b.row_of[i] >= 0) used_prompts.push_back(prompts[i]);
+  auto ids = identifier->identify(b.x, used_prompts);
+
+  // Interleave results and issues back into input line order.
+  std::map<int, json> out;
+  for (const auto& issue : man.issues) out[issue.line] = {{"line", issue.line}, {"error", issue.message}};
+  int failed = static_cast<int>(man.issues.size());
+  for (size_t i = 0; i < man.entries.size(); ++i) {
+    json line = man.entries[i].fields;
+    if (b.row_of[i] < 0) {
+      line["error"] = b.errors[i];
+      ++failed;
+    } else {
+      line["results"] = results_json(ids[static_cast<size_t>(b.row_of[i])].results);
+    }
+    out[man.entries[i].line] = std::move(line);
+  }
+  for (auto& [line, j] : out) std::cout << j.dump() << "\n";
+  std::fprintf(stderr, "gmi: %zu queries answered, %d failed\n", out.size() - failed, failed);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"gmi: find the generative model behind one image.\n"
+               "Builds a specification (a reduced kernel mean embedding) per model and ranks\n"
+               "every model of a hub against a query image."};
+  app.set_version_flag("--version", kVersion);
+  app.require_subcommand(1);
+  CommonOptions common;
+
+  auto* spec = app.add_subcommand("spec", "build, inspect and remove model specifications");
+  spec->require_subcommand(1);
+
+  BuildArgs build;
+  auto* build_cmd = spec->add_subcommand("build", "build a model's spec from its sample images and prompts");
+  build_cmd->add_option("--model", build.model, "model id ([A-Za-z0-9._-], up to 128 chars)")->required();
+  build_cmd->add_option("--manifest", build.manifest,
+                        "JSON-lines manifest: {\"image\": \"<path relative to it>\", \"prompt\": \"...\"}")
+      ->required();
+  build_cmd->add_option("--reduced-size,-r", build.reduced, "reduced set size r")->capture_default_str();
+  build_cmd->add_option("--gamma", build.gamma, "kernel width (0: the image encoder's default)");
+  build_cmd->add_option("--lambda", build.lambda, "weight of the prompt in the joint space (<0: default)");
+  build_cmd->add_option("--max-iterations", build.max_iterations, "RKME fit iterations cap")->capture_default_str();
+  build_cmd->add_option("--min-samples", build.min_samples, "fail when fewer samples are usable")->capture_default_str();
+  build_cmd->add_flag("--unconstrained", build.unconstrained, "closed-form beta instead of the simplex QP");
+  build_cmd->add_option("--info", build.info_file, "JSON file with \"downloads\" and \"card\" for the model");
+  build_cmd->add_option("--downloads", build.downloads, "download count (popularity baseline)");
+  build_cmd->add_option("--card", build.card, "model card text");
+  build_cmd->add_flag("--json", build.json_out, "print the result as JSON");
+  add_common(build_cmd, common);
+
+  std::vector<std::string> inspect_models;
+  bool inspect_json = false;
+  auto* inspect_cmd = spec->add_subcommand("inspect", "show specs' metadata and quality (all when no MODEL)");
+  inspect_cmd->add_option("models", inspect_models, "model ids");
+  inspect_cmd->add_flag("--json", inspect_json, "print JSON");
+  add_common(inspect_cmd, common);
+
+  std::string remove_model;
+  auto* remove_cmd = spec->add_subcommand("remove", "remove a model's spec");
+  remove_cmd->add_option("model", remove_model, "model id")->required();
+  add_common(remove_cmd, common);
+
+  IdentifyArgs ident;
+  auto* identify_cmd = app.add_subcommand("identify", "rank the hub's models for a query image");
+  identify_cmd->add_option("image", ident.image, "query image (JPEG or PNG)");
+  identify_cmd->add_option("--batch", ident.batch,
+                           "JSON-lines file of queries {\"image\": ...}; one JSON line out per line in");
+  identify_cmd->add_option("--top,-k", ident.top, "how many models to list (0: all)")
+      ->envname("GMI_TOP")->capture_default_str();
+  identify_cmd->add_option("--scorer", ident.scorer, "weighted | rkme | mean | nearest | popularity")
+      ->envname("GMI_SCORER")->capture_default_str();
+  identify_cmd->add_option("--tau", ident.tau, "prompt-weight temperature of the weighted scorer");
+  identify_cmd->add_option("--interrogator", ident.interrogator, "pseudo-prompt source: neighbour | ridge")
+      ->capture_default_str();
+  identify_cmd->add_option("--prompt", ident.prompt, "use this text as the query's prompt (skips the interrogator)");
+  identify_cmd->add_flag("--json", ident.json_out, "print JSON: {\"results\": [{\"rank\", \"model\", \"score\"}]}");
+  add_common(identify_cmd, common);
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (build_cmd->parsed()) return run_spec_build(common, build);
+    if (inspect_cmd->parsed()) return run_spec_inspect(common, inspect_models, inspect_json);
+    if (remove_cmd->parsed()) {
+      auto store = gmi::open_spec_store(common.store);
+      if (!store->remove(remove_model)) throw gmi::NotFoundError("no spec for model '" + remove_model + "'");
+      std::printf("removed '%s' from %s\n", remove_model.c_str(), store->describe().c_str());
+      return 0;
+    }
+    if (identify_cmd->parsed()) return run_identify(common, ident);
+  } catch (const gmi::InputError& e) {
+    std::fprintf(stderr, "gmi: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "gmi: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

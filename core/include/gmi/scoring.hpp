@@ -83,17 +83,28 @@ class SpecIndex {
   RowMatrix zx_;                       // P x d, all reduced points
   RowMatrix zt_;                       // P x dt
   Eigen::VectorXf zx_sqnorm_;          // P
-  Eigen::VectorXf zt_norm_;            // P
+  Eigen::VectorXf zt_inv_norm_;        // P, 1 / ||zt_j|| (0 for a zero row)
   Eigen::VectorXf beta_;               // P
-  Eigen::VectorXf point_gamma_;        // P, gamma of the owning model
+  Eigen::VectorXf log_beta_;           // P, log beta_j (-inf where beta_j == 0)
   std::vector<float> grams_;           // sum_m r_m^2, each model's K_zz^x row-major
   std::vector<std::size_t> gram_offsets_;  // M
-  Eigen::VectorXf beta_k_beta_;        // M, beta^T K beta (unweighted self term)
+  Eigen::VectorXd beta_k_beta_;        // M, beta^T K beta (unweighted self term)
+  Eigen::VectorXf gamma_;              // M, each model's kernel width
   RowMatrix mean_unit_;                // M x d, L2-normalised sample means
   Eigen::VectorXd downloads_;          // M
 
-  void finish_scores(const float* s_row, const float* x_sqnorm_ptr, const float* tcos_row,
-                     double x_sqnorm, const ScoreOptions& options, double* out) const;
+  struct QueryTerms;  // one query's norms, as the per-model pass needs them
+  void check_query(const float* x, Eigen::Index x_size, const float* t, Eigen::Index t_size,
+                   bool weighted, QueryTerms& terms) const;
+  /// Scores models [m_begin, m_end) for `count` queries. s / tdot: row q holds zx_j . x_q /
+  /// zt_j . t_q for the points of those models (leading dimension `ld`); out: row q, stride
+  /// out_stride, model m at out[q * out_stride + m].
+  void finish_models(std::size_t m_begin, std::size_t m_end, int count, const float* s,
+                     const float* tdot, std::size_t ld, const QueryTerms* terms,
+                     const ScoreOptions& options, double* out, std::size_t out_stride) const;
+  void score_range(std::size_t m_begin, std::size_t m_end, const RowMatrix& xs,
+                   const RowMatrix& ts, const QueryTerms* terms, const ScoreOptions& options,
+                   double* out, std::size_t out_stride) const;
 };
 
 /// Top-k of `scores` (ascending or descending), ties broken by model id.

@@ -1,0 +1,195 @@
+// Scoring benchmark: exact scoring of M synthetic specs (packed SpecIndex), one query at a
+// time and in batches. Compare with scripts/bench_score_numpy.py (same sizes).
+#include <sys/resource.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "gmi/rkme.hpp"
+#include "gmi/scoring.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// splitmix64: fast, seeded; the benchmark needs billions of numbers, not statistical finesse.
+struct FastRng {
+  std::uint64_t state;
+  std::uint64_t next() {
+    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  float uniform() {
+    return static_cast<float>(next() >> 40) * 0x1.0p-24f * 2.0f - 1.0f;
+  }  // [-1, 1)
+};
+
+// Rows scattered around `centre` (its own direction per model), each L2-normalised.
+gmi::RowMatrix around(const Eigen::VectorXf& centre, int rows, float spread, FastRng& rng) {
+  gmi::RowMatrix m(rows, centre.size());
+  for (int i = 0; i < rows; ++i) {
+    for (Eigen::Index k = 0; k < centre.size(); ++k) m(i, k) = centre(k) + spread * rng.uniform();
+    m.row(i).normalize();
+  }
+  return m;
+}
+
+Eigen::VectorXf unit_vector(Eigen::Index dim, FastRng& rng) {
+  Eigen::VectorXf v(dim);
+  for (auto& e : v) e = rng.uniform();
+  return v.normalized();
+}
+
+double peak_rss_gb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / (1024.0 * 1024.0);  // ru_maxrss is in KiB
+}
+
+double mem_available_gb() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  double kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb / (1024.0 * 1024.0);
+  return -1;
+}
+
+struct Stats {
+  double median, p90;
+};
+
+Stats stats(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const auto at = [&](double q) {
+    return v[std::min(v.size() - 1, static_cast<std::size_t>(q * static_cast<double>(v.size())))];
+  };
+  return {at(0.5), at(0.9)};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"SpecIndex scoring benchmark on synthetic specs"};
+  long models = 1000;
+  int r = 32, d = 512, dt = 256, queries = 20, repeats = 3;
+  double tau = 0.1, gamma = 1.0;
+  std::vector<int> batches{16, 64};
+  std::vector<std::string> scorers{"weighted", "rkme"};
+  std::uint64_t seed = 7;
+  app.add_option("--models", models, "M: number of specs (1000, 10000, 100000)");
+  app.add_option("--r", r, "reduced points per spec");
+  app.add_option("--d", d, "image embedding dimension");
+  app.add_option("--dt", dt, "prompt embedding dimension");
+  app.add_option("--queries", queries, "single queries timed per scorer");
+  app.add_option("--batches", batches, "batch sizes");
+  app.add_option("--repeats", repeats, "batches timed per batch size and scorer");
+  app.add_option("--scorers", scorers, "scorers to time");
+  app.add_option("--tau", tau, "prompt-weight temperature");
+  app.add_option("--seed", seed, "data seed");
+  CLI11_PARSE(app, argc, argv);
+
+  const double points = static_cast<double>(models) * r;
+  const double spec_bytes =
+      static_cast<double>(models) * (static_cast<double>(r) * (d + dt + r + 1) + d) * 4.0;
+  const double available = mem_available_gb();
+  std::printf(
+      "bench_score: M=%ld r=%d d=%d dt=%d (P=%.0f points, %.2f GB of spec arrays; "
+      "%.1f GB available)\n",
+      models, r, d, dt, points, spec_bytes / 1e9, available);
+  if (available > 0 && spec_bytes * 1.25 / (1024.0 * 1024.0 * 1024.0) > available) {
+    std::fprintf(stderr, "not enough memory for one copy of the specs plus headroom\n");
+    return 1;
+  }
+
+  // Specs one at a time; SpecIndex consumes the vector, freeing each spec as it packs it.
+  const gmi::EncoderIdentity image{"bench-image", "1", d, gamma};
+  const gmi::EncoderIdentity text{"bench-text", "1", dt, 1.0};
+  FastRng rng{seed};
+  auto start = Clock::now();
+  std::vector<gmi::Spec> specs;
+  specs.reserve(static_cast<std::size_t>(models));
+  for (long m = 0; m < models; ++m) {
+    gmi::Spec s;
+    s.model_id = "model-" + std::to_string(m);
+    s.image_encoder = image;
+    s.text_encoder = text;
+    s.n = 1000;
+    s.gamma = gamma;
+    s.zx = around(unit_vector(d, rng), r, 0.08f, rng);
+    s.zt = around(unit_vector(dt, rng), r, 0.08f, rng);
+    s.beta.resize(r);
+    for (auto& b : s.beta) b = 0.5f + 0.5f * rng.uniform();
+    s.beta /= s.beta.sum();
+    s.gram_x = gmi::gaussian_gram(s.zx, gamma);
+    s.mean_x = s.zx.colwise().mean().transpose();
+    s.downloads = static_cast<double>(rng.next() % 100000);
+    specs.push_back(std::move(s));
+  }
+  const double build_s = std::chrono::duration<double>(Clock::now() - start).count();
+  const double rss_specs = peak_rss_gb();
+  start = Clock::now();
+  const gmi::SpecIndex index(std::move(specs));
+  const double pack_s = std::chrono::duration<double>(Clock::now() - start).count();
+  std::printf("built specs in %.1f s (peak RSS %.2f GB); packed in %.1f s (peak RSS %.2f GB)\n",
+              build_s, rss_specs, pack_s, peak_rss_gb());
+
+  // Queries: near a random model's points (a realistic hit), with a pseudo-prompt near its zt.
+  const int max_batch = batches.empty() ? 1 : *std::max_element(batches.begin(), batches.end());
+  const int pool = std::max(queries, max_batch);
+  gmi::RowMatrix xs(pool, d), ts(pool, dt);
+  for (int q = 0; q < pool; ++q) {
+    const auto p = static_cast<Eigen::Index>(rng.next() % static_cast<std::uint64_t>(points));
+    for (int k = 0; k < d; ++k) xs(q, k) = index.all_zx()(p, k) + 0.05f * rng.uniform();
+    for (int k = 0; k < dt; ++k) ts(q, k) = index.all_zt()(p, k) + 0.05f * rng.uniform();
+    xs.row(q).normalize();
+    ts.row(q).normalize();
+  }
+
+  for (const std::string& name : scorers) {
+    gmi::ScoreOptions options;
+    options.scorer = gmi::parse_scorer(name);
+    options.tau = tau;
+    const bool uses_t = options.scorer == gmi::Scorer::kWeighted;
+    const double bytes = points * (d + (uses_t ? dt : 0)) * 4.0;        // zx (+ zt) per pass
+    index.rank(xs.row(0).transpose(), ts.row(0).transpose(), options);  // warm-up
+    std::vector<double> single;
+    for (int q = 0; q < queries; ++q) {
+      const auto t0 = Clock::now();
+      const auto top = index.rank(xs.row(q).transpose(), ts.row(q).transpose(), options);
+      single.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      if (top.empty()) return 1;
+    }
+    const Stats s1 = stats(single);
+    std::printf("%-8s single   : median %9.3f ms  p90 %9.3f ms per query  (%.1f GB/s of zx%s)\n",
+                name.c_str(), s1.median * 1e3, s1.p90 * 1e3, bytes / s1.median / 1e9,
+                uses_t ? "+zt" : "");
+    for (int b : batches) {
+      std::vector<double> per_query;
+      for (int rep = 0; rep < repeats; ++rep) {
+        const gmi::RowMatrix bx = xs.topRows(b), bt = ts.topRows(b);
+        const auto t0 = Clock::now();
+        const auto ranked = index.rank_batch(bx, bt, options);
+        per_query.push_back(std::chrono::duration<double>(Clock::now() - t0).count() / b);
+        if (static_cast<int>(ranked.size()) != b) return 1;
+      }
+      const Stats sb = stats(per_query);
+      std::printf(
+          "%-8s batch %3d: median %9.3f ms  p90 %9.3f ms per query  (%.1f GB/s "
+          "effective, x%.1f vs single)\n",
+          name.c_str(), b, sb.median * 1e3, sb.p90 * 1e3, bytes / sb.median / 1e9,
+          s1.median / sb.median);
+    }
+  }
+  std::printf("peak RSS %.2f GB\n", peak_rss_gb());
+  return 0;
+}

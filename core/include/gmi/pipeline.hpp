@@ -1,0 +1,84 @@
+#pragma once
+/// The two jobs of the engine, free of any transport: build a model's spec from its
+/// samples, and identify the models behind query images. The CLI and the stage workers
+/// are thin adapters over these.
+/// Thread-safety: build_spec is reentrant; an Identifier is immutable after construction
+/// and its const methods may be called from several threads.
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gmi/encoder.hpp"
+#include "gmi/interrogator.hpp"
+#include "gmi/rkme.hpp"
+#include "gmi/scoring.hpp"
+#include "gmi/spec.hpp"
+
+namespace gmi {
+
+struct SpecBuildOptions {
+  RkmeOptions rkme;             ///< gamma <= 0 means "the image encoder's default"
+  int min_samples = 4;          ///< fewer usable samples -> InputError
+  double downloads = 0;
+  std::string card;
+};
+
+/// Embeds images and prompts and fits the spec. `images` and `prompts` are parallel.
+/// Throws InputError (too few samples, bad options).
+Spec build_spec(const std::string& model_id, const std::vector<Image>& images,
+                const std::vector<std::string>& prompts, const ImageEncoder& image_encoder,
+                const TextEncoder& text_encoder, const SpecBuildOptions& options,
+                const RkmeProgress& progress = {});
+
+/// Same, from embeddings already computed (rows of x and t are samples).
+Spec build_spec_from_embeddings(const std::string& model_id, const RowMatrix& x, const RowMatrix& t,
+                                const EncoderIdentity& image_id, const EncoderIdentity& text_id,
+                                const SpecBuildOptions& options, const RkmeProgress& progress = {});
+
+/// Joint-space weight of the prompt part when the caller gives none: chosen so that two
+/// unrelated prompts (||t - t'||^2 = 2) scale the kernel by exp(-1/2) (see README).
+double default_lambda(double gamma);
+
+struct IdentifyOptions {
+  ScoreOptions score;
+  std::string interrogator = "neighbour";
+};
+
+/// One query's answer.
+struct Identification {
+  std::vector<RankedModel> results;
+};
+
+/// A hub loaded for identification: specs packed, interrogator built, encoders checked.
+class Identifier {
+ public:
+  /// Throws EncoderMismatchError when the specs were made by other encoders than these.
+  Identifier(std::vector<Spec> specs, std::shared_ptr<const ImageEncoder> image_encoder,
+             std::shared_ptr<const TextEncoder> text_encoder, IdentifyOptions options);
+
+  const SpecIndex& index() const { return index_; }
+  const IdentifyOptions& options() const { return options_; }
+
+  /// Embeds the images (DecodeOptions' target side is the encoder's input_min_side()).
+  RowMatrix embed(const std::vector<Image>& images) const;
+
+  /// Ranks models for each row of `xs` (image embeddings). `prompts[i]`, when given and
+  /// non-empty, is used as query i's pseudo-prompt instead of the interrogator's.
+  std::vector<Identification> identify(const RowMatrix& xs,
+                                       const std::vector<std::string>& prompts = {}) const;
+  std::vector<Identification> identify_images(const std::vector<Image>& images,
+                                              const std::vector<std::string>& prompts = {}) const {
+    return identify(embed(images), prompts);
+  }
+
+ private:
+  std::shared_ptr<const ImageEncoder> image_encoder_;
+  std::shared_ptr<const TextEncoder> text_encoder_;
+  IdentifyOptions options_;
+  SpecIndex index_;
+  std::unique_ptr<Interrogator> interrogator_;
+};
+
+}  // namespace gmi

@@ -1,0 +1,115 @@
+#include "gmi/pipeline.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <ctime>
+
+#include "gmi/error.hpp"
+
+namespace gmi {
+
+double default_lambda(double gamma) { return std::sqrt(0.25 / gamma); }
+
+static std::string utc_now_iso8601() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+Spec build_spec_from_embeddings(const std::string& model_id, const RowMatrix& x, const RowMatrix& t,
+                                const EncoderIdentity& image_id, const EncoderIdentity& text_id,
+                                const SpecBuildOptions& options, const RkmeProgress& progress) {
+  validate_model_id(model_id);
+  if (x.rows() < options.min_samples) {
+    throw InputError("model '" + model_id + "' has " + std::to_string(x.rows()) +
+                     " usable samples; at least " + std::to_string(options.min_samples) +
+                     " are needed to build a spec");
+  }
+  RkmeOptions rk = options.rkme;
+  if (rk.gamma <= 0) rk.gamma = image_id.default_gamma;
+  if (rk.lambda < 0) rk.lambda = default_lambda(rk.gamma);
+  ReducedSet rs = fit_rkme(x, t, rk, progress);
+  Spec s;
+  s.model_id = model_id;
+  s.image_encoder = image_id;
+  s.text_encoder = text_id;
+  s.n = static_cast<int>(x.rows());
+  s.gamma = rk.gamma;
+  s.lambda = rk.lambda;
+  s.residual_mmd2 = rs.residual_mmd2;
+  s.zx = std::move(rs.zx);
+  s.zt = std::move(rs.zt);
+  s.beta = std::move(rs.beta);
+  s.gram_x = gaussian_gram(s.zx, s.gamma);
+  s.mean_x = x.colwise().mean().transpose();
+  s.downloads = options.downloads;
+  s.card = options.card;
+  s.created_at = utc_now_iso8601();
+  s.extra["fit"] = {{"iterations", rs.iterations}, {"initial_mmd2", rs.initial_mmd2},
+                    {"reduced_size_requested", options.rkme.reduced_size}};
+  validate(s);
+  return s;
+}
+
+Spec build_spec(const std::string& model_id, const std::vector<Image>& images,
+                const std::vector<std::string>& prompts, const ImageEncoder& image_encoder,
+                const TextEncoder& text_encoder, const SpecBuildOptions& options,
+                const RkmeProgress& progress) {
+  if (images.size() != prompts.size())
+    throw InputError("build_spec: " + std::to_string(images.size()) + " images but " +
+                     std::to_string(prompts.size()) + " prompts");
+  validate_model_id(model_id);
+  if (static_cast<int>(images.size()) < options.min_samples) {
+    throw InputError("model '" + model_id + "' has " + std::to_string(images.size()) +
+                     " usable samples; at least " + std::to_string(options.min_samples) +
+                     " are needed to build a spec");
+  }
+  return build_spec_from_embeddings(model_id, image_encoder.encode(images), text_encoder.encode(prompts),
+                                    image_encoder.identity(), text_encoder.identity(), options,
+                                    progress);
+}
+
+Identifier::Identifier(std::vector<Spec> specs, std::shared_ptr<const ImageEncoder> image_encoder,
+                       std::shared_ptr<const TextEncoder> text_encoder, IdentifyOptions options)
+    : image_encoder_(std::move(image_encoder)),
+      text_encoder_(std::move(text_encoder)),
+      options_(std::move(options)),
+      index_(std::move(specs)) {
+  if (index_.size() > 0) index_.check_compatible(image_encoder_->identity(), text_encoder_->identity());
+  interrogator_ = make_interrogator(options_.interrogator, index_);
+}
+
+RowMatrix Identifier::embed(const std::vector<Image>& images) const {
+  return image_encoder_->encode(images);
+}
+
+std::vector<Identification> Identifier::identify(const RowMatrix& xs,
+                                                 const std::vector<std::string>& prompts) const {
+  std::vector<Identification> out(static_cast<size_t>(xs.rows()));
+  if (xs.rows() == 0 || index_.size() == 0) return out;
+  RowMatrix ts;
+  if (options_.score.scorer == Scorer::kWeighted) {
+    ts = interrogator_->pseudo_prompts(xs);
+    std::vector<std::string> given;
+    std::vector<Eigen::Index> rows;
+    for (size_t i = 0; i < prompts.size() && i < out.size(); ++i)
+      if (!prompts[i].empty()) {
+        given.push_back(prompts[i]);
+        rows.push_back(static_cast<Eigen::Index>(i));
+      }
+    if (!given.empty()) {
+      RowMatrix pt = text_encoder_->encode(given);
+      for (size_t k = 0; k < rows.size(); ++k) ts.row(rows[k]) = pt.row(static_cast<Eigen::Index>(k));
+    }
+  } else {
+    ts = RowMatrix::Zero(xs.rows(), text_encoder_->identity().dim);
+  }
+  auto ranked = index_.rank_batch(xs, ts, options_.score);
+  for (size_t i = 0; i < out.size(); ++i) out[i].results = std::move(ranked[i]);
+  return out;
+}
+
+}  // namespace gmi

@@ -1,0 +1,486 @@
+// Exact scoring of every packed spec against a query. See shared METHOD.md, "Identification".
+#include "gmi/scoring.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <unordered_set>
+#include <utility>
+
+#include "gmi/error.hpp"
+#include "gmi/parallel.hpp"
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+namespace gmi {
+namespace {
+
+using Eigen::Index;
+
+// Reduced points per block of the per-model pass: the block's dot products stay in L1/L2.
+constexpr std::size_t kBlockPoints = 4096;
+// Queries per GEMM of a batch: each zx block is read once per this many queries.
+constexpr Index kQueryChunk = 128;
+// Multiply-adds below which a call stays on the calling thread.
+constexpr double kMinWorkPerThread = 4e6;
+// While packing, freed spec memory is handed back to the system every this many bytes.
+constexpr std::size_t kReleaseEvery = std::size_t{256} << 20;
+
+// glibc keeps freed blocks in its heap (small chunks left in its caches pin everything below
+// them), so a vector of specs being consumed would not shrink; malloc_trim returns the free
+// pages wherever they sit.
+void release_freed_memory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
+std::string identity_text(const EncoderIdentity& e) {
+  return e.name + "/" + e.version + "/" + std::to_string(e.dim);
+}
+
+std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
+
+// Runs fn(m_begin, m_end) over [0, M) split into contiguous ranges of about equal point counts,
+// one per thread, when the work is large enough to pay for the threads.
+template <class Fn>
+void for_model_ranges(const std::vector<std::size_t>& offsets, double work, const Fn& fn) {
+  const std::size_t models = offsets.size() - 1;
+  const auto hw = static_cast<std::size_t>(default_threads());
+  const std::size_t threads =
+      std::min({hw, models, static_cast<std::size_t>(std::max(1.0, work / kMinWorkPerThread))});
+  if (threads <= 1) {
+    fn(std::size_t{0}, models);
+    return;
+  }
+  std::vector<std::size_t> bounds(threads + 1, models);
+  bounds[0] = 0;
+  for (std::size_t k = 1; k < threads; ++k) {
+    const std::size_t target = offsets.back() * k / threads;
+    bounds[k] = std::max<std::size_t>(
+        bounds[k - 1],
+        static_cast<std::size_t>(std::lower_bound(offsets.begin(), offsets.end() - 1, target) -
+                                 offsets.begin()));
+  }
+  std::vector<std::exception_ptr> errors(threads);
+  parallel_for(threads, static_cast<int>(threads), [&](std::size_t k) {
+    try {
+      fn(bounds[k], bounds[k + 1]);
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  });
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+void check_options(const ScoreOptions& options) {
+  if (options.scorer == Scorer::kWeighted && (!(options.tau > 0) || std::isnan(options.tau)))
+    throw InputError("score: options.tau must be positive (got " + std::to_string(options.tau) +
+                     ")");
+}
+
+}  // namespace
+
+const char* to_string(Scorer s) {
+  switch (s) {
+    case Scorer::kWeighted:
+      return "weighted";
+    case Scorer::kRkme:
+      return "rkme";
+    case Scorer::kMean:
+      return "mean";
+    case Scorer::kNearest:
+      return "nearest";
+    case Scorer::kPopularity:
+      return "popularity";
+  }
+  return "unknown";
+}
+
+Scorer parse_scorer(std::string_view name) {
+  for (Scorer s :
+       {Scorer::kWeighted, Scorer::kRkme, Scorer::kMean, Scorer::kNearest, Scorer::kPopularity})
+    if (name == to_string(s)) return s;
+  throw InputError("unknown scorer '" + std::string(name) +
+                   "' (expected weighted, rkme, mean, nearest or popularity)");
+}
+
+bool ascending(Scorer s) { return s == Scorer::kWeighted || s == Scorer::kRkme; }
+
+struct SpecIndex::QueryTerms {
+  float x_sqnorm = 0;
+  double inv_x_norm = 0;  // 0 for a zero query
+  float inv_t_norm = 0;
+  bool weighted = false;  // a usable pseudo-prompt: otherwise the weighted scorer uses beta
+};
+
+SpecIndex::SpecIndex(std::vector<Spec> specs) {
+  const std::size_t models = specs.size();
+  offsets_.assign(1, 0);
+  if (models == 0) return;
+  image_encoder_ = specs.front().image_encoder;
+  text_encoder_ = specs.front().text_encoder;
+  const Index d = image_encoder_.dim, dt = text_encoder_.dim;
+
+  // Pass 1: everything checkable without copying, before the big allocations.
+  offsets_.resize(models + 1);
+  gram_offsets_.resize(models);
+  std::size_t gram_total = 0;
+  {
+    std::unordered_set<std::string_view> ids;
+    ids.reserve(models);
+    for (std::size_t m = 0; m < models; ++m) {
+      const Spec& s = specs[m];
+      if (!(s.image_encoder == image_encoder_))
+        throw EncoderMismatchError(
+            "spec " + in_quotes(s.model_id) + " was made with image encoder " +
+            identity_text(s.image_encoder) + ", the index holds " + identity_text(image_encoder_) +
+            " (from spec " + in_quotes(specs.front().model_id) + ")");
+      if (!(s.text_encoder == text_encoder_))
+        throw EncoderMismatchError("spec " + in_quotes(s.model_id) +
+                                   " was made with text encoder " + identity_text(s.text_encoder) +
+                                   ", the index holds " + identity_text(text_encoder_) +
+                                   " (from spec " + in_quotes(specs.front().model_id) + ")");
+      if (!ids.insert(s.model_id).second)
+        throw InputError("SpecIndex: model id " + in_quotes(s.model_id) + " appears twice");
+      const Index r = s.beta.size();
+      auto bad = [&](const std::string& what) {
+        return SpecFormatError("spec " + in_quotes(s.model_id) + ": " + what);
+      };
+      if (r < 1) throw bad("no reduced points");
+      if (s.zx.rows() != r || s.zx.cols() != d)
+        throw bad("zx is " + std::to_string(s.zx.rows()) + "x" + std::to_string(s.zx.cols()) +
+                  ", expected " + std::to_string(r) + "x" + std::to_string(d));
+      if (s.zt.rows() != r || s.zt.cols() != dt)
+        throw bad("zt is " + std::to_string(s.zt.rows()) + "x" + std::to_string(s.zt.cols()) +
+                  ", expected " + std::to_string(r) + "x" + std::to_string(dt));
+      if (s.gram_x.rows() != r || s.gram_x.cols() != r) throw bad("gram_x is not r x r");
+      if (s.mean_x.size() != d && s.mean_x.size() != 0) throw bad("mean_x is not of size d");
+      if (!s.beta.allFinite() || (s.beta.array() < 0).any())
+        throw bad("beta must be finite and non-negative");
+      if (!(s.gamma > 0) || !std::isfinite(s.gamma)) throw bad("gamma must be positive");
+      if (!std::isfinite(s.downloads)) throw bad("downloads must be finite");
+      offsets_[m + 1] = offsets_[m] + static_cast<std::size_t>(r);
+      gram_offsets_[m] = gram_total;
+      gram_total += static_cast<std::size_t>(r * r);
+    }
+  }
+
+  // Pass 2: pack. Specs are consumed from the back and destroyed as soon as they are copied,
+  // and their memory is handed back as we go, so the packed matrices (allocated but not yet
+  // touched) grow while the specs shrink: the peak stays near one copy, not two.
+  const auto points = static_cast<Index>(offsets_.back());
+  zx_.resize(points, d);
+  zt_.resize(points, dt);
+  zx_sqnorm_.resize(points);
+  zt_inv_norm_.resize(points);
+  beta_.resize(points);
+  log_beta_.resize(points);
+  grams_.resize(gram_total);
+  beta_k_beta_.resize(static_cast<Index>(models));
+  gamma_.resize(static_cast<Index>(models));
+  mean_unit_.resize(static_cast<Index>(models), d);
+  downloads_.resize(static_cast<Index>(models));
+  model_ids_.resize(models);
+  std::size_t freed = 0;
+  for (std::size_t m = models; m-- > 0;) {
+    Spec& s = specs.back();
+    const auto p = static_cast<Index>(offsets_[m]);
+    const Index r = s.beta.size();
+    const auto mi = static_cast<Index>(m);
+    if (!s.zx.allFinite() || !s.zt.allFinite() || !s.gram_x.allFinite() || !s.mean_x.allFinite())
+      throw SpecFormatError("spec " + in_quotes(s.model_id) + ": non-finite values");
+    zx_.middleRows(p, r) = s.zx;
+    zt_.middleRows(p, r) = s.zt;
+    zx_sqnorm_.segment(p, r) = s.zx.cast<double>().rowwise().squaredNorm().cast<float>();
+    const Eigen::VectorXd zt_norm = s.zt.cast<double>().rowwise().norm();
+    for (Index j = 0; j < r; ++j)
+      zt_inv_norm_(p + j) = zt_norm(j) > 0 ? static_cast<float>(1.0 / zt_norm(j)) : 0.0f;
+    beta_.segment(p, r) = s.beta;
+    log_beta_.segment(p, r) = s.beta.array().log();  // log(0) = -inf: that point never weighs
+    gamma_(mi) = static_cast<float>(s.gamma);
+    std::copy(s.gram_x.data(), s.gram_x.data() + r * r, grams_.begin() + gram_offsets_[m]);
+    const Eigen::VectorXd b = s.beta.cast<double>();
+    beta_k_beta_(mi) = b.dot(s.gram_x.cast<double>() * b);
+    const double mean_norm = s.mean_x.size() ? s.mean_x.cast<double>().norm() : 0.0;
+    if (mean_norm > 0)
+      mean_unit_.row(mi) = (s.mean_x.cast<double>() / mean_norm).cast<float>().transpose();
+    else
+      mean_unit_.row(mi).setZero();
+    downloads_(mi) = s.downloads;
+    model_ids_[m] = std::move(s.model_id);
+    freed += static_cast<std::size_t>(s.zx.size() + s.zt.size() + s.gram_x.size()) * sizeof(float);
+    specs.pop_back();
+    if (freed >= kReleaseEvery) {
+      release_freed_memory();
+      freed = 0;
+    }
+  }
+}
+
+void SpecIndex::check_compatible(const EncoderIdentity& image, const EncoderIdentity& text) const {
+  if (size() == 0) return;  // nothing to mismatch
+  if (!(image == image_encoder_))
+    throw EncoderMismatchError("query embedded by image encoder " + identity_text(image) +
+                               ", the index's specs were made with " +
+                               identity_text(image_encoder_));
+  if (!(text == text_encoder_))
+    throw EncoderMismatchError("query embedded by text encoder " + identity_text(text) +
+                               ", the index's specs were made with " +
+                               identity_text(text_encoder_));
+}
+
+void SpecIndex::check_query(const float* x, Index x_size, const float* t, Index t_size,
+                            bool weighted, QueryTerms& terms) const {
+  const Index d = zx_.cols(), dt = zt_.cols();
+  if (x_size != d)
+    throw InputError("score: query image embedding has dimension " + std::to_string(x_size) +
+                     ", the index has " + std::to_string(d));
+  const Eigen::Map<const Eigen::VectorXf> xv(x, x_size);
+  if (!xv.allFinite()) throw InputError("score: query image embedding is not finite");
+  const double x2 = xv.cast<double>().squaredNorm();
+  terms.x_sqnorm = static_cast<float>(x2);
+  terms.inv_x_norm = x2 > 0 ? 1.0 / std::sqrt(x2) : 0.0;
+  terms.weighted = false;
+  terms.inv_t_norm = 0;
+  if (!weighted || t_size == 0) return;
+  if (t_size != dt)
+    throw InputError("score: pseudo-prompt embedding has dimension " + std::to_string(t_size) +
+                     ", the index has " + std::to_string(dt));
+  const Eigen::Map<const Eigen::VectorXf> tv(t, t_size);
+  if (!tv.allFinite()) throw InputError("score: pseudo-prompt embedding is not finite");
+  const double tn = tv.cast<double>().norm();
+  if (tn > 0) {  // an all-zero pseudo-prompt says nothing: fall back to w = beta
+    terms.weighted = true;
+    terms.inv_t_norm = static_cast<float>(1.0 / tn);
+  }
+}
+
+void SpecIndex::finish_models(std::size_t m_begin, std::size_t m_end, int count, const float* s,
+                              const float* tdot, std::size_t ld, const QueryTerms* terms,
+                              const ScoreOptions& options, double* out,
+                              std::size_t out_stride) const {
+  const auto pa = static_cast<Index>(offsets_[m_begin]);
+  const auto len = static_cast<Index>(offsets_[m_end]) - pa;
+  Eigen::ArrayXf k_buffer(len), e_buffer(len);  // a model's r values, at the front
+  std::vector<double> w;
+  const float inv_tau = static_cast<float>(1.0 / options.tau);
+  for (int q = 0; q < count; ++q) {
+    const QueryTerms& qt = terms[q];
+    const float* sq = s + static_cast<std::size_t>(q) * ld;
+    const float* tq = tdot ? tdot + static_cast<std::size_t>(q) * ld : nullptr;
+    const bool weights = options.scorer == Scorer::kWeighted && qt.weighted;
+    double* row_out = out + static_cast<std::size_t>(q) * out_stride;
+    // Elementwise work is done model by model (not over the whole block) so that a model's
+    // score does not depend on where it sits in the index: SIMD lanes line up the same way.
+    for (std::size_t m = m_begin; m < m_end; ++m) {
+      const auto o = static_cast<Index>(offsets_[m]) - pa;
+      const auto r = static_cast<Index>(offsets_[m + 1] - offsets_[m]);
+      const auto mi = static_cast<Index>(m);
+      auto k = k_buffer.head(r);
+      auto e = e_buffer.head(r);
+      // k_x(z_j, x) = exp(-gamma ||z_j - x||^2), ||z - x||^2 = ||z||^2 + ||x||^2 - 2 z.x.
+      k = (-gamma_(mi) * (zx_sqnorm_.segment(pa + o, r).array() + qt.x_sqnorm -
+                          2.0f * Eigen::Map<const Eigen::ArrayXf>(sq + o, r))
+                             .max(0.0f))
+              .exp();
+      if (weights) {
+        // log omega_j = log beta_j + (cos(z_j^t, t) - 1) / tau
+        e = log_beta_.segment(pa + o, r).array() +
+            (Eigen::Map<const Eigen::ArrayXf>(tq + o, r) * zt_inv_norm_.segment(pa + o, r).array() *
+                 qt.inv_t_norm -
+             1.0f) *
+                inv_tau;
+      }
+      const float* kj = k.data();
+      const float* bj = beta_.data() + pa + o;
+      double score;
+      if (options.scorer == Scorer::kNearest) {
+        score = k.maxCoeff();
+      } else if (!weights) {
+        double lin = 0;
+        for (Index j = 0; j < r; ++j) lin += static_cast<double>(bj[j]) * kj[j];
+        score = 1.0 - 2.0 * lin + beta_k_beta_(mi);
+      } else {
+        // w = omega / sum omega, in log space against the model's largest exponent.
+        const float emax = e.maxCoeff();
+        if (!(emax > -std::numeric_limits<float>::infinity())) {
+          score = 1.0;  // every beta_j is 0: the model's embedding is empty
+        } else {
+          w.resize(static_cast<std::size_t>(r));
+          double total = 0;
+          for (Index j = 0; j < r; ++j)
+            total += (w[static_cast<std::size_t>(j)] = std::exp(static_cast<double>(e(j) - emax)));
+          const double inv_total = 1.0 / total;
+          double lin = 0, quad = 0;
+          const float* gram = grams_.data() + gram_offsets_[m];
+          for (Index j = 0; j < r; ++j) {
+            const double wj = w[static_cast<std::size_t>(j)] * inv_total;
+            const float* gj = gram + j * r;
+            double a0 = 0, a1 = 0;
+            Index l = 0;
+            for (; l + 1 < r; l += 2) {
+              a0 += static_cast<double>(gj[l]) * w[static_cast<std::size_t>(l)];
+              a1 += static_cast<double>(gj[l + 1]) * w[static_cast<std::size_t>(l + 1)];
+            }
+            if (l < r) a0 += static_cast<double>(gj[l]) * w[static_cast<std::size_t>(l)];
+            quad += wj * (a0 + a1) * inv_total;
+            lin += wj * kj[j];
+          }
+          score = 1.0 - 2.0 * lin + quad;
+        }
+      }
+      // An MMD^2 is >= 0; rounding may leave a hair below.
+      if (options.scorer != Scorer::kNearest) score = std::max(score, 0.0);
+      row_out[m] = score;
+    }
+  }
+}
+
+void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMatrix& xs,
+                            const RowMatrix& ts, const QueryTerms* terms,
+                            const ScoreOptions& options, double* out,
+                            std::size_t out_stride) const {
+  const Index queries = xs.rows();
+  bool need_t = false;
+  if (options.scorer == Scorer::kWeighted)
+    for (Index q = 0; q < queries; ++q) need_t = need_t || terms[q].weighted;
+  RowMatrix s, tdot;
+  Eigen::VectorXf sv, tv;
+  std::size_t mb;
+  for (std::size_t ma = m_begin; ma < m_end; ma = mb) {
+    mb = ma + 1;
+    while (mb < m_end && offsets_[mb + 1] - offsets_[ma] <= kBlockPoints) ++mb;
+    const auto pa = static_cast<Index>(offsets_[ma]);
+    const auto len = static_cast<Index>(offsets_[mb]) - pa;
+    const auto zx_block = zx_.middleRows(pa, len);
+    const auto zt_block = zt_.middleRows(pa, len);
+    for (Index q0 = 0; q0 < queries; q0 += kQueryChunk) {
+      const Index qc = std::min(kQueryChunk, queries - q0);
+      const float* s_ptr;
+      const float* t_ptr = nullptr;
+      if (qc == 1) {  // one query: matrix-vector products
+        sv.resize(len);
+        sv.noalias() = zx_block * xs.row(q0).transpose();
+        s_ptr = sv.data();
+        if (need_t && terms[q0].weighted) {
+          tv.resize(len);
+          tv.noalias() = zt_block * ts.row(q0).transpose();
+          t_ptr = tv.data();
+        }
+      } else {  // a chunk of queries: one GEMM reads the block once for all of them
+        s.resize(qc, len);
+        s.noalias() = xs.middleRows(q0, qc) * zx_block.transpose();
+        s_ptr = s.data();
+        if (need_t) {
+          tdot.resize(qc, len);
+          tdot.noalias() = ts.middleRows(q0, qc) * zt_block.transpose();
+          t_ptr = tdot.data();
+        }
+      }
+      finish_models(ma, mb, static_cast<int>(qc), s_ptr, t_ptr, static_cast<std::size_t>(len),
+                    terms + q0, options, out + static_cast<std::size_t>(q0) * out_stride,
+                    out_stride);
+    }
+  }
+}
+
+Eigen::VectorXd SpecIndex::score_all(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
+                                     const ScoreOptions& options) const {
+  const RowMatrix xs = Eigen::Map<const RowMatrix>(x.data(), 1, x.size());
+  const RowMatrix ts =
+      t.size() ? RowMatrix(Eigen::Map<const RowMatrix>(t.data(), 1, t.size())) : RowMatrix(0, 0);
+  return score_all_batch(xs, ts, options).row(0).transpose();
+}
+
+RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
+                                      const ScoreOptions& options) const {
+  check_options(options);
+  const Index queries = xs.rows();
+  const auto models = static_cast<Index>(size());
+  RowMatrixD out(queries, models);
+  if (models == 0 || queries == 0) return out;
+  const bool weighted = options.scorer == Scorer::kWeighted;
+  const bool have_t = weighted && ts.size() > 0;
+  if (have_t && ts.rows() != queries)
+    throw InputError("score: " + std::to_string(queries) + " query images but " +
+                     std::to_string(ts.rows()) + " pseudo-prompts");
+  std::vector<QueryTerms> terms(static_cast<std::size_t>(queries));
+  for (Index q = 0; q < queries; ++q)
+    check_query(xs.row(q).data(), xs.cols(), have_t ? ts.row(q).data() : nullptr,
+                have_t ? ts.cols() : 0, weighted, terms[static_cast<std::size_t>(q)]);
+
+  switch (options.scorer) {
+    case Scorer::kPopularity:
+      out.rowwise() = downloads_.transpose();
+      return out;
+    case Scorer::kMean: {
+      out = (xs * mean_unit_.transpose()).cast<double>();
+      for (Index q = 0; q < queries; ++q)
+        out.row(q) *= terms[static_cast<std::size_t>(q)].inv_x_norm;
+      return out;
+    }
+    default:
+      break;
+  }
+  const double work = static_cast<double>(points()) * static_cast<double>(queries) *
+                      static_cast<double>(zx_.cols() + (have_t ? zt_.cols() : 0));
+  const RowMatrix no_prompts;
+  const RowMatrix& prompts = have_t ? ts : no_prompts;
+  for_model_ranges(offsets_, work, [&](std::size_t m_begin, std::size_t m_end) {
+    score_range(m_begin, m_end, xs, prompts, terms.data(), options, out.data(),
+                static_cast<std::size_t>(models));
+  });
+  return out;
+}
+
+std::vector<RankedModel> SpecIndex::rank(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
+                                         const ScoreOptions& options) const {
+  return top_k(score_all(x, t, options), model_ids_, ascending(options.scorer), options.top_k);
+}
+
+std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
+                                                            const RowMatrix& ts,
+                                                            const ScoreOptions& options) const {
+  const RowMatrixD scores = score_all_batch(xs, ts, options);
+  std::vector<std::vector<RankedModel>> out;
+  out.reserve(static_cast<std::size_t>(scores.rows()));
+  for (Index q = 0; q < scores.rows(); ++q)
+    out.push_back(
+        top_k(scores.row(q).transpose(), model_ids_, ascending(options.scorer), options.top_k));
+  return out;
+}
+
+std::vector<RankedModel> top_k(const Eigen::VectorXd& scores, const std::vector<std::string>& ids,
+                               bool ascending, int k) {
+  if (static_cast<std::size_t>(scores.size()) != ids.size())
+    throw InputError("top_k: " + std::to_string(scores.size()) + " scores for " +
+                     std::to_string(ids.size()) + " model ids");
+  const std::size_t n = ids.size();
+  const std::size_t keep = k <= 0 ? n : std::min(n, static_cast<std::size_t>(k));
+  std::vector<std::size_t> order(n);
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  // NaN never ranks ahead of a number.
+  auto better = [&](std::size_t a, std::size_t b) {
+    const double sa = scores(static_cast<Index>(a)), sb = scores(static_cast<Index>(b));
+    const bool na = std::isnan(sa), nb = std::isnan(sb);
+    if (na != nb) return nb;
+    if (!na && sa != sb) return ascending ? sa < sb : sa > sb;
+    return ids[a] < ids[b];
+  };
+  std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(keep), order.end(),
+                    better);
+  std::vector<RankedModel> out;
+  out.reserve(keep);
+  for (std::size_t i = 0; i < keep; ++i)
+    out.push_back({ids[order[i]], scores(static_cast<Index>(order[i]))});
+  return out;
+}
+
+}  // namespace gmi

@@ -1,0 +1,140 @@
+#pragma once
+/// Test helpers for specs: a small random valid Spec, a bit-exact comparison, and the
+/// behaviour every SpecStore backend must show (shared by the directory and Redis tests).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmi/error.hpp"
+#include "gmi/spec.hpp"
+#include "gmi/spec_store.hpp"
+
+namespace gmi::testing {
+
+/// A valid spec with random contents: r reduced points in d (image) and dt (text) dims,
+/// beta a probability vector, gram_x the true Gaussian Gram matrix of zx.
+inline Spec make_random_spec(const std::string& model_id = "model-a", unsigned seed = 1, int r = 4,
+                             int d = 8, int dt = 6) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.05f, 1.0f);
+  Spec s;
+  s.model_id = model_id;
+  s.image_encoder = {"builtin-style", "1.2.0", d, 0.75};
+  s.text_encoder = {"builtin-ngram", "1.0.0", dt, 1.5};
+  s.n = 100 + static_cast<int>(seed);
+  s.gamma = 0.731 + seed * 1e-3;
+  s.lambda = 0.5;
+  s.residual_mmd2 = 0.0123456789 / (seed + 1);
+  s.zx.resize(r, d);
+  s.zt.resize(r, dt);
+  s.beta.resize(r);
+  s.mean_x.resize(d);
+  for (Eigen::Index i = 0; i < s.zx.size(); ++i) s.zx.data()[i] = normal(rng);
+  for (Eigen::Index i = 0; i < s.zt.size(); ++i) s.zt.data()[i] = normal(rng);
+  for (Eigen::Index i = 0; i < r; ++i) s.beta[i] = uniform(rng);
+  s.beta /= s.beta.sum();
+  for (Eigen::Index i = 0; i < d; ++i) s.mean_x[i] = normal(rng);
+  s.gram_x.resize(r, r);
+  for (int j = 0; j < r; ++j) {
+    for (int l = 0; l < r; ++l) {
+      s.gram_x(j, l) =
+          std::exp(-static_cast<float>(s.gamma) * (s.zx.row(j) - s.zx.row(l)).squaredNorm());
+    }
+  }
+  s.downloads = 1000.0 * seed + 0.5;
+  s.card = "A test model \xE2\x80\x94 \"quoted\", with\nnewlines and caf\xC3\xA9.";
+  s.created_at = "2024-05-01T12:34:56Z";
+  s.extra = {
+      {"source", "unit-test"}, {"seed", seed}, {"tags", {"a", "b"}}, {"nested", {{"x", 1.25}}}};
+  return s;
+}
+
+template <typename M>
+void expect_bit_exact(const M& a, const M& b, const char* name) {
+  ASSERT_EQ(a.rows(), b.rows()) << name;
+  ASSERT_EQ(a.cols(), b.cols()) << name;
+  EXPECT_EQ(0, a.size() == 0 ? 0 : std::memcmp(a.data(), b.data(), sizeof(float) * a.size()))
+      << name << " differs";
+}
+
+/// Every field equal, arrays equal bit for bit.
+inline void expect_same_spec(const Spec& a, const Spec& b) {
+  EXPECT_EQ(a.model_id, b.model_id);
+  EXPECT_EQ(a.image_encoder, b.image_encoder);
+  EXPECT_EQ(a.image_encoder.default_gamma, b.image_encoder.default_gamma);
+  EXPECT_EQ(a.text_encoder, b.text_encoder);
+  EXPECT_EQ(a.text_encoder.default_gamma, b.text_encoder.default_gamma);
+  EXPECT_EQ(a.n, b.n);
+  EXPECT_EQ(a.gamma, b.gamma);
+  EXPECT_EQ(a.lambda, b.lambda);
+  EXPECT_EQ(a.residual_mmd2, b.residual_mmd2);
+  EXPECT_EQ(a.downloads, b.downloads);
+  EXPECT_EQ(a.card, b.card);
+  EXPECT_EQ(a.created_at, b.created_at);
+  EXPECT_EQ(a.extra, b.extra);
+  expect_bit_exact(a.zx, b.zx, "zx");
+  expect_bit_exact(a.zt, b.zt, "zt");
+  expect_bit_exact(a.beta, b.beta, "beta");
+  expect_bit_exact(a.gram_x, b.gram_x, "gram_x");
+  expect_bit_exact(a.mean_x, b.mean_x, "mean_x");
+}
+
+/// The behaviour every backend must show, starting from an empty store.
+inline void check_store_behaviour(SpecStore& store) {
+  EXPECT_TRUE(store.list().empty());
+  EXPECT_FALSE(store.get("model-a").has_value());
+  const auto g0 = store.generation();
+
+  const Spec b = make_random_spec("model-b", 1);
+  const Spec a = make_random_spec("model-a", 2);
+  store.put(b);
+  const auto g1 = store.generation();
+  EXPECT_NE(g1, g0);
+  store.put(a);
+  const auto g2 = store.generation();
+  EXPECT_NE(g2, g1);
+  EXPECT_EQ(store.list(), (std::vector<std::string>{"model-a", "model-b"}));
+  auto got = store.get("model-b");
+  ASSERT_TRUE(got.has_value());
+  expect_same_spec(*got, b);
+
+  // Replace: same id, new contents.
+  const Spec b2 = make_random_spec("model-b", 7, 5, 8, 6);
+  store.put(b2);
+  const auto g3 = store.generation();
+  EXPECT_NE(g3, g2);
+  got = store.get("model-b");
+  ASSERT_TRUE(got.has_value());
+  expect_same_spec(*got, b2);
+  EXPECT_EQ(store.list(), (std::vector<std::string>{"model-a", "model-b"}));
+
+  EXPECT_TRUE(store.remove("model-a"));
+  const auto g4 = store.generation();
+  EXPECT_NE(g4, g3);
+  EXPECT_FALSE(store.get("model-a").has_value());
+  EXPECT_EQ(store.list(), (std::vector<std::string>{"model-b"}));
+
+  // Removing what is not there changes nothing.
+  EXPECT_FALSE(store.remove("model-a"));
+  EXPECT_EQ(store.generation(), g4);
+
+  // Ids that could escape the store are refused, not looked up.
+  EXPECT_THROW(store.get("../etc/passwd"), InputError);
+  EXPECT_THROW(store.remove("../model-b"), InputError);
+
+  // An invalid spec is refused before anything is written.
+  Spec bad = make_random_spec("model-c", 3);
+  bad.zx(0, 0) = std::nanf("");
+  EXPECT_THROW(store.put(bad), SpecFormatError);
+  Spec bad_id = make_random_spec("bad/id", 3);
+  EXPECT_THROW(store.put(bad_id), SpecFormatError);
+  EXPECT_EQ(store.generation(), g4);
+  EXPECT_EQ(store.list(), (std::vector<std::string>{"model-b"}));
+}
+
+}  // namespace gmi::testing

@@ -1,0 +1,510 @@
+// SpecIndex scoring and ranking against hand-made specs and a direct scalar computation.
+#include "gmi/scoring.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <initializer_list>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmi/error.hpp"
+#include "gmi/rkme.hpp"
+
+namespace gmi {
+namespace {
+
+const EncoderIdentity kImage{"test-image", "1", 4, 1.0};
+const EncoderIdentity kText{"test-text", "1", 3, 1.0};
+
+Spec make_spec(const std::string& id, const RowMatrix& zx, const RowMatrix& zt,
+               const Eigen::VectorXf& beta, double gamma = 1.0, double downloads = 0,
+               const EncoderIdentity& image = kImage, const EncoderIdentity& text = kText) {
+  Spec s;
+  s.model_id = id;
+  s.image_encoder = image;
+  s.text_encoder = text;
+  s.image_encoder.dim = static_cast<int>(zx.cols());
+  s.text_encoder.dim = static_cast<int>(zt.cols());
+  s.n = 100;
+  s.gamma = gamma;
+  s.zx = zx;
+  s.zt = zt;
+  s.beta = beta;
+  s.gram_x = gaussian_gram(zx, gamma);
+  s.mean_x = zx.colwise().mean().transpose();
+  s.downloads = downloads;
+  return s;
+}
+
+RowMatrix random_rows(int rows, int cols, std::mt19937_64& rng) {
+  std::normal_distribution<float> g;
+  RowMatrix m(rows, cols);
+  for (auto& v : m.reshaped()) v = g(rng);
+  for (int i = 0; i < rows; ++i) m.row(i).normalize();
+  return m;
+}
+
+Eigen::VectorXf random_simplex(int r, std::mt19937_64& rng) {
+  std::uniform_real_distribution<float> u(0.05f, 1.0f);
+  Eigen::VectorXf b(r);
+  for (auto& v : b) v = u(rng);
+  return b / b.sum();
+}
+
+std::vector<Spec> random_specs(int models, int d, int dt, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<Spec> specs;
+  for (int m = 0; m < models; ++m) {
+    const int r = 1 + (m * 5) % 9;  // r differs between models
+    specs.push_back(make_spec("model-" + std::to_string(m), random_rows(r, d, rng),
+                              random_rows(r, dt, rng), random_simplex(r, rng), 0.5 + 0.25 * (m % 3),
+                              10.0 * m));
+  }
+  return specs;
+}
+
+// D_m written out from the definitions, in double, with no log-space tricks.
+double direct_score(const Spec& s, const Eigen::VectorXf& x, const Eigen::VectorXf& t,
+                    Scorer scorer, double tau) {
+  const int r = s.r();
+  auto k = [&](int j) {
+    double d2 = 0;
+    for (int c = 0; c < x.size(); ++c) {
+      const double diff = static_cast<double>(s.zx(j, c)) - x(c);
+      d2 += diff * diff;
+    }
+    return std::exp(-s.gamma * d2);
+  };
+  if (scorer == Scorer::kNearest) {
+    double best = 0;
+    for (int j = 0; j < r; ++j) best = std::max(best, k(j));
+    return best;
+  }
+  if (scorer == Scorer::kMean) {
+    double dot = 0, nm = 0, nx = 0;
+    for (int c = 0; c < x.size(); ++c) {
+      dot += static_cast<double>(s.mean_x(c)) * x(c);
+      nm += static_cast<double>(s.mean_x(c)) * s.mean_x(c);
+      nx += static_cast<double>(x(c)) * x(c);
+    }
+    return dot / std::sqrt(nm * nx);
+  }
+  if (scorer == Scorer::kPopularity) return s.downloads;
+  std::vector<double> w(r);
+  double total = 0;
+  for (int j = 0; j < r; ++j) {
+    w[j] = s.beta(j);
+    if (scorer == Scorer::kWeighted) {
+      double dot = 0, nz = 0, nt = 0;
+      for (int c = 0; c < t.size(); ++c) {
+        dot += static_cast<double>(s.zt(j, c)) * t(c);
+        nz += static_cast<double>(s.zt(j, c)) * s.zt(j, c);
+        nt += static_cast<double>(t(c)) * t(c);
+      }
+      w[j] *= std::exp((dot / std::sqrt(nz * nt) - 1) / tau);
+    }
+    total += w[j];
+  }
+  if (scorer == Scorer::kWeighted)
+    for (auto& v : w) v /= total;
+  double score = 1;
+  for (int j = 0; j < r; ++j) {
+    score -= 2 * w[j] * k(j);
+    for (int l = 0; l < r; ++l)
+      score += w[j] * w[l] *
+               std::exp(-s.gamma * (s.zx.row(j) - s.zx.row(l)).cast<double>().squaredNorm());
+  }
+  return score;
+}
+
+Eigen::VectorXf unit(Eigen::VectorXf v) { return v / v.norm(); }
+
+Eigen::VectorXf vec(std::initializer_list<float> values) {
+  Eigen::VectorXf v(static_cast<Eigen::Index>(values.size()));
+  std::copy(values.begin(), values.end(), v.data());
+  return v;
+}
+
+TEST(Scoring, ScoresMatchADirectComputationAndMmdIsNonNegative) {
+  const std::vector<Spec> specs = random_specs(9, 4, 3, 1);
+  const SpecIndex index(specs);
+  ASSERT_EQ(index.size(), 9u);
+  std::mt19937_64 rng(2);
+  for (int trial = 0; trial < 5; ++trial) {
+    const Eigen::VectorXf x = random_rows(1, 4, rng).row(0).transpose();
+    const Eigen::VectorXf t = random_rows(1, 3, rng).row(0).transpose();
+    for (Scorer scorer :
+         {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest, Scorer::kMean, Scorer::kPopularity}) {
+      ScoreOptions o;
+      o.scorer = scorer;
+      o.tau = 0.3;
+      const Eigen::VectorXd scores = index.score_all(x, t, o);
+      ASSERT_EQ(scores.size(), 9);
+      for (int m = 0; m < 9; ++m) {
+        const double expected = direct_score(specs[m], x, t, scorer, o.tau);
+        EXPECT_NEAR(scores(m), expected, 2e-5) << to_string(scorer) << " model " << m;
+        if (ascending(scorer)) {
+          EXPECT_GE(scores(m), 0.0);
+        }
+      }
+    }
+  }
+}
+
+TEST(Scoring, ModelOrderDoesNotChangeScores) {
+  std::vector<Spec> specs = random_specs(6, 4, 3, 3);
+  const SpecIndex forward(specs);
+  std::reverse(specs.begin(), specs.end());
+  const SpecIndex backward(specs);
+  std::mt19937_64 rng(4);
+  const Eigen::VectorXf x = random_rows(1, 4, rng).row(0).transpose();
+  const Eigen::VectorXf t = random_rows(1, 3, rng).row(0).transpose();
+  const Eigen::VectorXd a = forward.score_all(x, t, {}), b = backward.score_all(x, t, {});
+  for (int m = 0; m < 6; ++m) {
+    EXPECT_EQ(forward.model_ids()[m], backward.model_ids()[5 - m]);
+    EXPECT_NEAR(a(m), b(5 - m), 1e-6);  // float dot products may round differently by row
+  }
+}
+
+TEST(Scoring, EachModelScoresAsIfItWereAlone) {
+  // Big enough to be split across threads and blocks: packing must keep every model intact.
+  std::mt19937_64 rng(5);
+  std::vector<Spec> specs;
+  for (int m = 0; m < 500; ++m) {
+    const int r = 20 + m % 13;
+    specs.push_back(make_spec("m" + std::to_string(m), random_rows(r, 64, rng),
+                              random_rows(r, 16, rng), random_simplex(r, rng), 0.8));
+  }
+  const std::vector<Spec> copy = specs;
+  const SpecIndex index(std::move(specs));
+  const Eigen::VectorXf x = random_rows(1, 64, rng).row(0).transpose();
+  const Eigen::VectorXf t = random_rows(1, 16, rng).row(0).transpose();
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    const Eigen::VectorXd all = index.score_all(x, t, o);
+    for (int m = 0; m < 500; m += 37) {
+      const SpecIndex alone(std::vector<Spec>{copy[m]});
+      EXPECT_NEAR(all(m), alone.score_all(x, t, o)(0), 1e-6) << to_string(scorer) << " " << m;
+      EXPECT_NEAR(all(m), direct_score(copy[m], x, t, scorer, o.tau), 2e-5);
+    }
+  }
+  EXPECT_EQ(index.offsets().size(), 501u);
+  EXPECT_EQ(index.points(), index.offsets().back());
+  EXPECT_EQ(index.all_zx().row(static_cast<Eigen::Index>(index.offsets()[7])), copy[7].zx.row(0));
+}
+
+TEST(Scoring, ScoreDecreasesAsTheQueryApproachesTheModel) {
+  const Eigen::VectorXf p = unit(vec({1, 2, 0, 1}));
+  const Eigen::VectorXf far = unit(vec({-1, 0, 3, -2}));
+  RowMatrix zx1(1, 4), zt1(1, 3);
+  zx1.row(0) = p.transpose();
+  zt1 << 1, 0, 0;
+  RowMatrix zx2(2, 4), zt2(2, 3);
+  zx2.row(0) = p.transpose();
+  zx2.row(1) = unit(vec({0, 1, 1, 1})).transpose();
+  zt2 << 1, 0, 0, 0, 1, 0;
+  const SpecIndex index({make_spec("one", zx1, zt1, Eigen::VectorXf::Ones(1), 2.0),
+                         make_spec("two", zx2, zt2, vec({0.7f, 0.3f}), 2.0)});
+  const Eigen::VectorXf t = vec({1, 0, 0});
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    Eigen::VectorXd previous = Eigen::VectorXd::Constant(2, INFINITY);
+    for (int step = 0; step <= 10; ++step) {
+      const float a = step / 10.0f;
+      const Eigen::VectorXf x = unit((1 - a) * far + a * p);
+      const Eigen::VectorXd s = index.score_all(x, t, o);
+      EXPECT_LT(s(0), previous(0)) << to_string(scorer) << " step " << step;
+      EXPECT_LT(s(1), previous(1)) << to_string(scorer) << " step " << step;
+      previous = s;
+    }
+    EXPECT_NEAR(previous(0), 0.0, 1e-6);  // the query is the model's only point
+  }
+}
+
+TEST(Scoring, LargeTauGivesTheUnweightedScore) {
+  const SpecIndex index(random_specs(7, 4, 3, 6));
+  std::mt19937_64 rng(7);
+  const Eigen::VectorXf x = random_rows(1, 4, rng).row(0).transpose();
+  const Eigen::VectorXf t = random_rows(1, 3, rng).row(0).transpose();
+  ScoreOptions rkme;
+  rkme.scorer = Scorer::kRkme;
+  const Eigen::VectorXd expected = index.score_all(x, t, rkme);
+  for (double tau : {1e9, double(INFINITY)}) {
+    ScoreOptions o;
+    o.tau = tau;
+    const Eigen::VectorXd got = index.score_all(x, t, o);
+    for (int m = 0; m < 7; ++m) EXPECT_NEAR(got(m), expected(m), 1e-6) << "tau " << tau;
+  }
+}
+
+TEST(Scoring, SmallTauWeighsTheContentMatchedPoints) {
+  // A and B hold the same images with the same weights, but the contents swapped: the
+  // unweighted score cannot tell them apart, the prompt-weighted one must.
+  const Eigen::VectorXf a1 = unit(vec({1, 0.2f, 0, 0}));
+  const Eigen::VectorXf a2 = unit(vec({0, 0, 1, 0.3f}));
+  const Eigen::VectorXf c1 = vec({1, 0, 0}), c2 = vec({0, 1, 0});
+  RowMatrix zx(2, 4), zt_a(2, 3), zt_b(2, 3);
+  zx.row(0) = a1.transpose();
+  zx.row(1) = a2.transpose();
+  zt_a.row(0) = c1.transpose();
+  zt_a.row(1) = c2.transpose();
+  zt_b.row(0) = c2.transpose();
+  zt_b.row(1) = c1.transpose();
+  RowMatrix zx_c(1, 4), zt_c(1, 3);
+  zx_c.row(0) = unit(vec({1, 1, 1, 1})).transpose();
+  zt_c.row(0) = unit(vec({1, 1, 1})).transpose();
+  const Eigen::VectorXf half = vec({0.5f, 0.5f});
+  const SpecIndex index({make_spec("b", zx, zt_b, half), make_spec("a", zx, zt_a, half),
+                         make_spec("c", zx_c, zt_c, Eigen::VectorXf::Ones(1))});
+  const Eigen::VectorXf x = unit(a1 + 0.05f * vec({0, 1, 0, 0}));
+  ScoreOptions weighted;
+  weighted.tau = 0.05;
+  ScoreOptions rkme;
+  rkme.scorer = Scorer::kRkme;
+  const Eigen::VectorXd unweighted = index.score_all(x, c1, rkme);
+  EXPECT_NEAR(unweighted(0), unweighted(1), 1e-9);
+  EXPECT_EQ(index.rank(x, c1, weighted).front().model, "a");
+  EXPECT_EQ(index.rank(x, c2, weighted).front().model, "b");
+  const Eigen::VectorXd s = index.score_all(x, c1, weighted);
+  EXPECT_LT(s(1), 0.01);  // a: nearly all weight on its point at a1
+  EXPECT_GT(s(0), 0.5);   // b: nearly all weight on its point at a2
+}
+
+TEST(Scoring, TinyTauDoesNotUnderflow) {
+  const SpecIndex index(random_specs(5, 4, 3, 8));
+  std::mt19937_64 rng(9);
+  const Eigen::VectorXf x = random_rows(1, 4, rng).row(0).transpose();
+  const Eigen::VectorXf t = random_rows(1, 3, rng).row(0).transpose();
+  ScoreOptions o;
+  o.tau = 1e-6;  // exp((cos - 1) / tau) underflows to 0 for all but the best-matching point
+  const Eigen::VectorXd s = index.score_all(x, t, o);
+  EXPECT_TRUE(s.allFinite());
+  EXPECT_GE(s.minCoeff(), 0.0);
+}
+
+TEST(Scoring, MissingOrZeroPseudoPromptFallsBackToBeta) {
+  const SpecIndex index(random_specs(6, 4, 3, 10));
+  std::mt19937_64 rng(11);
+  const Eigen::VectorXf x = random_rows(1, 4, rng).row(0).transpose();
+  ScoreOptions rkme;
+  rkme.scorer = Scorer::kRkme;
+  const Eigen::VectorXd expected = index.score_all(x, Eigen::VectorXf(), rkme);
+  ScoreOptions o;
+  o.tau = 0.01;
+  EXPECT_TRUE(index.score_all(x, Eigen::VectorXf(), o).isApprox(expected, 1e-12));
+  EXPECT_TRUE(index.score_all(x, Eigen::VectorXf::Zero(3), o).isApprox(expected, 1e-12));
+}
+
+TEST(Scoring, BatchScoresEqualSingleScores) {
+  const SpecIndex index(random_specs(40, 4, 3, 12));
+  std::mt19937_64 rng(13);
+  for (int batch : {1, 5, 130}) {  // 130 spans two GEMM chunks of queries
+    const RowMatrix xs = random_rows(batch, 4, rng);
+    RowMatrix ts = random_rows(batch, 3, rng);
+    ts.row(0).setZero();  // one query without a pseudo-prompt
+    for (Scorer scorer :
+         {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest, Scorer::kMean, Scorer::kPopularity}) {
+      ScoreOptions o;
+      o.scorer = scorer;
+      const RowMatrixD all = index.score_all_batch(xs, ts, o);
+      ASSERT_EQ(all.rows(), batch);
+      ASSERT_EQ(all.cols(), 40);
+      for (int q = 0; q < batch; ++q) {
+        const Eigen::VectorXd one =
+            index.score_all(xs.row(q).transpose(), ts.row(q).transpose(), o);
+        for (int m = 0; m < 40; ++m)
+          ASSERT_NEAR(all(q, m), one(m), 1e-5) << to_string(scorer) << " q" << q << " m" << m;
+      }
+      const auto ranked = index.rank_batch(xs, ts, o);
+      ASSERT_EQ(static_cast<int>(ranked.size()), batch);
+      EXPECT_EQ(ranked[0].size(), 10u);
+    }
+  }
+}
+
+TEST(Scoring, RankPutsTheBestFirstAndStopsAtK) {
+  const std::vector<Spec> specs = random_specs(12, 4, 3, 14);
+  const SpecIndex index(specs);
+  std::mt19937_64 rng(15);
+  const Eigen::VectorXf x = random_rows(1, 4, rng).row(0).transpose();
+  const Eigen::VectorXf t = random_rows(1, 3, rng).row(0).transpose();
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kNearest}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    o.top_k = 4;
+    const Eigen::VectorXd scores = index.score_all(x, t, o);
+    const std::vector<RankedModel> top = index.rank(x, t, o);
+    ASSERT_EQ(top.size(), 4u);
+    std::vector<double> sorted(scores.data(), scores.data() + scores.size());
+    if (ascending(scorer))
+      std::sort(sorted.begin(), sorted.end());
+    else
+      std::sort(sorted.rbegin(), sorted.rend());
+    for (int i = 0; i < 4; ++i) EXPECT_DOUBLE_EQ(top[i].score, sorted[i]);
+    o.top_k = 0;
+    EXPECT_EQ(index.rank(x, t, o).size(), 12u);
+  }
+}
+
+TEST(TopK, BreaksTiesByModelIdAndHandlesK) {
+  const std::vector<std::string> ids{"d", "b", "a", "c", "e"};
+  Eigen::VectorXd scores(5);
+  scores << 0.5, 0.2, 0.5, 0.2, 0.9;
+  auto names = [](const std::vector<RankedModel>& r) {
+    std::string out;
+    for (const auto& m : r) out += m.model;
+    return out;
+  };
+  EXPECT_EQ(names(top_k(scores, ids, true, 3)), "bca");
+  EXPECT_EQ(names(top_k(scores, ids, false, 3)), "ead");
+  EXPECT_EQ(names(top_k(scores, ids, true, 0)), "bcade");
+  EXPECT_EQ(names(top_k(scores, ids, true, -1)), "bcade");
+  EXPECT_EQ(names(top_k(scores, ids, true, 50)), "bcade");
+  EXPECT_EQ(top_k(scores, ids, true, 1).front().score, 0.2);
+  EXPECT_TRUE(top_k(Eigen::VectorXd(), {}, true, 3).empty());
+  EXPECT_THROW(top_k(scores, {"a"}, true, 3), InputError);
+}
+
+TEST(Scoring, PopularityRanksByDownloads) {
+  std::vector<Spec> specs = random_specs(4, 4, 3, 16);
+  specs[0].downloads = 5;
+  specs[1].downloads = 500;
+  specs[2].downloads = 50;
+  specs[3].downloads = 500;
+  const SpecIndex index(specs);
+  ScoreOptions o;
+  o.scorer = Scorer::kPopularity;
+  const auto ranked = index.rank(Eigen::VectorXf::Zero(4), Eigen::VectorXf(), o);
+  ASSERT_EQ(ranked.size(), 4u);
+  EXPECT_EQ(ranked[0].model, "model-1");  // tie with model-3, broken by id
+  EXPECT_EQ(ranked[1].model, "model-3");
+  EXPECT_EQ(ranked[2].model, "model-2");
+  EXPECT_EQ(ranked[3].model, "model-0");
+  EXPECT_EQ(ranked[0].score, 500);
+}
+
+TEST(Scoring, MeanBaselineIsTheCosineToTheSampleMean) {
+  RowMatrix zx(1, 4), zt(1, 3);
+  zx << 1, 0, 0, 0;
+  zt << 1, 0, 0;
+  Spec near = make_spec("near", zx, zt, Eigen::VectorXf::Ones(1));
+  near.mean_x = vec({2, 0, 0, 0});
+  Spec far = make_spec("far", zx, zt, Eigen::VectorXf::Ones(1));
+  far.mean_x = vec({1, 1, 0, 0});
+  Spec none = make_spec("none", zx, zt, Eigen::VectorXf::Ones(1));
+  none.mean_x = Eigen::VectorXf();  // no mean recorded: cosine 0
+  const SpecIndex index({far, none, near});
+  ScoreOptions o;
+  o.scorer = Scorer::kMean;
+  const Eigen::VectorXd s = index.score_all(vec({3, 0, 0, 0}), Eigen::VectorXf(), o);
+  EXPECT_NEAR(s(0), std::sqrt(0.5), 1e-6);
+  EXPECT_EQ(s(1), 0.0);
+  EXPECT_NEAR(s(2), 1.0, 1e-6);
+  EXPECT_EQ(index.rank(vec({3, 0, 0, 0}), Eigen::VectorXf(), o).front().model, "near");
+}
+
+TEST(Scoring, NearestBaselineIsTheBestKernelValue) {
+  RowMatrix zx_a(2, 4), zx_b(1, 4), zt_a(2, 3), zt_b(1, 3);
+  zx_a << 1, 0, 0, 0, 0, 1, 0, 0;
+  zx_b << 0.6f, 0.8f, 0, 0;
+  zt_a.setOnes();
+  zt_b.setOnes();
+  // a's second point sits on the query, with little weight: nearest picks a, rkme picks b.
+  const SpecIndex index({make_spec("a", zx_a, zt_a, vec({0.95f, 0.05f})),
+                         make_spec("b", zx_b, zt_b, Eigen::VectorXf::Ones(1))});
+  const Eigen::VectorXf x = vec({0, 1, 0, 0});
+  ScoreOptions o;
+  o.scorer = Scorer::kNearest;
+  const Eigen::VectorXd s = index.score_all(x, Eigen::VectorXf(), o);
+  EXPECT_NEAR(s(0), 1.0, 1e-6);
+  EXPECT_NEAR(s(1), std::exp(-(0.36 + 0.04)), 1e-6);
+  EXPECT_EQ(index.rank(x, Eigen::VectorXf(), o).front().model, "a");
+  o.scorer = Scorer::kRkme;
+  EXPECT_EQ(index.rank(x, Eigen::VectorXf(), o).front().model, "b");
+}
+
+TEST(Scoring, SpecsFromAnotherEncoderAreRejected) {
+  std::vector<Spec> specs = random_specs(3, 4, 3, 17);
+  specs[2].image_encoder.version = "2";
+  try {
+    SpecIndex index(specs);
+    FAIL() << "no EncoderMismatchError";
+  } catch (const EncoderMismatchError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("model-2"), std::string::npos) << what;
+    EXPECT_NE(what.find("test-image/2/4"), std::string::npos) << what;
+    EXPECT_NE(what.find("test-image/1/4"), std::string::npos) << what;
+  }
+  specs = random_specs(3, 4, 3, 17);
+  specs[1].text_encoder.name = "other";
+  EXPECT_THROW(SpecIndex{specs}, EncoderMismatchError);
+
+  const SpecIndex index(random_specs(3, 4, 3, 17));
+  EncoderIdentity image = kImage, text = kText;
+  EXPECT_NO_THROW(index.check_compatible(image, text));
+  image.name = "clip";
+  EXPECT_THROW(index.check_compatible(image, text), EncoderMismatchError);
+  image = kImage;
+  text.dim = 512;
+  EXPECT_THROW(index.check_compatible(image, text), EncoderMismatchError);
+}
+
+TEST(Scoring, MalformedSpecsAreRejected) {
+  std::vector<Spec> specs = random_specs(3, 4, 3, 18);
+  specs[1].gram_x = RowMatrix::Ones(2, 2);
+  EXPECT_THROW(SpecIndex{specs}, SpecFormatError);
+  specs = random_specs(3, 4, 3, 18);
+  specs[2].beta(0) = -0.1f;
+  EXPECT_THROW(SpecIndex{specs}, SpecFormatError);
+  specs = random_specs(3, 4, 3, 18);
+  specs[0].zx(0, 0) = NAN;
+  EXPECT_THROW(SpecIndex{specs}, SpecFormatError);
+  specs = random_specs(3, 4, 3, 18);
+  specs[2].model_id = specs[0].model_id;
+  EXPECT_THROW(SpecIndex{specs}, InputError);
+}
+
+TEST(Scoring, RejectsBadQueriesAndOptions) {
+  const SpecIndex index(random_specs(3, 4, 3, 19));
+  ScoreOptions o;
+  EXPECT_THROW(index.score_all(Eigen::VectorXf::Ones(5), Eigen::VectorXf(), o), InputError);
+  EXPECT_THROW(index.score_all(Eigen::VectorXf::Ones(4), Eigen::VectorXf::Ones(2), o), InputError);
+  Eigen::VectorXf x = Eigen::VectorXf::Ones(4);
+  x(2) = NAN;
+  EXPECT_THROW(index.score_all(x, Eigen::VectorXf(), o), InputError);
+  o.tau = 0;
+  EXPECT_THROW(index.score_all(Eigen::VectorXf::Ones(4), Eigen::VectorXf(), o), InputError);
+  o = ScoreOptions{};
+  EXPECT_THROW(index.score_all_batch(RowMatrix::Ones(3, 4), RowMatrix::Ones(2, 3), o), InputError);
+}
+
+TEST(Scoring, EmptyIndexScoresNothing) {
+  const SpecIndex index(std::vector<Spec>{});
+  EXPECT_EQ(index.size(), 0u);
+  EXPECT_EQ(index.score_all(Eigen::VectorXf::Ones(4), Eigen::VectorXf(), {}).size(), 0);
+  EXPECT_TRUE(index.rank(Eigen::VectorXf::Ones(4), Eigen::VectorXf(), {}).empty());
+  EXPECT_EQ(index.score_all_batch(RowMatrix::Ones(2, 4), RowMatrix(), {}).cols(), 0);
+  EXPECT_NO_THROW(index.check_compatible(kImage, kText));
+  EXPECT_EQ(SpecIndex().size(), 0u);
+}
+
+TEST(Scoring, ScorerNamesRoundTrip) {
+  for (Scorer s :
+       {Scorer::kWeighted, Scorer::kRkme, Scorer::kMean, Scorer::kNearest, Scorer::kPopularity})
+    EXPECT_EQ(parse_scorer(to_string(s)), s);
+  EXPECT_THROW(parse_scorer("cosine"), InputError);
+  EXPECT_TRUE(ascending(Scorer::kWeighted));
+  EXPECT_TRUE(ascending(Scorer::kRkme));
+  EXPECT_FALSE(ascending(Scorer::kMean));
+  EXPECT_FALSE(ascending(Scorer::kNearest));
+  EXPECT_FALSE(ascending(Scorer::kPopularity));
+}
+
+}  // namespace
+}  // namespace gmi
