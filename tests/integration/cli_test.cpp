@@ -1,0 +1,289 @@
+// End-to-end tests of the `gmi` binary: real processes, real files, a real redis-server.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "gmi/encoder.hpp"
+#include "gmi/image.hpp"
+#include "gmi/pipeline.hpp"
+#include "gmi/spec_store.hpp"
+#include "test_support.hpp"
+
+namespace gmi {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using testing::ProcessResult;
+using testing::run_process;
+
+/// A synthetic "content": smooth shapes whose layout depends on `content`.
+Image content_image(int content, int variant, int side = 160) {
+  std::mt19937 rng(content * 1000 + variant);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  float cx = 0.3f + 0.4f * ((content * 37) % 10) / 10.f, cy = 0.3f + 0.4f * ((content * 53) % 10) / 10.f;
+  float jitter = 0.03f * u(rng);
+  Image img;
+  img.width = img.height = side;
+  img.rgb.resize(static_cast<size_t>(side) * side * 3);
+  for (int y = 0; y < side; ++y)
+    for (int x = 0; x < side; ++x) {
+      float fx = static_cast<float>(x) / side, fy = static_cast<float>(y) / side;
+      float d = std::hypot(fx - cx - jitter, fy - cy);
+      float base = 0.5f + 0.4f * std::cos(d * (8 + content)) * std::exp(-d);
+      for (int c = 0; c < 3; ++c)
+        img.rgb[(static_cast<size_t>(y) * side + x) * 3 + c] =
+            static_cast<std::uint8_t>(std::clamp(base * 255.f * (0.6f + 0.2f * c * fx), 0.f, 255.f));
+    }
+  return img;
+}
+
+/// Three very different "models": plain, posterised + grainy, inverted + warm.
+Image styled(const Image& src, int style, int seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Image out = src;
+  for (size_t i = 0; i < out.rgb.size(); ++i) {
+    float v = src.rgb[i];
+    int c = static_cast<int>(i % 3);
+    if (style == 1) v = std::round(v / 64.f) * 64.f + 25.f * nd(rng);
+    if (style == 2) v = (255.f - v) * (c == 0 ? 1.0f : c == 1 ? 0.7f : 0.3f);
+    out.rgb[i] = static_cast<std::uint8_t>(std::clamp(v, 0.f, 255.f));
+  }
+  return out;
+}
+
+void write_file(const fs::path& p, const std::vector<std::uint8_t>& bytes) {
+  fs::create_directories(p.parent_path());
+  std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                           static_cast<std::streamsize>(bytes.size()));
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    for (int style = 0; style < 3; ++style) {
+      fs::path mdir = root() / "models" / model(style);
+      fs::create_directories(mdir);
+      std::ofstream mf(mdir / "manifest.jsonl");
+      for (int content = 0; content < 8; ++content) {
+        std::string rel = "img" + std::to_string(content) + ".jpg";
+        write_file(mdir / rel, encode_jpeg(styled(content_image(content, style), style, content), 92));
+        mf << json{{"image", rel}, {"prompt", "pattern number " + std::to_string(content)}}.dump() << "\n";
+      }
+    }
+    // Held-out content (not in any manifest), one query per model.
+    std::ofstream qf(root() / "queries.jsonl");
+    for (int style = 0; style < 3; ++style) {
+      std::string rel = "q" + std::to_string(style) + ".jpg";
+      write_file(root() / rel, encode_jpeg(styled(content_image(20 + style, 9), style, 99), 92));
+      qf << json{{"image", rel}, {"model", model(style)}}.dump() << "\n";
+    }
+    qf << "this line is not json\n";
+    qf << json{{"image", "missing.jpg"}, {"model", "x"}}.dump() << "\n";
+    for (int style = 0; style < 3; ++style) {
+      ProcessResult r = gmi({"spec", "build", "--model", model(style), "--manifest",
+                             (root() / "models" / model(style) / "manifest.jsonl").string(), "--store",
+                             "dir:" + specs().string(), "--downloads", std::to_string(100 * (style + 1))});
+      if (r.exit_code != 0) {
+        setup_error_ = "spec build failed (exit " + std::to_string(r.exit_code) + "): " + r.err;
+        return;
+      }
+    }
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  // A failed fixture must fail every test, not skip it.
+  void SetUp() override { ASSERT_TRUE(setup_error_.empty()) << setup_error_; }
+
+  static fs::path root() { return dir_->path(); }
+  static fs::path specs() { return dir_->path() / "specs"; }
+  static std::string model(int style) { return "style-" + std::to_string(style); }
+  static ProcessResult gmi(std::vector<std::string> args, std::vector<std::string> env = {}) {
+    args.insert(args.begin(), testing::gmi_binary());
+    return run_process(args, env);
+  }
+  static testing::TempDir* dir_;
+  static std::string setup_error_;
+};
+testing::TempDir* CliTest::dir_ = nullptr;
+std::string CliTest::setup_error_;
+
+TEST_F(CliTest, HelpOnEverySubcommand) {
+  for (auto args : std::vector<std::vector<std::string>>{
+           {"--help"}, {"spec", "--help"}, {"spec", "build", "--help"}, {"spec", "inspect", "--help"},
+           {"identify", "--help"}}) {
+    ProcessResult r = gmi(args);
+    EXPECT_EQ(r.exit_code, 0) << args.back();
+    EXPECT_NE(r.out.find("Usage"), std::string::npos);
+  }
+}
+
+TEST_F(CliTest, IdentifyJsonRanksTheTrueModelFirst) {
+  for (int style = 0; style < 3; ++style) {
+    ProcessResult r = gmi({"identify", "--store", "dir:" + specs().string(), "--top", "3", "--json",
+                           (root() / ("q" + std::to_string(style) + ".jpg")).string()});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    json j = json::parse(r.out);
+    ASSERT_EQ(j["results"].size(), 3u);
+    EXPECT_EQ(j["results"][0]["rank"], 1);
+    EXPECT_EQ(j["results"][0]["model"], model(style)) << r.out;
+    EXPECT_LE(j["results"][0]["score"].get<double>(), j["results"][1]["score"].get<double>());
+  }
+}
+
+TEST_F(CliTest, IdentifyTableForPeople) {
+  ProcessResult r = gmi({"identify", "--store", "dir:" + specs().string(), "--top", "2",
+                         (root() / "q1.jpg").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("rank"), std::string::npos);
+  EXPECT_NE(r.out.find(model(1)), std::string::npos);
+}
+
+TEST_F(CliTest, BatchKeepsFieldsAndOrderAndReportsBadLines) {
+  for (std::string scorer : {"weighted", "rkme", "mean", "nearest", "popularity"}) {
+    ProcessResult r = gmi({"identify", "--store", "dir:" + specs().string(), "--top", "0", "--scorer",
+                           scorer, "--batch", (root() / "queries.jsonl").string()});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    std::vector<json> lines;
+    std::istringstream in(r.out);
+    for (std::string l; std::getline(in, l);) lines.push_back(json::parse(l));
+    ASSERT_EQ(lines.size(), 5u) << r.out;
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ(lines[i]["model"], model(i));  // input fields kept, in input order
+      ASSERT_EQ(lines[i]["results"].size(), 3u);
+      if (scorer != "popularity") EXPECT_EQ(lines[i]["results"][0]["model"], model(i)) << scorer;
+    }
+    if (scorer == "popularity") EXPECT_EQ(lines[0]["results"][0]["model"], model(2));
+    EXPECT_EQ(lines[3]["line"], 4);
+    EXPECT_TRUE(lines[3].contains("error"));
+    EXPECT_TRUE(lines[4].contains("error"));
+    EXPECT_FALSE(lines[4].contains("results"));
+  }
+}
+
+TEST_F(CliTest, InspectShowsQuality) {
+  ProcessResult r = gmi({"spec", "inspect", "--json", "--store", "dir:" + specs().string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json j = json::parse(r.out);
+  ASSERT_EQ(j["specs"].size(), 3u);
+  EXPECT_GE(j["specs"][0]["residual_mmd2"].get<double>(), 0.0);
+  EXPECT_EQ(j["specs"][0]["n"], 8);
+  ProcessResult missing = gmi({"spec", "inspect", "--store", "dir:" + specs().string(), "nope"});
+  EXPECT_EQ(missing.exit_code, 2);
+}
+
+TEST_F(CliTest, BadQueryImagesGiveClearErrors) {
+  struct Case {
+    std::string name;
+    std::vector<std::uint8_t> bytes;
+    std::string expect;
+  };
+  auto jpeg = encode_jpeg(content_image(1, 1), 90);
+  std::vector<Case> cases = {
+      {"empty.jpg", {}, "empty"},
+      {"text.jpg", {'h', 'e', 'l', 'l', 'o', ' ', 'w', 'o', 'r', 'l', 'd'}, "unsupported"},
+      {"truncated.jpg", std::vector<std::uint8_t>(jpeg.begin(), jpeg.begin() + jpeg.size() / 2), "truncated"},
+      {"gif.gif", {'G', 'I', 'F', '8', '9', 'a', 0, 0, 0, 0, 0, 0}, "GIF"},
+  };
+  for (const auto& c : cases) {
+    write_file(root() / "bad" / c.name, c.bytes);
+    ProcessResult r = gmi({"identify", "--store", "dir:" + specs().string(), (root() / "bad" / c.name).string()});
+    EXPECT_EQ(r.exit_code, 2) << c.name << ": " << r.err;
+    EXPECT_NE(r.err.find(c.expect), std::string::npos) << c.name << ": " << r.err;
+  }
+  ProcessResult r = gmi({"identify", "--store", "dir:" + specs().string(), (root() / "nothere.jpg").string()});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("nothere.jpg"), std::string::npos);
+}
+
+TEST_F(CliTest, SpecBuildReportsBadLinesAndSkipsBadImages) {
+  fs::path mdir = root() / "messy";
+  fs::create_directories(mdir);
+  for (int i = 0; i < 5; ++i)
+    write_file(mdir / ("ok" + std::to_string(i) + ".jpg"), encode_jpeg(styled(content_image(i, 0), 1, i)));
+  write_file(mdir / "broken.jpg", {0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10});
+  std::ofstream mf(mdir / "manifest.jsonl");
+  for (int i = 0; i < 5; ++i) mf << json{{"image", "ok" + std::to_string(i) + ".jpg"}, {"prompt", "p"}}.dump() << "\n";
+  mf << "{broken json\n";
+  mf << json{{"image", "broken.jpg"}, {"prompt", "p"}}.dump() << "\n";
+  mf << json{{"prompt", "no image"}}.dump() << "\n";
+  mf.close();
+  testing::TempDir out;
+  ProcessResult r = gmi({"spec", "build", "--model", "messy", "--manifest", (mdir / "manifest.jsonl").string(),
+                         "--store", "dir:" + out.path().string(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("manifest.jsonl:6"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("manifest.jsonl:7"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("manifest.jsonl:8"), std::string::npos) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["spec"]["n"], 5);
+}
+
+TEST_F(CliTest, TooFewUsableImagesFailsClearly) {
+  fs::path mdir = root() / "tiny";
+  fs::create_directories(mdir);
+  write_file(mdir / "a.jpg", encode_jpeg(content_image(1, 0)));
+  std::ofstream(mdir / "manifest.jsonl") << json{{"image", "a.jpg"}, {"prompt", "p"}}.dump() << "\n"
+                                         << json{{"image", "gone.jpg"}, {"prompt", "p"}}.dump() << "\n";
+  testing::TempDir out;
+  ProcessResult r = gmi({"spec", "build", "--model", "tiny", "--manifest", (mdir / "manifest.jsonl").string(),
+                         "--store", "dir:" + out.path().string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("usable samples"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::is_empty(out.path()) || !fs::exists(out.path() / "tiny.gmispec"));
+}
+
+TEST_F(CliTest, BadModelIdAndMissingManifestAreRejected) {
+  ProcessResult r = gmi({"spec", "build", "--model", "../evil", "--manifest", "/nonexistent.jsonl", "--store",
+                         "dir:" + specs().string()});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  r = gmi({"spec", "build", "--model", "ok", "--manifest", "/nonexistent.jsonl", "--store",
+           "dir:" + specs().string()});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("nonexistent.jsonl"), std::string::npos);
+}
+
+TEST_F(CliTest, RefusesSpecsFromAnotherEncoder) {
+  testing::TempDir store_dir;
+  auto store = open_spec_store("dir:" + store_dir.path().string());
+  auto te = make_builtin_text_encoder();
+  EncoderIdentity other{"clip-vit-b32", "openai", 512, 1.0};
+  RowMatrix x = RowMatrix::Random(6, 512).rowwise().normalized();
+  RowMatrix t = te->encode({"a", "b", "c", "d", "e", "f"});
+  SpecBuildOptions opt;
+  opt.rkme.reduced_size = 3;
+  opt.rkme.gamma = 1.0;
+  store->put(build_spec_from_embeddings("clip-model", x, t, other, te->identity(), opt));
+  ProcessResult r = gmi({"identify", "--store", "dir:" + store_dir.path().string(), (root() / "q0.jpg").string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("clip-vit-b32"), std::string::npos) << r.err;
+}
+
+TEST_F(CliTest, RedisStoreRoundTripThroughTheCli) {
+  testing::RedisServer redis("s3cret");
+  if (!redis.started()) GTEST_SKIP() << "no redis-server";
+  std::vector<std::string> env = {"GMI_REDIS_PASSWORD=s3cret"};
+  ProcessResult r = gmi({"spec", "build", "--model", model(1), "--manifest",
+                         (root() / "models" / model(1) / "manifest.jsonl").string(), "--store", redis.uri()},
+                        env);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = gmi({"spec", "build", "--model", model(2), "--manifest",
+           (root() / "models" / model(2) / "manifest.jsonl").string(), "--store", redis.uri()},
+          env);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = gmi({"identify", "--store", redis.uri(), "--json", "--top", "1", (root() / "q2.jpg").string()}, env);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["results"][0]["model"], model(2));
+  // Without the password the store refuses, and the CLI says so.
+  r = gmi({"identify", "--store", redis.uri(), (root() / "q2.jpg").string()});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("auth"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace gmi
