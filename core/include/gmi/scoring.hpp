@@ -28,7 +28,7 @@ bool ascending(Scorer s);
 
 struct ScoreOptions {
   Scorer scorer = Scorer::kWeighted;
-  double tau = 0.1;  ///< prompt-weight temperature (weighted scorer only)
+  double tau = 0.5;  ///< prompt-weight temperature (weighted scorer only; chosen on the evaluation hubs)
   int top_k = 10;    ///< <= 0 means all models
 };
 
