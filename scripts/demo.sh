@@ -26,7 +26,7 @@ mkdir -p "$out"
 
 echo "== 1. rendering a demo hub of $models models (scripts/make_hub.py)"
 /usr/bin/python3 scripts/make_hub.py --out "$out/hub" --models "$models" --regions 3 \
-  --queries-per-model 1 --seed 11 --quiet
+  --queries-per-model 3 --seed 11 --quiet
 echo "== 2. building one spec per model (gmi spec build)"
 for dir in "$out"/hub/models/*/; do
   m=$(basename "$dir")
