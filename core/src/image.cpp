@@ -1,5 +1,6 @@
 // The image module's front door: format sniffing, limits, file reading, resizing.
 // The codecs live in image_jpeg.cpp and image_png.cpp, EXIF orientation in exif.cpp.
+#include "unique_fd.hpp"
 #include "gmi/image.hpp"
 
 #include <fcntl.h>
@@ -132,20 +133,7 @@ std::string errno_text(int error) {
                 "': " + errno_text(error));
 }
 
-/// Closes a file descriptor on scope exit.
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  ~FileDescriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
+using FileDescriptor = detail::UniqueFd;
 
 /// For one output axis: which source samples each output sample averages, with weights.
 struct AxisTaps {

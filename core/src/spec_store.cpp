@@ -17,6 +17,7 @@
 //   {prefix}:generation       STRING  integer, INCR'd on every put and every effective remove
 // put and remove change all three in one MULTI/EXEC transaction, so a reader never sees a
 // spec without its id in the set, or a change without a new generation.
+#include "unique_fd.hpp"
 #include "gmi/spec_store.hpp"
 
 #include <fcntl.h>
@@ -76,26 +77,7 @@ Spec parse_stored(const std::vector<std::uint8_t>& bytes, const std::string& mod
 // ---------------------------------------------------------------------------------------
 // Directory store
 
-/// A file descriptor closed on scope exit.
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  /// Closes now and reports close()'s error (NFS reports write failures there).
-  int close() {
-    int rc = ::close(fd_);
-    fd_ = -1;
-    return rc;
-  }
-
- private:
-  int fd_;
-};
+using Fd = detail::UniqueFd;
 
 [[noreturn]] void throw_io(const std::string& what, const fs::path& path, int err) {
   throw IoError(what + " " + path.string() + ": " + errno_text(err));
