@@ -28,6 +28,7 @@
 #include "gmi/parallel.hpp"
 #include "gmi/pipeline.hpp"
 #include "gmi/spec_store.hpp"
+#include "service.hpp"
 #include "progress.hpp"
 
 namespace {
@@ -347,8 +348,11 @@ int main(int argc, char** argv) {
   identify_cmd->add_flag("--json", ident.json_out, "print JSON: {\"results\": [{\"rank\", \"model\", \"score\"}]}");
   add_common(identify_cmd, common);
 
+  gmi::cli::ServiceCommands service(app);
+
   CLI11_PARSE(app, argc, argv);
   try {
+    if (int code = service.run(); code >= 0) return code;
     if (build_cmd->parsed()) return run_spec_build(common, build);
     if (inspect_cmd->parsed()) return run_spec_inspect(common, inspect_models, inspect_json);
     if (remove_cmd->parsed()) {

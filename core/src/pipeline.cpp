@@ -86,28 +86,31 @@ RowMatrix Identifier::embed(const std::vector<Image>& images) const {
   return image_encoder_->encode(images);
 }
 
-std::vector<Identification> Identifier::identify(const RowMatrix& xs,
-                                                 const std::vector<std::string>& prompts) const {
+RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
+                                     const std::vector<std::string>& prompts) const {
+  if (options_.score.scorer != Scorer::kWeighted || index_.size() == 0 || xs.rows() == 0) {
+    return RowMatrix::Zero(xs.rows(), text_encoder_->identity().dim);
+  }
+  RowMatrix ts = interrogator_->pseudo_prompts(xs);
+  std::vector<std::string> given;
+  std::vector<Eigen::Index> rows;
+  for (size_t i = 0; i < prompts.size() && i < static_cast<size_t>(xs.rows()); ++i)
+    if (!prompts[i].empty()) {
+      given.push_back(prompts[i]);
+      rows.push_back(static_cast<Eigen::Index>(i));
+    }
+  if (!given.empty()) {
+    RowMatrix pt = text_encoder_->encode(given);
+    for (size_t k = 0; k < rows.size(); ++k) ts.row(rows[k]) = pt.row(static_cast<Eigen::Index>(k));
+  }
+  return ts;
+}
+
+std::vector<Identification> Identifier::rank(const RowMatrix& xs, const RowMatrix& ts,
+                                             const ScoreOptions& options) const {
   std::vector<Identification> out(static_cast<size_t>(xs.rows()));
   if (xs.rows() == 0 || index_.size() == 0) return out;
-  RowMatrix ts;
-  if (options_.score.scorer == Scorer::kWeighted) {
-    ts = interrogator_->pseudo_prompts(xs);
-    std::vector<std::string> given;
-    std::vector<Eigen::Index> rows;
-    for (size_t i = 0; i < prompts.size() && i < out.size(); ++i)
-      if (!prompts[i].empty()) {
-        given.push_back(prompts[i]);
-        rows.push_back(static_cast<Eigen::Index>(i));
-      }
-    if (!given.empty()) {
-      RowMatrix pt = text_encoder_->encode(given);
-      for (size_t k = 0; k < rows.size(); ++k) ts.row(rows[k]) = pt.row(static_cast<Eigen::Index>(k));
-    }
-  } else {
-    ts = RowMatrix::Zero(xs.rows(), text_encoder_->identity().dim);
-  }
-  auto ranked = index_.rank_batch(xs, ts, options_.score);
+  auto ranked = index_.rank_batch(xs, ts, options);
   for (size_t i = 0; i < out.size(); ++i) out[i].results = std::move(ranked[i]);
   return out;
 }

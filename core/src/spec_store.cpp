@@ -15,7 +15,9 @@
 //   {prefix}:spec:{model_id}  STRING  the spec blob, exactly as serialize_spec() writes it
 //   {prefix}:models           SET     the model ids that have a spec
 //   {prefix}:generation       STRING  integer, INCR'd on every put and every effective remove
-// put and remove change all three in one MULTI/EXEC transaction, so a reader never sees a
+//   {prefix}:spec-changes     STREAM  one entry {model: ID} per put/remove, trimmed to ~100k,
+//                                     so that caches fetch only what changed
+// put and remove change all four in one MULTI/EXEC transaction, so a reader never sees a
 // spec without its id in the set, or a change without a new generation.
 #include "unique_fd.hpp"
 #include "gmi/spec_store.hpp"
@@ -38,6 +40,7 @@
 #include <system_error>
 
 #include "gmi/error.hpp"
+#include "gmi/redis.hpp"
 
 namespace gmi {
 namespace {
@@ -254,190 +257,36 @@ class DirSpecStore final : public SpecStore {
 // ---------------------------------------------------------------------------------------
 // Redis store
 
-struct RedisLocation {
-  std::string host;
-  int port = 6379;
-  int db = 0;
-  std::string user;  ///< empty: the default user
-  std::string prefix = "gmi";
-
-  std::string endpoint() const {
-    std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
-    return h + ":" + std::to_string(port);
-  }
-};
-
-[[noreturn]] void bad_redis_uri(const std::string& uri, const std::string& why) {
-  throw InputError("invalid Redis URI \"" + uri + "\": " + why +
-                   " (expected redis://[USER@]HOST[:PORT][/DB][?prefix=P])");
-}
-
-[[noreturn]] void password_in_uri() {
-  throw InputError(
-      "a Redis password must not be part of the spec store URI: command lines are visible to "
-      "every user of the machine (ps, /proc). Put it in GMI_REDIS_PASSWORD, or in a file named "
-      "by GMI_REDIS_PASSWORD_FILE");
-}
-
-bool parse_int(std::string_view s, long long lo, long long hi, long long& out) {
-  if (s.empty()) return false;
-  auto [end, err] = std::from_chars(s.data(), s.data() + s.size(), out);
-  return err == std::errc() && end == s.data() + s.size() && out >= lo && out <= hi;
-}
-
-bool valid_prefix(const std::string& p) {
-  return !p.empty() && p.size() <= 128 && std::all_of(p.begin(), p.end(), [](char c) {
-    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-           std::strchr("._:-/{}", c) != nullptr;
-  });
-}
-
-RedisLocation parse_redis_uri(const std::string& uri) {
-  RedisLocation loc;
-  std::string rest = uri.substr(std::strlen("redis://"));
-  std::string query;
-  if (auto q = rest.find('?'); q != std::string::npos) {
-    query = rest.substr(q + 1);
-    rest.resize(q);
-  }
-  // Passwords first, so that no later message quotes a URI that holds one.
-  if (auto at = rest.rfind('@'); at != std::string::npos) {
-    if (rest.substr(0, at).find(':') != std::string::npos) password_in_uri();
-  }
-  for (const char* key : {"password=", "pass=", "auth="}) {
-    if (("&" + query).find(std::string("&") + key) != std::string::npos) password_in_uri();
-  }
-  std::string path;
-  if (auto slash = rest.find('/'); slash != std::string::npos) {
-    path = rest.substr(slash + 1);
-    rest.resize(slash);
-  }
-  std::string hostport = rest;
-  if (auto at = rest.rfind('@'); at != std::string::npos) {
-    std::string userinfo = rest.substr(0, at);
-    hostport = rest.substr(at + 1);
-    if (userinfo.empty()) bad_redis_uri(uri, "the user name before '@' is empty");
-    loc.user = userinfo;
-  }
-  std::string port_text;
-  if (!hostport.empty() && hostport[0] == '[') {
-    auto close = hostport.find(']');
-    if (close == std::string::npos) bad_redis_uri(uri, "unterminated '[' in the host");
-    loc.host = hostport.substr(1, close - 1);
-    std::string after = hostport.substr(close + 1);
-    if (!after.empty()) {
-      if (after[0] != ':') bad_redis_uri(uri, "unexpected text after ']'");
-      port_text = after.substr(1);
-      if (port_text.empty()) bad_redis_uri(uri, "empty port");
-    }
-  } else {
-    auto colon = hostport.find(':');
-    if (colon != std::string::npos) {
-      if (hostport.find(':', colon + 1) != std::string::npos) {
-        bad_redis_uri(uri, "an IPv6 address must be written in brackets, e.g. [::1]:6379");
-      }
-      port_text = hostport.substr(colon + 1);
-      if (port_text.empty()) bad_redis_uri(uri, "empty port");
-    }
-    loc.host = hostport.substr(0, colon);
-  }
-  if (loc.host.empty()) bad_redis_uri(uri, "no host");
-  long long value = 0;
-  if (!port_text.empty()) {
-    if (!parse_int(port_text, 1, 65535, value)) bad_redis_uri(uri, "port must be 1-65535");
-    loc.port = static_cast<int>(value);
-  }
-  if (!path.empty()) {
-    if (!parse_int(path, 0, 1 << 20, value)) {
-      bad_redis_uri(uri, "the path must be a database number, got \"/" + path + "\"");
-    }
-    loc.db = static_cast<int>(value);
-  }
-  std::size_t start = 0;
-  while (start < query.size()) {
-    std::size_t end = query.find('&', start);
-    if (end == std::string::npos) end = query.size();
-    std::string param = query.substr(start, end - start);
-    start = end + 1;
-    if (param.empty()) continue;
-    auto eq = param.find('=');
-    std::string key = param.substr(0, eq);
-    std::string val = eq == std::string::npos ? "" : param.substr(eq + 1);
-    if (key != "prefix") bad_redis_uri(uri, "unknown parameter \"" + key + "\"");
-    if (!valid_prefix(val)) {
-      bad_redis_uri(uri, "prefix must be 1-128 characters of [A-Za-z0-9._:/{}-]");
-    }
-    loc.prefix = val;
-  }
-  return loc;
-}
-
-/// GMI_REDIS_PASSWORD if set and non-empty, else the contents of GMI_REDIS_PASSWORD_FILE
-/// (trailing newlines trimmed), else empty (no AUTH).
-std::string redis_password() {
-  if (const char* p = std::getenv("GMI_REDIS_PASSWORD"); p != nullptr && *p != '\0') return p;
-  const char* file = std::getenv("GMI_REDIS_PASSWORD_FILE");
-  if (file == nullptr || *file == '\0') return {};
-  auto bytes = read_file(file);
-  if (!bytes) {
-    throw IoError(std::string("GMI_REDIS_PASSWORD_FILE names ") + file + ", which does not exist");
-  }
-  std::string password(bytes->begin(), bytes->end());
-  while (!password.empty() && (password.back() == '\n' || password.back() == '\r')) {
-    password.pop_back();
-  }
-  if (password.empty()) {
-    throw InputError(std::string("the Redis password file ") + file + " is empty");
-  }
-  return password;
-}
-
-struct ReplyDeleter {
-  void operator()(redisReply* r) const { freeReplyObject(r); }
-};
-using Reply = std::unique_ptr<redisReply, ReplyDeleter>;
-
-struct ContextDeleter {
-  void operator()(redisContext* c) const { redisFree(c); }
-};
-
-using Args = std::vector<std::string_view>;
-
 class RedisSpecStore final : public SpecStore {
  public:
   explicit RedisSpecStore(RedisLocation loc)
-      : loc_(std::move(loc)),
-        password_(redis_password()),
-        spec_prefix_(loc_.prefix + ":spec:"),
-        models_key_(loc_.prefix + ":models"),
-        generation_key_(loc_.prefix + ":generation") {
-    if (!loc_.user.empty() && password_.empty()) {
-      throw InputError("the Redis URI names user '" + loc_.user +
-                       "' but no password is set (GMI_REDIS_PASSWORD or GMI_REDIS_PASSWORD_FILE)");
-    }
-    connect();  // fail at open, not at first use, when the server or the password is wrong
-  }
+      : redis_(std::move(loc)),
+        spec_prefix_(redis_.key("spec:")),
+        models_key_(redis_.key("models")),
+        generation_key_(redis_.key("generation")),
+        changes_key_(redis_.key("spec-changes")) {}
 
   void put(const Spec& spec) override {
     const auto bytes = serialize_spec(spec);  // validates, model id included
     const std::string key = spec_key(spec.model_id);
     std::string_view blob(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    auto replies = pipeline({{"MULTI"},
-                             {"SET", key, blob},
-                             {"SADD", models_key_, spec.model_id},
-                             {"INCR", generation_key_},
-                             {"EXEC"}});
-    expect_exec(replies.back().get(), 3);
+    std::vector<RedisReply> keep;
+    redis_.transaction({{"SET", key, blob},
+                        {"SADD", models_key_, spec.model_id},
+                        {"INCR", generation_key_},
+                        change_entry(spec.model_id)},
+                       keep);
   }
 
   std::optional<Spec> get(const std::string& model_id) override {
     validate_model_id(model_id);
     const std::string key = spec_key(model_id);
-    Reply r = command({"GET", key});
-    if (r->type == REDIS_REPLY_NIL) return std::nullopt;
-    if (r->type != REDIS_REPLY_STRING) unexpected("GET " + key);
-    std::vector<std::uint8_t> bytes(r->str, r->str + r->len);
-    return parse_stored(bytes, model_id, "Redis key " + key + " at " + loc_.endpoint());
+    RedisReply r = redis_.command({"GET", key});
+    auto blob = RedisConnection::as_optional_string(r.get(), "GET " + key);
+    if (!blob) return std::nullopt;
+    std::vector<std::uint8_t> bytes(blob->begin(), blob->end());
+    return parse_stored(bytes, model_id,
+                        "Redis key " + key + " at " + redis_.location().endpoint());
   }
 
   bool remove(const std::string& model_id) override {
@@ -446,34 +295,33 @@ class RedisSpecStore final : public SpecStore {
     // WATCH makes "remove only if present, and bump the generation only then" atomic:
     // EXEC aborts (nil) if the key changed after WATCH, and we look again.
     for (int attempt = 0; attempt < 16; ++attempt) {
-      command({"WATCH", key});
-      Reply exists = command({"EXISTS", key});
-      if (exists->type != REDIS_REPLY_INTEGER) unexpected("EXISTS " + key);
-      if (exists->integer == 0) {
-        command({"UNWATCH"});
+      redis_.command({"WATCH", key});
+      RedisReply exists = redis_.command({"EXISTS", key});
+      if (RedisConnection::as_integer(exists.get(), "EXISTS " + key) == 0) {
+        redis_.command({"UNWATCH"});
         return false;
       }
-      auto replies = pipeline({{"MULTI"},
-                               {"DEL", key},
-                               {"SREM", models_key_, model_id},
-                               {"INCR", generation_key_},
-                               {"EXEC"}});
-      if (replies.back()->type == REDIS_REPLY_NIL) continue;  // raced with another writer
-      expect_exec(replies.back().get(), 3);
-      return true;
+      std::vector<RedisReply> keep;
+      try {
+        redis_.transaction({{"DEL", key},
+                            {"SREM", models_key_, model_id},
+                            {"INCR", generation_key_},
+                            change_entry(model_id)},
+                           keep);
+        return true;
+      } catch (const IoError&) {
+        if (!keep.empty() && keep.back() && keep.back()->type == REDIS_REPLY_NIL) continue;
+        throw;
+      }
     }
-    throw IoError("redis at " + loc_.endpoint() + ": removing '" + model_id +
+    throw IoError("redis at " + redis_.location().endpoint() + ": removing '" + model_id +
                   "' kept conflicting with concurrent writers");
   }
 
   std::vector<std::string> list() override {
-    Reply r = command({"SMEMBERS", models_key_});
-    if (r->type != REDIS_REPLY_ARRAY) unexpected("SMEMBERS " + models_key_);
+    RedisReply r = redis_.command({"SMEMBERS", models_key_});
     std::vector<std::string> ids;
-    for (std::size_t i = 0; i < r->elements; ++i) {
-      const redisReply* e = r->element[i];
-      if (e->type != REDIS_REPLY_STRING) continue;
-      std::string id(e->str, e->len);
+    for (auto& id : RedisConnection::as_string_array(r.get(), "SMEMBERS " + models_key_)) {
       if (is_valid_model_id(id)) ids.push_back(std::move(id));
     }
     std::sort(ids.begin(), ids.end());
@@ -481,165 +329,91 @@ class RedisSpecStore final : public SpecStore {
   }
 
   std::uint64_t generation() override {
-    Reply r = command({"GET", generation_key_});
-    if (r->type == REDIS_REPLY_NIL) return 0;
-    if (r->type != REDIS_REPLY_STRING) unexpected("GET " + generation_key_);
+    RedisReply r = redis_.command({"GET", generation_key_});
+    auto text = RedisConnection::as_optional_string(r.get(), "GET " + generation_key_);
+    if (!text) return 0;
     std::uint64_t value = 0;
-    auto [end, err] = std::from_chars(r->str, r->str + r->len, value);
-    if (err != std::errc() || end != r->str + r->len || r->len == 0) {
-      throw IoError("redis at " + loc_.endpoint() + ": " + generation_key_ +
+    auto [end, err] = std::from_chars(text->data(), text->data() + text->size(), value);
+    if (err != std::errc() || end != text->data() + text->size() || text->empty()) {
+      throw IoError("redis at " + redis_.location().endpoint() + ": " + generation_key_ +
                     " does not hold a non-negative integer");
     }
     return value;
   }
 
-  std::string describe() const override {
-    std::string s = "redis://";
-    if (!loc_.user.empty()) s += loc_.user + "@";
-    s += loc_.endpoint();
-    if (loc_.db != 0) s += "/" + std::to_string(loc_.db);
-    if (loc_.prefix != "gmi") s += "?prefix=" + loc_.prefix;
-    return s;
+  SpecChanges changes_since(const std::string& cursor) override {
+    SpecChanges out;
+    if (cursor.empty()) {
+      // Start now: the newest entry becomes the cursor.
+      RedisReply r = redis_.command({"XREVRANGE", changes_key_, "+", "-", "COUNT", "1"});
+      out.cursor = "0-0";
+      auto entries = parse_stream(r.get());
+      if (!entries.empty()) out.cursor = entries.front().first;
+      out.complete = false;
+      return out;
+    }
+    // The log is trimmed to kChangeLogLength entries; if the oldest kept entry is newer
+    // than our cursor, something may have been dropped and the caller must reload.
+    RedisReply first = redis_.command({"XRANGE", changes_key_, "-", "+", "COUNT", "1"});
+    auto oldest = parse_stream(first.get());
+    RedisReply r = redis_.command({"XRANGE", changes_key_, "(" + cursor, "+"});
+    auto entries = parse_stream(r.get());
+    out.cursor = entries.empty() ? cursor : entries.back().first;
+    out.complete = true;
+    if (!oldest.empty() && stream_id_less(cursor, oldest.front().first) && cursor != "0-0") {
+      out.complete = false;
+    }
+    for (auto& e : entries) out.models.push_back(std::move(e.second));
+    return out;
   }
+
+  std::string describe() const override { return redis_.location().uri(); }
 
  private:
+  static constexpr const char* kChangeLogLength = "100000";
+
   std::string spec_key(const std::string& model_id) const { return spec_prefix_ + model_id; }
 
-  [[noreturn]] void unexpected(const std::string& what) const {
-    throw IoError("redis at " + loc_.endpoint() + ": unexpected reply type to " + what);
+  RedisConnection::Args change_entry(const std::string& model_id) const {
+    return {"XADD", changes_key_, "MAXLEN", "~", kChangeLogLength, "*", "model", model_id};
   }
 
-  // A dead connection is dropped, and the next call reconnects: IoError is retryable.
-  [[noreturn]] void connection_failed(const std::string& doing) {
-    std::string why = ctx_ && ctx_->err ? ctx_->errstr : "connection lost";
-    ctx_.reset();
-    throw IoError("redis at " + loc_.endpoint() + ": " + doing + " failed: " + why);
+  static bool stream_id_less(const std::string& a, const std::string& b) {
+    auto split = [](const std::string& id) {
+      auto dash = id.find('-');
+      std::uint64_t ms = 0, seq = 0;
+      std::from_chars(id.data(), id.data() + (dash == std::string::npos ? id.size() : dash), ms);
+      if (dash != std::string::npos) std::from_chars(id.data() + dash + 1, id.data() + id.size(), seq);
+      return std::pair{ms, seq};
+    };
+    return split(a) < split(b);
   }
 
-  static bool is_auth_error(std::string_view text) {
-    return text.rfind("NOAUTH", 0) == 0 || text.rfind("WRONGPASS", 0) == 0;
-  }
-
-  [[noreturn]] void throw_reply_error(const redisReply* r, const std::string& doing) const {
-    std::string text(r->str, r->len);
-    if (is_auth_error(text)) {
-      throw IoError("redis at " + loc_.endpoint() + ": authentication failed (" + text +
-                    "); check GMI_REDIS_PASSWORD / GMI_REDIS_PASSWORD_FILE");
+  // XRANGE reply -> (entry id, model id) pairs.
+  std::vector<std::pair<std::string, std::string>> parse_stream(const redisReply* r) const {
+    std::vector<std::pair<std::string, std::string>> out;
+    if (r->type != REDIS_REPLY_ARRAY) {
+      throw IoError("redis: unexpected reply type to XRANGE " + changes_key_);
     }
-    throw IoError("redis at " + loc_.endpoint() + ": " + doing + ": " + text);
-  }
-
-  void connect() {
-    ctx_.reset();
-    const timeval connect_timeout{5, 0};
-    std::unique_ptr<redisContext, ContextDeleter> ctx(
-        redisConnectWithTimeout(loc_.host.c_str(), loc_.port, connect_timeout));
-    if (!ctx) throw IoError("redis at " + loc_.endpoint() + ": cannot allocate a connection");
-    if (ctx->err) {
-      throw IoError("cannot connect to redis at " + loc_.endpoint() + ": " + ctx->errstr);
-    }
-    const timeval io_timeout{10, 0};
-    redisSetTimeout(ctx.get(), io_timeout);
-    redisEnableKeepAlive(ctx.get());
-    ctx_ = std::move(ctx);
-    if (!password_.empty()) {
-      Args auth = loc_.user.empty() ? Args{"AUTH", password_} : Args{"AUTH", loc_.user, password_};
-      Reply r = raw_command(auth, "AUTH");
-      if (r->type == REDIS_REPLY_ERROR) {
-        ctx_.reset();
-        throw IoError("redis at " + loc_.endpoint() + ": authentication failed" +
-                      (loc_.user.empty() ? "" : " for user '" + loc_.user + "'") + " (" +
-                      std::string(r->str, r->len) + ")");
+    for (std::size_t i = 0; i < r->elements; ++i) {
+      const redisReply* e = r->element[i];
+      if (e->type != REDIS_REPLY_ARRAY || e->elements != 2) continue;
+      std::string id(e->element[0]->str, e->element[0]->len);
+      auto fields = RedisConnection::as_string_array(e->element[1], "XRANGE fields");
+      std::string model;
+      for (std::size_t f = 0; f + 1 < fields.size(); f += 2) {
+        if (fields[f] == "model") model = fields[f + 1];
       }
+      out.emplace_back(std::move(id), std::move(model));
     }
-    const std::string db = std::to_string(loc_.db);
-    Reply r = raw_command(loc_.db != 0 ? Args{"SELECT", db} : Args{"PING"},
-                          loc_.db != 0 ? "SELECT " + db : "PING");
-    if (r->type == REDIS_REPLY_ERROR) {
-      ctx_.reset();
-      throw_reply_error(r.get(), loc_.db != 0 ? "SELECT " + db : "PING");
-    }
+    return out;
   }
 
-  void ensure_connected() {
-    if (!ctx_ || ctx_->err) connect();
-  }
-
-  static std::string describe_args(const Args& args) { return std::string(args.front()); }
-
-  // One command; error replies are returned, not thrown.
-  Reply raw_command(const Args& args, const std::string& doing) {
-    std::vector<const char*> argv;
-    std::vector<std::size_t> lens;
-    for (auto a : args) {
-      argv.push_back(a.data());
-      lens.push_back(a.size());
-    }
-    auto* r = static_cast<redisReply*>(
-        redisCommandArgv(ctx_.get(), static_cast<int>(args.size()), argv.data(), lens.data()));
-    if (r == nullptr) connection_failed(doing);
-    return Reply(r);
-  }
-
-  Reply command(const Args& args) {
-    ensure_connected();
-    Reply r = raw_command(args, describe_args(args));
-    if (r->type == REDIS_REPLY_ERROR) throw_reply_error(r.get(), describe_args(args));
-    return r;
-  }
-
-  // Sends all commands, then reads every reply (so the connection stays in step), then
-  // throws on the first error reply.
-  std::vector<Reply> pipeline(const std::vector<Args>& commands) {
-    ensure_connected();
-    for (const auto& args : commands) {
-      std::vector<const char*> argv;
-      std::vector<std::size_t> lens;
-      for (auto a : args) {
-        argv.push_back(a.data());
-        lens.push_back(a.size());
-      }
-      if (redisAppendCommandArgv(ctx_.get(), static_cast<int>(args.size()), argv.data(),
-                                 lens.data()) != REDIS_OK) {
-        connection_failed(describe_args(args));
-      }
-    }
-    std::vector<Reply> replies;
-    for (const auto& args : commands) {
-      void* raw = nullptr;
-      if (redisGetReply(ctx_.get(), &raw) != REDIS_OK || raw == nullptr) {
-        connection_failed(describe_args(args));
-      }
-      replies.emplace_back(static_cast<redisReply*>(raw));
-    }
-    for (std::size_t i = 0; i < replies.size(); ++i) {
-      if (replies[i]->type == REDIS_REPLY_ERROR) {
-        throw_reply_error(replies[i].get(), describe_args(commands[i]));
-      }
-    }
-    return replies;
-  }
-
-  // EXEC's reply: one result per queued command; a command can fail inside a transaction
-  // (e.g. WRONGTYPE) while the others still apply.
-  void expect_exec(const redisReply* exec, std::size_t n) const {
-    if (exec->type == REDIS_REPLY_NIL) {
-      throw IoError("redis at " + loc_.endpoint() + ": transaction aborted");
-    }
-    if (exec->type != REDIS_REPLY_ARRAY || exec->elements != n) unexpected("EXEC");
-    for (std::size_t i = 0; i < n; ++i) {
-      if (exec->element[i]->type == REDIS_REPLY_ERROR) {
-        throw_reply_error(exec->element[i], "EXEC");
-      }
-    }
-  }
-
-  RedisLocation loc_;
-  std::string password_;
+  RedisConnection redis_;
   std::string spec_prefix_;
   std::string models_key_;
   std::string generation_key_;
-  std::unique_ptr<redisContext, ContextDeleter> ctx_;
+  std::string changes_key_;
 };
 
 }  // namespace

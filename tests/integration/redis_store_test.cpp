@@ -143,8 +143,10 @@ TEST_F(RedisStoreTest, KeyLayoutIsAsDocumented) {
   const Spec s = make_random_spec("m1");
   store->put(s);
 
-  EXPECT_EQ(raw.keys(), (std::set<std::string>{"hub1:spec:m1", "hub1:models", "hub1:generation"}));
+  EXPECT_EQ(raw.keys(), (std::set<std::string>{"hub1:spec:m1", "hub1:models", "hub1:generation",
+                                               "hub1:spec-changes"}));
   EXPECT_EQ(raw.type("hub1:spec:m1"), "string");
+  EXPECT_EQ(raw.type("hub1:spec-changes"), "stream");
   EXPECT_EQ(raw.type("hub1:models"), "set");
   EXPECT_EQ(raw.get("hub1:spec:m1"), bytes_as_string(serialize_spec(s)));
   EXPECT_EQ(raw.members("hub1:models"), (std::set<std::string>{"m1"}));
@@ -152,7 +154,8 @@ TEST_F(RedisStoreTest, KeyLayoutIsAsDocumented) {
   EXPECT_EQ(store->generation(), 1u);
 
   EXPECT_TRUE(store->remove("m1"));
-  EXPECT_EQ(raw.keys(), (std::set<std::string>{"hub1:generation"}));  // empty sets vanish
+  // Empty sets vanish; the change log stays.
+  EXPECT_EQ(raw.keys(), (std::set<std::string>{"hub1:generation", "hub1:spec-changes"}));
   EXPECT_EQ(raw.get("hub1:generation"), "2");
 
   // The default prefix is "gmi".
@@ -161,6 +164,29 @@ TEST_F(RedisStoreTest, KeyLayoutIsAsDocumented) {
   EXPECT_TRUE(raw.get("gmi:spec:m1").has_value());
   EXPECT_EQ(raw.members("gmi:models"), (std::set<std::string>{"m1"}));
   EXPECT_EQ(raw.get("gmi:generation"), "1");
+}
+
+TEST_F(RedisStoreTest, ChangeLogNamesWhatChangedSinceACursor) {
+  START_REDIS(server);
+  auto store = open_spec_store(server.uri());
+  store->put(make_random_spec("before"));
+  SpecChanges start = store->changes_since("");
+  EXPECT_FALSE(start.complete);  // a new cursor: the caller loads everything once
+  ASSERT_FALSE(start.cursor.empty());
+
+  SpecChanges none = store->changes_since(start.cursor);
+  EXPECT_TRUE(none.complete);
+  EXPECT_TRUE(none.models.empty());
+  EXPECT_EQ(none.cursor, start.cursor);
+
+  store->put(make_random_spec("a"));
+  store->put(make_random_spec("b"));
+  EXPECT_TRUE(store->remove("before"));
+  SpecChanges changed = store->changes_since(start.cursor);
+  EXPECT_TRUE(changed.complete);
+  EXPECT_EQ(changed.models, (std::vector<std::string>{"a", "b", "before"}));
+  EXPECT_NE(changed.cursor, start.cursor);
+  EXPECT_TRUE(store->changes_since(changed.cursor).models.empty());
 }
 
 TEST_F(RedisStoreTest, PrefixesKeepHubsApart) {

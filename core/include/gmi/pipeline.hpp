@@ -67,7 +67,15 @@ class Identifier {
   /// Ranks models for each row of `xs` (image embeddings). `prompts[i]`, when given and
   /// non-empty, is used as query i's pseudo-prompt instead of the interrogator's.
   std::vector<Identification> identify(const RowMatrix& xs,
-                                       const std::vector<std::string>& prompts = {}) const;
+                                       const std::vector<std::string>& prompts = {}) const {
+    return rank(xs, pseudo_prompts(xs, prompts), options_.score);
+  }
+
+  /// The two halves of identify(), for the pipeline's interrogate and score stages.
+  /// pseudo_prompts: one row per query (zeros when the scorer does not use prompts).
+  RowMatrix pseudo_prompts(const RowMatrix& xs, const std::vector<std::string>& prompts = {}) const;
+  std::vector<Identification> rank(const RowMatrix& xs, const RowMatrix& ts,
+                                   const ScoreOptions& options) const;
   std::vector<Identification> identify_images(const std::vector<Image>& images,
                                               const std::vector<std::string>& prompts = {}) const {
     return identify(embed(images), prompts);

@@ -14,6 +14,13 @@
 
 namespace gmi {
 
+/// What changed in a store since a cursor (see SpecStore::changes_since).
+struct SpecChanges {
+  std::string cursor;               ///< pass back next time
+  std::vector<std::string> models;  ///< put or removed since the old cursor (may repeat)
+  bool complete = false;            ///< false: the log does not reach back; reload everything
+};
+
 class SpecStore {
  public:
   virtual ~SpecStore() = default;
@@ -26,6 +33,13 @@ class SpecStore {
   virtual std::vector<std::string> list() = 0;
   /// A counter that changes whenever any spec is put or removed (for cache refresh).
   virtual std::uint64_t generation() = 0;
+  /// Models put or removed after `cursor`; "" starts a new cursor (complete = false).
+  /// Stores without a change log always answer complete = false.
+  virtual SpecChanges changes_since(const std::string& cursor) {
+    SpecChanges c;
+    c.cursor = cursor.empty() ? "0" : cursor;
+    return c;
+  }
   /// Human-readable location, for messages.
   virtual std::string describe() const = 0;
 };

@@ -1,0 +1,71 @@
+#pragma once
+/// The broker: takes jobs from clients, routes each through its stages, balances the work
+/// over the workers that ask for it, and keeps every accepted job in Redis until it ends.
+///
+///   query:  decode -> embed -> interrogate -> score   (result: the ranked models)
+///   upload: decode -> embed -> spec                    (result: the stored spec's metadata)
+///
+/// Guarantees (see schemas/README.md for the protocol):
+///   - "accepted" is sent only after the job and its input are in Redis; at start the broker
+///     resumes every job left active, from its first stage (stages are deterministic);
+///   - a worker silent for liveness x heartbeat is dead: its tasks are re-queued, one per
+///     dispatch so a poison input cannot take its batch-mates with it;
+///   - retryable failures are retried with exponential backoff up to max_attempts, then the
+///     job fails as a dead letter with its last error; non-retryable failures (bad input)
+///     fail the job at once with the reason;
+///   - results are written keyed by job id (idempotent), with a TTL;
+///   - at max_pending_jobs new jobs are refused with "busy" instead of queueing without bound.
+/// Thread-safety: run() owns the sockets; not_ready_reason() may be called from any thread.
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <zmq.hpp>
+
+#include "gmi/job_store.hpp"
+#include "gmi/wire.hpp"
+
+namespace gmi {
+
+struct BrokerOptions {
+  std::vector<std::string> frontend;  ///< endpoints to bind for clients
+  std::vector<std::string> backend;   ///< endpoints to bind for workers
+  std::string redis_uri = "redis://127.0.0.1:6379";
+  JobStoreOptions store;
+  int heartbeat_ms = 500;
+  int liveness = 6;
+  int max_attempts = 4;
+  int backoff_ms = 100;
+  int backoff_max_ms = 5000;
+  std::size_t max_pending_jobs = 10000;
+  int task_timeout_s = 300;
+  std::int64_t max_message_bytes = 256ll << 20;
+  int score_shards = 1;
+  int drain_timeout_ms = 30000;
+  bool curve = false;
+  wire::CurveKeys curve_server;
+};
+
+class Broker {
+ public:
+  /// Validates the options and binds the sockets (InputError/IoError naming the problem).
+  Broker(zmq::context_t& context, BrokerOptions options);
+  ~Broker();
+  Broker(const Broker&) = delete;
+  Broker& operator=(const Broker&) = delete;
+
+  /// Serves until `stop` becomes true, then drains: new jobs are refused, tasks in flight
+  /// are awaited (up to drain_timeout_ms) and their outcomes saved. Jobs still unfinished
+  /// stay active in Redis for the next broker.
+  void run(const std::atomic<bool>& stop);
+
+  /// "" when ready; else why not (Redis unreachable, recovering jobs).
+  std::string not_ready_reason() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gmi

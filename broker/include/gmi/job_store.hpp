@@ -1,0 +1,82 @@
+#pragma once
+/// Job records, inputs and results in Redis: what makes a broker restart lose nothing.
+///
+/// Keys (prefix P from the Redis URI, default "gmi"):
+///   P:job:ID          HASH    kind, state, stage, attempts, params (JSON), error,
+///                             created_ms, finished_ms, dead_letter; TTL once ended
+///   P:job:ID:input    HASH    meta (JSON) and f0..fN (the input frames); deleted when the
+///                             job finishes, kept with the dead-letter TTL when it dies
+///   P:result:ID       STRING  the job object as JSON (state finished or failed), TTL
+///   P:jobs:active     SET     ids of jobs accepted and not yet ended (resumed at start)
+///   P:dead-letters    ZSET    ids of jobs that kept failing, scored by time (ms)
+/// Every write that changes a job's state is one MULTI/EXEC transaction, and ending a job
+/// is idempotent: writing the same end twice leaves the same keys.
+/// Thread-safety: NOT thread-safe (one Redis connection); the broker's loop owns it.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "gmi/redis.hpp"
+
+namespace gmi {
+
+struct JobStoreOptions {
+  int result_ttl_s = 86400;
+  int dead_letter_ttl_s = 604800;
+};
+
+/// What a job needs to run again from its first stage.
+struct StoredJob {
+  std::string id;
+  std::string kind;        ///< "query" | "upload"
+  nlohmann::json params;   ///< the request's fields (top, scorer, prompt / model_id, prompts...)
+  std::vector<std::string> frames;
+  std::int64_t created_ms = 0;
+};
+
+class JobStore {
+ public:
+  JobStore(RedisLocation location, JobStoreOptions options);
+
+  /// Records a new job with its input and marks it active, atomically.
+  void create(const StoredJob& job);
+  /// Ids of jobs accepted and not ended.
+  std::vector<std::string> active_ids();
+  /// The job's record and input; nullopt when its keys are gone (then drop it from the
+  /// active set with forget()).
+  std::optional<StoredJob> load(const std::string& id);
+  void forget(const std::string& id);
+
+  /// Ends a job: `job` is the job object clients will read (state "finished" or "failed").
+  /// dead_letter keeps the input for inspection and lists the id in P:dead-letters.
+  void end(const std::string& id, const nlohmann::json& job, bool dead_letter);
+
+  /// The stored job object of an ended job, or nullopt if unknown/expired.
+  std::optional<nlohmann::json> ended(const std::string& id);
+  /// The record of a job that is accepted and not ended (for status after a restart).
+  std::optional<nlohmann::json> record(const std::string& id);
+
+  /// Ids in the dead-letter list, oldest first.
+  std::vector<std::string> dead_letters(std::size_t limit = 100);
+
+  bool ping();
+  RedisConnection& redis() { return redis_; }
+
+ private:
+  std::string job_key(const std::string& id) const { return redis_.key("job:" + id); }
+  std::string input_key(const std::string& id) const { return redis_.key("job:" + id + ":input"); }
+  std::string result_key(const std::string& id) const { return redis_.key("result:" + id); }
+
+  RedisConnection redis_;
+  JobStoreOptions options_;
+  std::string active_key_;
+  std::string dead_key_;
+};
+
+/// Milliseconds since the Unix epoch.
+std::int64_t now_ms();
+
+}  // namespace gmi

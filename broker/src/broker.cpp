@@ -1,0 +1,826 @@
+// The broker's event loop: one thread owns the frontend (clients) and backend (workers)
+// ROUTER sockets and the job store's Redis connection; see broker.hpp for the guarantees.
+#include "gmi/broker.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <unordered_map>
+
+#include "gmi/error.hpp"
+#include "gmi/log.hpp"
+#include "gmi/ops.hpp"
+#include "gmi/scoring.hpp"
+#include "gmi/spec.hpp"
+
+namespace gmi {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+const std::vector<std::string> kQueryRoute{"decode", "embed", "interrogate", "score"};
+const std::vector<std::string> kUploadRoute{"decode", "embed", "spec"};
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+struct Waiter {
+  std::string routing;
+  std::string req;
+  Clock::time_point deadline;
+};
+
+struct Job {
+  std::string id;
+  std::string kind;
+  json params;
+  std::int64_t created_ms = 0;
+  Clock::time_point accepted = Clock::now();
+  const std::vector<std::string>* route = nullptr;
+  std::size_t stage = 0;
+  json meta = json::object();        // input of the current stage
+  std::vector<std::string> frames;   // input of the current stage
+  int attempts = 0;                  // failed tries at the current stage
+  int dispatches = 0;                // makes every task id unique
+  std::string last_error;
+  // A stage split over shards: each shard's result, until all are in.
+  int shards = 1;
+  std::vector<std::optional<json>> shard_results;
+  double compute_s = 0;
+  json stage_seconds = json::object();
+  std::vector<Waiter> waiters;
+  std::string state = "queued";
+  // Ended but not yet saved (Redis unreachable): the job object to save, and how.
+  std::optional<json> unsaved_end;
+  bool unsaved_dead_letter = false;
+
+  const std::string& stage_name() const { return (*route)[stage]; }
+};
+
+struct Pending {
+  std::string job_id;
+  int shard = 0;
+  bool isolate = false;  // dispatch alone: its last worker died holding it
+};
+
+struct Flight {
+  std::string job_id;
+  int shard = 0;
+  std::string worker;
+  Clock::time_point deadline;
+};
+
+struct Worker {
+  std::string id;  // routing id
+  std::string name;
+  std::string stage;
+  int shard = 0;
+  int shards = 1;
+  int credit = 0;
+  Clock::time_point last_heard = Clock::now();
+  Clock::time_point last_sent = Clock::now();
+  Clock::time_point last_dispatch{};
+  std::set<std::string> tasks;
+};
+
+std::string queue_key(const std::string& stage, int shard) {
+  return stage + "#" + std::to_string(shard);
+}
+
+}  // namespace
+
+struct Broker::Impl {
+  zmq::context_t& context;
+  BrokerOptions opt;
+  zmq::socket_t frontend;
+  zmq::socket_t backend;
+  std::optional<JobStore> store;
+  RedisLocation redis_location;
+
+  std::unordered_map<std::string, Job> jobs;
+  std::map<std::string, std::deque<Pending>> queues;
+  std::multimap<Clock::time_point, Pending> delayed;
+  std::unordered_map<std::string, Flight> flights;
+  std::unordered_map<std::string, Worker> workers;
+  std::set<std::string> unsaved;  // job ids whose end awaits Redis
+  bool recovered = false;
+  Clock::time_point next_recovery{};
+  Clock::time_point next_unsaved_retry{};
+  bool draining = false;
+  std::mt19937 rng{std::random_device{}()};
+
+  mutable std::mutex ready_mutex;
+  std::string not_ready = "starting";
+
+  Metrics& metrics = Metrics::instance();
+
+  Impl(zmq::context_t& ctx, BrokerOptions o)
+      : context(ctx),
+        opt(std::move(o)),
+        frontend(ctx, zmq::socket_type::router),
+        backend(ctx, zmq::socket_type::router) {
+    if (opt.frontend.empty() || opt.backend.empty()) {
+      throw InputError("the broker needs at least one frontend and one backend endpoint");
+    }
+    if (opt.heartbeat_ms < 10) throw InputError("broker.heartbeat_ms must be >= 10");
+    if (opt.liveness < 2) throw InputError("broker.liveness must be >= 2");
+    if (opt.max_attempts < 1) throw InputError("broker.max_attempts must be >= 1");
+    if (opt.score_shards < 1) throw InputError("score.shards must be >= 1");
+    redis_location = parse_redis_uri(opt.redis_uri);
+    for (auto* s : {&frontend, &backend}) {
+      s->set(zmq::sockopt::linger, 0);
+      s->set(zmq::sockopt::router_mandatory, 1);
+      s->set(zmq::sockopt::router_handover, 1);
+      s->set(zmq::sockopt::maxmsgsize, opt.max_message_bytes);
+      s->set(zmq::sockopt::sndhwm, 100000);
+      s->set(zmq::sockopt::rcvhwm, 100000);
+      if (opt.curve) wire::make_curve_server(*s, opt.curve_server);
+    }
+    auto bind_all = [](zmq::socket_t& s, const std::vector<std::string>& eps, const char* what) {
+      for (const auto& ep : eps) {
+        try {
+          s.bind(ep);
+        } catch (const zmq::error_t& e) {
+          throw IoError(std::string("cannot bind the broker's ") + what + " to " + ep + ": " +
+                        e.what());
+        }
+      }
+    };
+    bind_all(frontend, opt.frontend, "frontend");
+    bind_all(backend, opt.backend, "backend");
+    try_connect_store();
+  }
+
+  void set_not_ready(std::string why) {
+    std::lock_guard lock(ready_mutex);
+    not_ready = std::move(why);
+  }
+
+  void try_connect_store() {
+    if (store) return;
+    try {
+      store.emplace(redis_location, opt.store);
+    } catch (const Error& e) {
+      set_not_ready(std::string("redis unreachable: ") + e.what());
+      log::warn("cannot reach redis yet", {{"error", e.what()}});
+    }
+  }
+
+  // ---------------------------------------------------------------- recovery
+
+  void recover() {
+    if (recovered || Clock::now() < next_recovery) return;
+    next_recovery = Clock::now() + milliseconds(1000);
+    try_connect_store();
+    if (!store) return;
+    try {
+      auto ids = store->active_ids();
+      std::size_t resumed = 0;
+      for (const auto& id : ids) {
+        if (jobs.count(id) != 0) continue;
+        auto stored = store->load(id);
+        if (!stored) {
+          log::warn("dropping an active job whose record is gone", {{"job_id", id}});
+          store->forget(id);
+          continue;
+        }
+        Job& job = insert_job(std::move(*stored));
+        enqueue(job);
+        ++resumed;
+      }
+      recovered = true;
+      set_not_ready("");
+      if (resumed > 0) log::info("resumed jobs left active by a previous broker", {{"jobs", resumed}});
+    } catch (const Error& e) {
+      set_not_ready(std::string("recovering jobs: ") + e.what());
+      log::warn("job recovery failed; retrying", {{"error", e.what()}});
+    }
+  }
+
+  Job& insert_job(StoredJob stored) {
+    Job job;
+    job.id = stored.id;
+    job.kind = stored.kind;
+    job.params = std::move(stored.params);
+    job.created_ms = stored.created_ms;
+    job.route = job.kind == "upload" ? &kUploadRoute : &kQueryRoute;
+    job.frames = std::move(stored.frames);
+    job.meta = json::object();
+    auto [it, inserted] = jobs.emplace(job.id, std::move(job));
+    return it->second;
+  }
+
+  // ---------------------------------------------------------------- queues
+
+  int shards_of(const std::string& stage) const { return stage == "score" ? opt.score_shards : 1; }
+
+  void enqueue(Job& job) {
+    job.shards = shards_of(job.stage_name());
+    job.shard_results.assign(static_cast<std::size_t>(job.shards), std::nullopt);
+    job.attempts = 0;
+    for (int s = 0; s < job.shards; ++s) {
+      queues[queue_key(job.stage_name(), s)].push_back(Pending{job.id, s, false});
+    }
+  }
+
+  void dispatch() {
+    if (draining) return;
+    for (auto& [key, queue] : queues) {
+      while (!queue.empty()) {
+        Worker* w = pick_worker(key);
+        if (w == nullptr) break;
+        send_tasks(*w, queue);
+      }
+    }
+  }
+
+  Worker* pick_worker(const std::string& key) {
+    Worker* best = nullptr;
+    for (auto& [id, w] : workers) {
+      if (w.credit <= 0 || queue_key(w.stage, w.shard) != key) continue;
+      if (best == nullptr || w.last_dispatch < best->last_dispatch) best = &w;
+    }
+    return best;
+  }
+
+  void send_tasks(Worker& w, std::deque<Pending>& queue) {
+    json tasks = json::array();
+    std::vector<std::string> frames;
+    std::vector<std::string> ids;
+    while (!queue.empty() && static_cast<int>(ids.size()) < w.credit) {
+      Pending p = queue.front();
+      auto it = jobs.find(p.job_id);
+      if (it == jobs.end() || it->second.unsaved_end ||
+          it->second.shard_results.size() <= static_cast<std::size_t>(p.shard)) {
+        queue.pop_front();  // the job ended meanwhile
+        continue;
+      }
+      if (p.isolate && !ids.empty()) break;  // a suspect goes alone
+      queue.pop_front();
+      Job& job = it->second;
+      job.state = "running";
+      const std::string task = job.id + ":" + std::to_string(job.stage) + ":" +
+                               std::to_string(p.shard) + ":" + std::to_string(++job.dispatches);
+      tasks.push_back({{"task", task},
+                       {"job_id", job.id},
+                       {"kind", job.kind},
+                       {"stage", job.stage_name()},
+                       {"attempt", job.attempts + 1},
+                       {"params", job.params},
+                       {"meta", job.meta},
+                       {"frames", job.frames.size()}});
+      frames.insert(frames.end(), job.frames.begin(), job.frames.end());
+      flights[task] = Flight{job.id, p.shard, w.id,
+                             Clock::now() + std::chrono::seconds(opt.task_timeout_s)};
+      w.tasks.insert(task);
+      ids.push_back(task);
+      if (p.isolate) break;
+    }
+    if (ids.empty()) return;
+    json h = wire::header("tasks");
+    h["tasks"] = std::move(tasks);
+    w.credit -= static_cast<int>(ids.size());
+    w.last_dispatch = Clock::now();
+    metrics.batch_size.Add({{"stage", w.stage}}, Metrics::size_buckets())
+        .Observe(static_cast<double>(ids.size()));
+    if (!send_worker(w.id, h, frames)) worker_lost(w.id, "unreachable");
+  }
+
+  bool send_worker(const std::string& id, const json& h, const std::vector<std::string>& frames = {}) {
+    try {
+      wire::send(backend, id, h, frames, /*dontwait=*/true);
+      auto it = workers.find(id);
+      if (it != workers.end()) it->second.last_sent = Clock::now();
+      return true;
+    } catch (const zmq::error_t& e) {
+      log::warn("cannot send to worker", {{"worker", id}, {"error", e.what()}});
+      return false;
+    }
+  }
+
+  // ---------------------------------------------------------------- workers
+
+  void on_backend() {
+    for (int n = 0; n < 1000; ++n) {
+      auto raw = wire::recv_raw(backend, /*routed=*/true, /*dontwait=*/true);
+      if (!raw) return;
+      const std::string id = raw->routing;
+      wire::Message msg;
+      try {
+        msg = wire::decode(*raw, wire::Channel::kWorkerToBroker);
+      } catch (const wire::WireError& e) {
+        log::warn("bad message from a worker", {{"worker", id}, {"error", e.what()}});
+        continue;  // a worker speaking nonsense gets no tasks; its heartbeat will lapse
+      }
+      const std::string type = msg.type();
+      auto it = workers.find(id);
+      if (type == "ready") {
+        on_ready(id, msg.header);
+        continue;
+      }
+      if (it == workers.end()) {
+        if (type != "bye") send_worker(id, wire::header("reconnect"));
+        continue;
+      }
+      it->second.last_heard = Clock::now();
+      if (type == "results") {
+        on_results(it->second, msg);
+      } else if (type == "bye") {
+        worker_lost(id, "left");
+      }
+    }
+  }
+
+  void on_ready(const std::string& id, const json& h) {
+    const std::string stage = h["stage"].get<std::string>();
+    const int shard = h.value("shard", 0), shards = h.value("shards", 1);
+    if (shards != shards_of(stage)) {
+      log::warn("worker's shard count differs from the broker's; ignored",
+                {{"worker", h["worker"]}, {"stage", stage}, {"worker_shards", shards},
+                 {"broker_shards", shards_of(stage)}});
+      return;
+    }
+    auto [it, inserted] = workers.try_emplace(id);
+    Worker& w = it->second;
+    if (inserted) {
+      w.id = id;
+      w.name = h["worker"].get<std::string>();
+      w.stage = stage;
+      w.shard = shard;
+      w.shards = shards;
+      log::info("worker joined", {{"worker", w.name}, {"stage", stage}, {"shard", shard}});
+    }
+    w.credit += h["credit"].get<int>();
+    w.last_heard = Clock::now();
+  }
+
+  void on_results(Worker& w, wire::Message& msg) {
+    const json& results = msg.header["results"];
+    std::size_t frame = 0;
+    for (const auto& r : results) {
+      const std::string task = r["task"].get<std::string>();
+      const std::size_t nframes = r["frames"].get<std::size_t>();
+      std::vector<std::string> frames(std::make_move_iterator(msg.frames.begin() + frame),
+                                      std::make_move_iterator(msg.frames.begin() + frame + nframes));
+      frame += nframes;
+      w.tasks.erase(task);
+      auto f = flights.find(task);
+      if (f == flights.end() || f->second.worker != w.id) continue;  // stale: re-dispatched
+      Flight flight = f->second;
+      flights.erase(f);
+      auto j = jobs.find(flight.job_id);
+      if (j == jobs.end()) continue;
+      Job& job = j->second;
+      const double compute = r.value("compute_s", 0.0);
+      metrics.stage_seconds.Add({{"stage", w.stage}}, Metrics::latency_buckets()).Observe(compute);
+      if (r["ok"].get<bool>()) {
+        metrics.jobs_total.Add({{"stage", w.stage}, {"outcome", "ok"}}).Increment();
+        job.compute_s += compute;
+        job.stage_seconds[w.stage] = job.stage_seconds.value(w.stage, 0.0) + compute;
+        advance(job, flight.shard, r.value("meta", json::object()), std::move(frames));
+      } else if (r.value("retryable", false)) {
+        metrics.jobs_total.Add({{"stage", w.stage}, {"outcome", "retry"}}).Increment();
+        retry(job, flight.shard, r["error"].get<std::string>(), "error", false);
+      } else {
+        metrics.jobs_total.Add({{"stage", w.stage}, {"outcome", "error"}}).Increment();
+        fail(job, r["error"].get<std::string>(), false);
+      }
+    }
+    w.credit += msg.header.value("credit", 0);
+  }
+
+  void worker_lost(const std::string& id, const std::string& why) {
+    auto it = workers.find(id);
+    if (it == workers.end()) return;
+    Worker w = std::move(it->second);
+    workers.erase(it);
+    if (why != "left") log::warn("worker lost", {{"worker", w.name}, {"stage", w.stage}, {"why", why}});
+    for (const auto& task : w.tasks) {
+      auto f = flights.find(task);
+      if (f == flights.end()) continue;
+      Flight flight = f->second;
+      flights.erase(f);
+      auto j = jobs.find(flight.job_id);
+      if (j == jobs.end()) continue;
+      if (why == "left") {
+        queues[queue_key(w.stage, flight.shard)].push_front(Pending{flight.job_id, flight.shard, false});
+      } else {
+        retry(j->second, flight.shard, "worker " + w.name + " (" + w.stage + ") " + why +
+                                           " while holding this job", "worker_lost", true);
+      }
+    }
+  }
+
+  void check_liveness() {
+    const auto now = Clock::now();
+    const auto dead_after = milliseconds(static_cast<long long>(opt.heartbeat_ms) * opt.liveness);
+    std::vector<std::string> dead;
+    for (auto& [id, w] : workers) {
+      if (now - w.last_heard > dead_after) dead.push_back(id);
+    }
+    for (const auto& id : dead) worker_lost(id, "stopped answering heartbeats");
+    for (auto& [id, w] : workers) {
+      if (now - w.last_sent >= milliseconds(opt.heartbeat_ms)) send_worker(id, wire::header("heartbeat"));
+    }
+    // Tasks whose worker is alive but has not answered in task_timeout_s.
+    std::vector<std::string> late;
+    for (const auto& [task, f] : flights) {
+      if (now > f.deadline) late.push_back(task);
+    }
+    for (const auto& task : late) {
+      Flight f = flights[task];
+      flights.erase(task);
+      if (auto w = workers.find(f.worker); w != workers.end()) w->second.tasks.erase(task);
+      if (auto j = jobs.find(f.job_id); j != jobs.end()) {
+        retry(j->second, f.shard, "no result within " + std::to_string(opt.task_timeout_s) + " s",
+              "timeout", true);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- job progress
+
+  void advance(Job& job, int shard, json meta, std::vector<std::string> frames) {
+    if (job.shards > 1) {
+      job.shard_results[static_cast<std::size_t>(shard)] = std::move(meta);
+      for (const auto& r : job.shard_results) {
+        if (!r) return;  // wait for the other shards
+      }
+      meta = merge_shards(job);
+    }
+    job.stage += 1;
+    job.meta = std::move(meta);
+    job.frames = std::move(frames);
+    if (job.stage == job.route->size()) {
+      finish(job);
+      return;
+    }
+    enqueue(job);
+  }
+
+  // Each shard ranked its own models; scores are comparable, so the merge is exact.
+  json merge_shards(Job& job) {
+    json merged = *job.shard_results.front();
+    bool asc = merged.value("ascending", true);
+    std::vector<json> all;
+    std::size_t models = 0;
+    for (const auto& r : job.shard_results) {
+      for (const auto& m : (*r)["results"]) all.push_back(m);
+      models += r->value("models", 0);
+    }
+    std::stable_sort(all.begin(), all.end(), [asc](const json& a, const json& b) {
+      double sa = a["score"].get<double>(), sb = b["score"].get<double>();
+      if (sa != sb) return asc ? sa < sb : sa > sb;
+      return a["model"].get<std::string>() < b["model"].get<std::string>();
+    });
+    const std::size_t top = static_cast<std::size_t>(job.params.value("top", 10));
+    if (all.size() > top) all.resize(top);
+    for (std::size_t i = 0; i < all.size(); ++i) all[i]["rank"] = i + 1;
+    merged["results"] = all;
+    merged["models"] = models;
+    return merged;
+  }
+
+  void retry(Job& job, int shard, const std::string& why, const std::string& reason, bool isolate) {
+    job.attempts += 1;
+    job.last_error = why;
+    metrics.retries_total.Add({{"stage", job.stage_name()}, {"reason", reason}}).Increment();
+    if (job.attempts >= opt.max_attempts) {
+      metrics.dead_letters_total.Add({{"stage", job.stage_name()}}).Increment();
+      fail(job, "gave up after " + std::to_string(job.attempts) + " attempts at stage " +
+                    job.stage_name() + ": " + why, true);
+      return;
+    }
+    double delay = std::min<double>(opt.backoff_max_ms, opt.backoff_ms * std::pow(2.0, job.attempts - 1));
+    delay *= std::uniform_real_distribution<double>(0.5, 1.0)(rng);
+    log::info("retrying", {{"job_id", job.id}, {"stage", job.stage_name()}, {"attempt", job.attempts + 1},
+                           {"delay_ms", static_cast<int>(delay)}, {"error", why}});
+    delayed.emplace(Clock::now() + milliseconds(static_cast<long long>(delay)),
+                    Pending{job.id, shard, isolate});
+  }
+
+  json job_object(const Job& job) const {
+    json j{{"job_id", job.id},
+           {"kind", job.kind},
+           {"state", job.state},
+           {"created_ms", job.created_ms},
+           {"attempts", job.attempts}};
+    if (job.state != "finished" && job.state != "failed" && job.route) {
+      j["stage"] = job.stage < job.route->size() ? job.stage_name() : "";
+    }
+    if (job.kind == "upload") j["model_id"] = job.params.value("model_id", "");
+    return j;
+  }
+
+  json timings(const Job& job) const {
+    return json{{"total_s", seconds_since(job.accepted)},
+                {"compute_s", job.compute_s},
+                {"stages", job.stage_seconds}};
+  }
+
+  void finish(Job& job) {
+    job.state = "finished";
+    json j = job_object(job);
+    j["finished_ms"] = now_ms();
+    if (job.kind == "query") {
+      j["result"] = {{"results", job.meta.value("results", json::array())},
+                     {"scorer", job.meta.value("scorer", "")},
+                     {"models", job.meta.value("models", 0)}};
+    } else {
+      j["result"] = {{"model", job.params.value("model_id", "")},
+                     {"spec", job.meta.value("spec", json::object())},
+                     {"skipped", job.meta.value("skipped", json::array())}};
+    }
+    j["timings"] = timings(job);
+    end_job(job, std::move(j), false);
+  }
+
+  void fail(Job& job, const std::string& error, bool dead_letter) {
+    job.state = "failed";
+    json j = job_object(job);
+    j["finished_ms"] = now_ms();
+    j["error"] = error;
+    j["failed_stage"] = job.stage < job.route->size() ? job.stage_name() : "";
+    j["dead_letter"] = dead_letter;
+    j["timings"] = timings(job);
+    log::info(dead_letter ? "job dead-lettered" : "job failed",
+              {{"job_id", job.id}, {"kind", job.kind}, {"error", error}});
+    end_job(job, std::move(j), dead_letter);
+  }
+
+  // Saves the end, answers waiters, forgets the job. If Redis is down, the end is kept in
+  // memory and saved later; until then the job stays here and answers from memory.
+  void end_job(Job& job, json j, bool dead_letter) {
+    job.unsaved_end = std::move(j);
+    job.unsaved_dead_letter = dead_letter;
+    if (!save_end(job)) unsaved.insert(job.id);
+  }
+
+  bool save_end(Job& job) {
+    try {
+      if (!store) throw IoError("no redis connection");
+      store->end(job.id, *job.unsaved_end, job.unsaved_dead_letter);
+    } catch (const Error& e) {
+      log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", e.what()}});
+      return false;
+    }
+    const std::string outcome =
+        job.unsaved_dead_letter ? "dead_letter" : job.unsaved_end->value("state", "failed");
+    metrics.job_seconds.Add({{"kind", job.kind}, {"outcome", outcome}}, Metrics::latency_buckets())
+        .Observe(seconds_since(job.accepted));
+    metrics.jobs_total.Add({{"stage", "job"}, {"outcome", outcome}}).Increment();
+    for (const auto& w : job.waiters) reply_job(w.routing, w.req, *job.unsaved_end);
+    jobs.erase(job.id);  // `job` is gone after this line
+    return true;
+  }
+
+  void retry_unsaved() {
+    if (unsaved.empty() || Clock::now() < next_unsaved_retry) return;
+    next_unsaved_retry = Clock::now() + milliseconds(250);
+    try_connect_store();
+    for (auto it = unsaved.begin(); it != unsaved.end();) {
+      auto j = jobs.find(*it);
+      if (j == jobs.end() || save_end(j->second)) {
+        it = unsaved.erase(it);
+      } else {
+        break;  // still down; try again later
+      }
+    }
+  }
+
+  void release_delayed() {
+    const auto now = Clock::now();
+    while (!delayed.empty() && delayed.begin()->first <= now) {
+      Pending p = delayed.begin()->second;
+      delayed.erase(delayed.begin());
+      auto j = jobs.find(p.job_id);
+      if (j == jobs.end() || j->second.unsaved_end) continue;
+      queues[queue_key(j->second.stage_name(), p.shard)].push_back(p);
+    }
+  }
+
+  // ---------------------------------------------------------------- clients
+
+  void reply(const std::string& routing, json h) {
+    try {
+      wire::send(frontend, routing, h, {}, /*dontwait=*/true);
+    } catch (const zmq::error_t&) {
+      // The client is gone; nothing to do (its job, if any, carries on).
+    }
+  }
+
+  void reply_error(const std::string& routing, const std::string& req, const std::string& code,
+                   const std::string& message) {
+    json h = wire::header("error");
+    if (!req.empty()) h["req"] = req;
+    h["code"] = code;
+    h["error"] = message;
+    reply(routing, std::move(h));
+  }
+
+  void reply_job(const std::string& routing, const std::string& req, const json& job) {
+    json h = wire::header("job");
+    if (!req.empty()) h["req"] = req;
+    h["job"] = job;
+    reply(routing, std::move(h));
+  }
+
+  void on_frontend() {
+    for (int n = 0; n < 1000; ++n) {
+      auto raw = wire::recv_raw(frontend, /*routed=*/true, /*dontwait=*/true);
+      if (!raw) return;
+      std::string req;
+      try {
+        // The correlation id, if readable, even when the rest of the message is not.
+        json peek = json::parse(raw->parts.empty() ? std::string() : raw->parts.front(), nullptr, false);
+        if (peek.is_object() && peek.contains("req") && peek["req"].is_string()) {
+          req = peek["req"].get<std::string>();
+        }
+        wire::Message msg = wire::decode(*raw, wire::Channel::kClientToBroker);
+        handle_request(raw->routing, req, msg);
+      } catch (const InputError& e) {
+        metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "rejected"}}).Increment();
+        reply_error(raw->routing, req, "bad_request", e.what());
+      }
+    }
+  }
+
+  void handle_request(const std::string& routing, const std::string& req, wire::Message& msg) {
+    const std::string type = msg.type();
+    if (type == "ping") {
+      json h = wire::header("pong");
+      if (!req.empty()) h["req"] = req;
+      reply(routing, std::move(h));
+    } else if (type == "get_job") {
+      get_job(routing, req, msg.header["job_id"].get<std::string>(), msg.header.value("wait_ms", 0));
+    } else {
+      submit(routing, req, msg);
+    }
+  }
+
+  void submit(const std::string& routing, const std::string& req, wire::Message& msg) {
+    if (draining) return reply_error(routing, req, "unavailable", "the broker is shutting down");
+    if (jobs.size() >= opt.max_pending_jobs) {
+      metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "busy"}}).Increment();
+      return reply_error(routing, req, "busy",
+                         "the broker holds " + std::to_string(jobs.size()) +
+                             " unfinished jobs (broker.max_pending_jobs); retry later");
+    }
+    std::int64_t bytes = 0;
+    for (const auto& f : msg.frames) bytes += static_cast<std::int64_t>(f.size());
+    if (bytes > opt.max_message_bytes) {
+      return reply_error(routing, req, "too_large", "the request carries " + std::to_string(bytes) +
+                                                        " bytes; the limit is " +
+                                                        std::to_string(opt.max_message_bytes));
+    }
+    StoredJob job;
+    job.id = wire::random_id();
+    job.created_ms = now_ms();
+    const json& h = msg.header;
+    if (msg.type() == "submit_query") {
+      job.kind = "query";
+      job.params = {{"top", h.value("top", 10)}};
+      if (h.contains("scorer")) {
+        parse_scorer(h["scorer"].get<std::string>());  // InputError -> bad_request
+        job.params["scorer"] = h["scorer"];
+      }
+      if (h.contains("prompt")) job.params["prompt"] = h["prompt"];
+      if (msg.frames[0].empty()) throw InputError("the query image is empty (0 bytes)");
+    } else {
+      job.kind = "upload";
+      const std::string model = h["model_id"].get<std::string>();
+      validate_model_id(model);
+      job.params = {{"model_id", model}, {"prompts", h["prompts"]}};
+      if (h.contains("downloads")) job.params["downloads"] = h["downloads"];
+      if (h.contains("card")) job.params["card"] = h["card"];
+    }
+    job.frames = std::move(msg.frames);
+    try {
+      try_connect_store();
+      if (!store) throw IoError("no redis connection");
+      store->create(job);
+    } catch (const IoError& e) {
+      metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "unavailable"}}).Increment();
+      return reply_error(routing, req, "unavailable", std::string("cannot record the job: ") + e.what());
+    }
+    metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "accepted"}}).Increment();
+    Job& j = insert_job(std::move(job));
+    enqueue(j);
+    json a = wire::header("accepted");
+    if (!req.empty()) a["req"] = req;
+    a["job_id"] = j.id;
+    reply(routing, std::move(a));
+  }
+
+  void get_job(const std::string& routing, const std::string& req, const std::string& id, int wait_ms) {
+    auto it = jobs.find(id);
+    if (it != jobs.end()) {
+      Job& job = it->second;
+      if (job.unsaved_end) return reply_job(routing, req, *job.unsaved_end);
+      if (wait_ms > 0) {
+        job.waiters.push_back(Waiter{routing, req, Clock::now() + milliseconds(wait_ms)});
+        return;
+      }
+      return reply_job(routing, req, job_object(job));
+    }
+    try {
+      if (!store) throw IoError("no redis connection");
+      if (auto ended = store->ended(id)) return reply_job(routing, req, *ended);
+      if (auto rec = store->record(id)) return reply_job(routing, req, *rec);
+    } catch (const IoError& e) {
+      return reply_error(routing, req, "unavailable", std::string("cannot read the job: ") + e.what());
+    }
+    reply_error(routing, req, "not_found", "no job " + id + " (unknown, or its result expired)");
+  }
+
+  void expire_waiters() {
+    const auto now = Clock::now();
+    for (auto& [id, job] : jobs) {
+      auto& ws = job.waiters;
+      for (auto it = ws.begin(); it != ws.end();) {
+        if (it->deadline <= now) {
+          reply_job(it->routing, it->req, job_object(job));
+          it = ws.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+  }
+
+  void update_gauges() {
+    std::map<std::string, double> depth, count;
+    for (const auto& [key, q] : queues) depth[key.substr(0, key.find('#'))] += static_cast<double>(q.size());
+    for (const auto& [id, w] : workers) count[w.stage] += 1;
+    for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) {
+      metrics.queue_depth.Add({{"stage", s}}).Set(depth[s]);
+      metrics.workers.Add({{"stage", s}}).Set(count[s]);
+    }
+  }
+
+  int poll_timeout_ms() const {
+    long long t = opt.heartbeat_ms / 2;
+    const auto now = Clock::now();
+    if (!delayed.empty()) {
+      t = std::min<long long>(t, std::chrono::duration_cast<milliseconds>(delayed.begin()->first - now).count());
+    }
+    for (const auto& [id, job] : jobs) {
+      for (const auto& w : job.waiters) {
+        t = std::min<long long>(t, std::chrono::duration_cast<milliseconds>(w.deadline - now).count());
+      }
+    }
+    return static_cast<int>(std::max<long long>(t, 0));
+  }
+
+  void run(const std::atomic<bool>& stop) {
+    log::info("broker serving", {{"frontend", opt.frontend}, {"backend", opt.backend},
+                                 {"redis", redis_location.uri()}});
+    Clock::time_point drain_deadline{};
+    auto last_housekeeping = Clock::now();
+    for (;;) {
+      if (stop.load() && !draining) {
+        draining = true;
+        drain_deadline = Clock::now() + milliseconds(opt.drain_timeout_ms);
+        set_not_ready("draining");
+        log::info("draining", {{"tasks_in_flight", flights.size()}, {"jobs", jobs.size()}});
+      }
+      if (draining && ((flights.empty() && unsaved.empty()) || Clock::now() > drain_deadline)) break;
+      zmq::pollitem_t items[] = {{static_cast<void*>(frontend), 0, ZMQ_POLLIN, 0},
+                                 {static_cast<void*>(backend), 0, ZMQ_POLLIN, 0}};
+      zmq::poll(items, 2, milliseconds(std::min(poll_timeout_ms(), 100)));
+      if (items[1].revents & ZMQ_POLLIN) on_backend();
+      if (items[0].revents & ZMQ_POLLIN) on_frontend();
+      recover();
+      release_delayed();
+      retry_unsaved();
+      dispatch();
+      if (Clock::now() - last_housekeeping >= milliseconds(std::max(opt.heartbeat_ms / 4, 5))) {
+        last_housekeeping = Clock::now();
+        check_liveness();
+        expire_waiters();
+        update_gauges();
+        dispatch();
+      }
+    }
+    log::info("broker stopped", {{"jobs_left_active", jobs.size()}, {"tasks_abandoned", flights.size()}});
+  }
+};
+
+Broker::Broker(zmq::context_t& context, BrokerOptions options)
+    : impl_(std::make_unique<Impl>(context, std::move(options))) {}
+Broker::~Broker() = default;
+void Broker::run(const std::atomic<bool>& stop) { impl_->run(stop); }
+std::string Broker::not_ready_reason() const {
+  std::lock_guard lock(impl_->ready_mutex);
+  return impl_->not_ready;
+}
+
+}  // namespace gmi

@@ -1,0 +1,156 @@
+#include "gmi/job_store.hpp"
+
+#include <hiredis/hiredis.h>
+
+#include <chrono>
+
+#include "gmi/error.hpp"
+
+namespace gmi {
+
+using nlohmann::json;
+
+std::int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+JobStore::JobStore(RedisLocation location, JobStoreOptions options)
+    : redis_(std::move(location), 2000, 5000),
+      options_(options),
+      active_key_(redis_.key("jobs:active")),
+      dead_key_(redis_.key("dead-letters")) {}
+
+void JobStore::create(const StoredJob& job) {
+  const std::string jk = job_key(job.id), ik = input_key(job.id);
+  const std::string params = job.params.dump(-1, ' ', false, json::error_handler_t::replace);
+  const std::string created = std::to_string(job.created_ms);
+  const std::string nframes = std::to_string(job.frames.size());
+  RedisConnection::Args input{"HSET", ik, "frames", nframes};
+  std::vector<std::string> names;
+  names.reserve(job.frames.size());
+  for (std::size_t i = 0; i < job.frames.size(); ++i) names.push_back("f" + std::to_string(i));
+  for (std::size_t i = 0; i < job.frames.size(); ++i) {
+    input.push_back(names[i]);
+    input.push_back(job.frames[i]);
+  }
+  std::vector<RedisReply> keep;
+  redis_.transaction({{"HSET", jk, "kind", job.kind, "state", "queued", "params", params,
+                       "created_ms", created, "attempts", "0"},
+                      input,
+                      {"SADD", active_key_, job.id}},
+                     keep);
+}
+
+std::vector<std::string> JobStore::active_ids() {
+  RedisReply r = redis_.command({"SMEMBERS", active_key_});
+  return RedisConnection::as_string_array(r.get(), "SMEMBERS " + active_key_);
+}
+
+std::optional<StoredJob> JobStore::load(const std::string& id) {
+  const std::string jk = job_key(id), ik = input_key(id);
+  auto replies = redis_.pipeline({{"HMGET", jk, "kind", "params", "created_ms"},
+                                  {"HGET", ik, "frames"}});
+  auto fields = RedisConnection::as_string_array(replies[0].get(), "HMGET " + jk);
+  auto count = RedisConnection::as_optional_string(replies[1].get(), "HGET " + ik);
+  if (fields.size() != 3 || fields[0].empty() || !count) return std::nullopt;
+  StoredJob job;
+  job.id = id;
+  job.kind = fields[0];
+  job.params = json::parse(fields[1], nullptr, false);
+  if (job.params.is_discarded()) job.params = json::object();
+  try {
+    job.created_ms = std::stoll(fields[2]);
+  } catch (...) {
+    job.created_ms = now_ms();
+  }
+  std::size_t n = 0;
+  try {
+    n = std::stoul(*count);
+  } catch (...) {
+    return std::nullopt;
+  }
+  if (n > 0) {
+    RedisConnection::Args get{"HMGET", ik};
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < n; ++i) names.push_back("f" + std::to_string(i));
+    for (const auto& name : names) get.push_back(name);
+    RedisReply r = redis_.command(get);
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != n) return std::nullopt;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (r->element[i]->type != REDIS_REPLY_STRING) return std::nullopt;
+      job.frames.emplace_back(r->element[i]->str, r->element[i]->len);
+    }
+  }
+  return job;
+}
+
+void JobStore::forget(const std::string& id) {
+  std::vector<RedisReply> keep;
+  redis_.transaction({{"SREM", active_key_, id}, {"DEL", input_key(id)}}, keep);
+}
+
+void JobStore::end(const std::string& id, const json& job, bool dead_letter) {
+  const std::string jk = job_key(id), ik = input_key(id), rk = result_key(id);
+  const std::string text = job.dump(-1, ' ', false, json::error_handler_t::replace);
+  const std::string ttl = std::to_string(options_.result_ttl_s);
+  const std::string dead_ttl = std::to_string(options_.dead_letter_ttl_s);
+  const std::string state = job.value("state", "failed");
+  const std::string error = job.value("error", "");
+  const std::string finished = std::to_string(job.value("finished_ms", now_ms()));
+  std::vector<RedisConnection::Args> cmds{
+      {"SET", rk, text, "EX", dead_letter ? dead_ttl : ttl},
+      {"HSET", jk, "state", state, "error", error, "finished_ms", finished, "dead_letter",
+       dead_letter ? "1" : "0"},
+      {"EXPIRE", jk, dead_letter ? dead_ttl : ttl},
+      {"SREM", active_key_, id}};
+  const std::string score = finished;
+  if (dead_letter) {
+    cmds.push_back({"EXPIRE", ik, dead_ttl});
+    cmds.push_back({"ZADD", dead_key_, score, id});
+  } else {
+    cmds.push_back({"DEL", ik});
+  }
+  std::vector<RedisReply> keep;
+  redis_.transaction(cmds, keep);
+}
+
+std::optional<json> JobStore::ended(const std::string& id) {
+  const std::string rk = result_key(id);
+  RedisReply r = redis_.command({"GET", rk});
+  auto text = RedisConnection::as_optional_string(r.get(), "GET " + rk);
+  if (!text) return std::nullopt;
+  json j = json::parse(*text, nullptr, false);
+  if (j.is_discarded()) throw IoError("redis: " + rk + " does not hold JSON");
+  return j;
+}
+
+std::optional<json> JobStore::record(const std::string& id) {
+  const std::string jk = job_key(id);
+  RedisReply r = redis_.command({"HMGET", jk, "kind", "state", "created_ms", "attempts"});
+  auto f = RedisConnection::as_string_array(r.get(), "HMGET " + jk);
+  if (f.size() != 4 || f[0].empty()) return std::nullopt;
+  json j{{"job_id", id}, {"kind", f[0]}, {"state", f[1].empty() ? "queued" : f[1]}};
+  try {
+    j["created_ms"] = std::stoll(f[2]);
+  } catch (...) {
+  }
+  return j;
+}
+
+std::vector<std::string> JobStore::dead_letters(std::size_t limit) {
+  RedisReply r = redis_.command({"ZRANGE", dead_key_, "0", std::to_string(limit - 1)});
+  return RedisConnection::as_string_array(r.get(), "ZRANGE " + dead_key_);
+}
+
+bool JobStore::ping() {
+  try {
+    redis_.command({"PING"});
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+}  // namespace gmi

@@ -1,0 +1,84 @@
+#pragma once
+/// A client of the broker's frontend (see schemas/README.md): submit query and upload jobs,
+/// read a job's state, optionally waiting for it to end. Used by the HTTP gateway, the CLI
+/// (`gmi query`, `gmi upload`, `gmi job`), the load benchmark and the tests.
+/// Thread-safety: NOT thread-safe (one ZeroMQ DEALER socket); use one client per thread.
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <zmq.hpp>
+
+#include "gmi/error.hpp"
+#include "gmi/wire.hpp"
+
+namespace gmi {
+
+/// The broker answered with an "error" message. code(): "bad_request" (malformed or
+/// invalid request), "too_large", "not_found" (unknown job id), "busy" (backpressure:
+/// retry later), "unavailable" (the broker cannot reach Redis or is shutting down).
+class BrokerRefusal : public Error {
+ public:
+  BrokerRefusal(std::string code, const std::string& message)
+      : Error(message), code_(std::move(code)) {}
+  const std::string& code() const { return code_; }
+  /// True for busy/unavailable: the same request may succeed later.
+  bool retryable() const { return code_ == "busy" || code_ == "unavailable"; }
+
+ private:
+  std::string code_;
+};
+
+struct BrokerClientOptions {
+  std::string endpoint = "tcp://127.0.0.1:5555";
+  int timeout_ms = 10000;  ///< per request, on top of any wait_ms
+  /// CURVE: the broker's public key and this client's keys (both empty: plain TCP).
+  std::string curve_server_public;
+  wire::CurveKeys curve_client;
+};
+
+struct QueryRequest {
+  std::string image;   ///< encoded image bytes (JPEG, PNG)
+  int top = 10;
+  std::string scorer;  ///< empty: the score workers' default
+  std::string prompt;  ///< optional pseudo-prompt instead of the interrogator's
+};
+
+struct UploadRequest {
+  std::string model_id;
+  std::vector<std::string> images;   ///< encoded image bytes
+  std::vector<std::string> prompts;  ///< one per image
+  double downloads = 0;
+  std::string card;
+};
+
+class BrokerClient {
+ public:
+  BrokerClient(zmq::context_t& context, BrokerClientOptions options);
+
+  /// Returns the job id. Throws BrokerRefusal when refused, IoError on timeout.
+  std::string submit_query(const QueryRequest& request);
+  std::string submit_upload(const UploadRequest& request);
+
+  /// The job object ({"job_id","kind","state",...,"result"|"error"}). With wait_ms > 0 the
+  /// broker answers as soon as the job ends or when wait_ms passes. BrokerRefusal with
+  /// code "not_found" for an unknown (or expired) id.
+  nlohmann::json get_job(const std::string& job_id, int wait_ms = 0);
+
+  /// Round trip to the broker; false on timeout.
+  bool ping(int timeout_ms);
+
+  /// One request/response exchange; returns the reply header (type accepted/job/pong).
+  nlohmann::json request(nlohmann::json header, const std::vector<std::string>& frames,
+                         int timeout_ms);
+
+ private:
+  void open_socket();
+  zmq::context_t& context_;
+  BrokerClientOptions options_;
+  std::optional<zmq::socket_t> socket_;
+  std::uint64_t next_req_ = 1;
+};
+
+}  // namespace gmi

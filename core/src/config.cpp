@@ -1,0 +1,356 @@
+// Layered settings (see config.hpp): defaults < YAML file < GMI_* environment < set().
+#include "gmi/config.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include <yaml-cpp/yaml.h>
+
+#include "gmi/error.hpp"
+
+namespace gmi {
+namespace {
+
+// Secrets are short; a cap keeps a mistaken path (/dev/zero, a disk image) from eating memory.
+constexpr std::size_t kMaxSecretBytes = 64 * 1024;
+// Far above any real config file; a guard against pointing --config at a large file.
+constexpr std::size_t kMaxConfigBytes = 4 * 1024 * 1024;
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return s;
+}
+
+// Quotes a value for an error message; control characters are escaped so that a stray byte
+// in an environment variable cannot break the log line that reports it.
+std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
+std::string format_number(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// Edit distance, for "did you mean" hints on misspelt keys.
+std::size_t distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string suggestion(const std::string& key) {
+  std::string best;
+  std::size_t best_d = 3;  // farther than this is a different word, not a typo
+  for (const auto& k : Config::schema()) {
+    std::size_t d = distance(key, k.key);
+    if (d < best_d) {
+      best_d = d;
+      best = k.key;
+    }
+  }
+  return best.empty() ? "" : " (did you mean " + quote(best) + "?)";
+}
+
+bool known(const std::string& key) {
+  const auto& s = Config::schema();
+  return std::any_of(s.begin(), s.end(), [&](const ConfigKey& k) { return k.key == key; });
+}
+
+[[noreturn]] void unknown_key(const std::string& key) {
+  throw InputError("unknown configuration key " + quote(key) + suggestion(key));
+}
+
+// Flattens nested maps into dotted keys. Only scalars may be leaves: a sequence has no
+// meaning for any key, and silently taking its first element would hide a mistake.
+void flatten(const YAML::Node& node, const std::string& prefix, const std::string& path,
+             std::map<std::string, std::string>& out) {
+  auto where = [&]() { return "config file " + path + ": "; };
+  switch (node.Type()) {
+    case YAML::NodeType::Map:
+      for (const auto& kv : node) {
+        if (!kv.first.IsScalar()) {
+          throw InputError(where() + "a key under " + quote(prefix.empty() ? "(top)" : prefix) +
+                           " is not a plain name");
+        }
+        std::string name = kv.first.Scalar();
+        flatten(kv.second, prefix.empty() ? name : prefix + "." + name, path, out);
+      }
+      return;
+    case YAML::NodeType::Scalar:
+      if (prefix.empty()) throw InputError(where() + "expected a map of sections, not a scalar");
+      out[prefix] = node.Scalar();
+      return;
+    case YAML::NodeType::Null:
+      // `key:` with nothing after it reads as the empty value ("" is valid, e.g. no API key).
+      if (!prefix.empty()) out[prefix] = "";
+      return;
+    case YAML::NodeType::Sequence:
+      throw InputError(
+          where() +
+          (prefix.empty() ? std::string("expected a map of sections") : "key " + quote(prefix)) +
+          ": lists are not allowed, only single values");
+    case YAML::NodeType::Undefined:
+      return;
+  }
+}
+
+// Reads a whole file with POSIX calls so that the error names the real cause (ENOENT, EACCES,
+// EISDIR). Returns errno on failure, 0 on success; EFBIG when it is longer than `limit`.
+int read_file(const std::string& path, std::size_t limit, std::string& out) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return errno;
+  out.clear();
+  char buf[4096];
+  int err = 0;
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      err = errno;
+      break;
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<std::size_t>(n));
+    if (out.size() > limit) {
+      err = EFBIG;
+      break;
+    }
+  }
+  ::close(fd);
+  return err;
+}
+
+}  // namespace
+
+const std::vector<ConfigKey>& Config::schema() {
+  static const std::vector<ConfigKey> keys = {
+      {"log.level", "info", "least severe log level written: debug, info, warn or error"},
+      {"log.format", "json", "log line format on stderr: json (one object per line) or text"},
+
+      {"redis.uri", "redis://127.0.0.1:6379",
+       "Redis holding specs, results and dead letters (no password here: GMI_REDIS_PASSWORD)"},
+      {"redis.result_ttl_s", "86400", "seconds a finished job's result stays in Redis"},
+      {"redis.dead_letter_ttl_s", "604800", "seconds a dead-lettered job stays in Redis"},
+
+      {"broker.frontend", "tcp://127.0.0.1:5555", "client intake endpoint the broker binds"},
+      {"broker.backend", "tcp://127.0.0.1:5556", "worker endpoint the broker binds"},
+      {"broker.heartbeat_ms", "500", "milliseconds between heartbeats to and from workers"},
+      {"broker.liveness", "6", "missed heartbeats before a peer counts as dead"},
+      {"broker.max_attempts", "4", "tries per task before its job goes to the dead letters"},
+      {"broker.backoff_ms", "100", "delay before the first retry of a failed task"},
+      {"broker.backoff_max_ms", "5000", "upper bound of the doubling retry delay"},
+      {"broker.max_pending_jobs", "10000", "jobs in flight before new ones are refused"},
+      {"broker.task_timeout_s", "300", "seconds a worker may hold a task before it is retried"},
+      {"broker.max_message_bytes", "268435456", "largest message accepted on either socket"},
+      {"broker.ops_port", "9100",
+       "port of the broker's /metrics, /healthz, /readyz (-1 disables, 0 picks a free port)"},
+
+      {"worker.broker", "tcp://127.0.0.1:5556", "the broker backend a worker connects to"},
+      {"worker.ops_port", "0", "port of a worker's ops server (-1 disables, 0 picks a free port)"},
+
+      {"decode.max_batch", "16", "most images a decode worker takes at once"},
+      {"decode.max_wait_ms", "0", "how long a decode worker waits to fill a batch"},
+      {"decode.max_pixels", "50000000", "largest image (width x height) a decoder accepts"},
+      {"decode.max_bytes", "33554432", "largest encoded image a decoder accepts"},
+
+      {"embed.max_batch", "64", "most images an embed worker encodes at once"},
+      {"embed.max_wait_ms", "2", "how long an embed worker waits to fill a batch"},
+      {"embed.encoder", "builtin", "image encoder: builtin"},
+      {"embed.device", "cpu", "where the encoder runs: cpu"},
+
+      {"interrogate.interrogator", "neighbour", "how prompts are guessed for images: neighbour"},
+      {"interrogate.max_batch", "64", "most images an interrogate worker takes at once"},
+      {"interrogate.max_wait_ms", "1", "how long an interrogate worker waits to fill a batch"},
+
+      {"score.shard", "0", "which shard of the spec store this score worker serves (0-based)"},
+      {"score.shards", "1", "how many shards the spec store is split into"},
+      {"score.refresh_ms", "500", "milliseconds between checks for new or changed specs"},
+      {"score.max_batch", "64", "most queries a score worker scores at once"},
+      {"score.max_wait_ms", "1", "how long a score worker waits to fill a batch"},
+      {"score.scorer", "weighted", "how specs are ranked against a query: weighted"},
+
+      {"spec.min_samples", "4", "fewest images a spec may be built from"},
+      {"spec.max_batch", "1", "most spec builds a spec worker takes at once"},
+
+      {"gateway.host", "0.0.0.0", "address the HTTP gateway listens on"},
+      {"gateway.port", "8080", "port the HTTP gateway listens on"},
+      {"gateway.broker", "tcp://127.0.0.1:5555", "the broker frontend the gateway sends jobs to"},
+      {"gateway.api_key_file", "",
+       "file holding the API key clients must send (empty = no key required; or GMI_API_KEY)"},
+      {"gateway.max_query_bytes", "33554432", "largest query image the gateway accepts"},
+      {"gateway.max_upload_bytes", "268435456", "largest upload (spec build) the gateway accepts"},
+      {"gateway.threads", "8", "HTTP worker threads of the gateway"},
+      {"gateway.max_wait_ms", "30000", "longest a request waits for its job before it times out"},
+
+      {"curve.enabled", "false", "encrypt and authenticate ZeroMQ traffic with CurveZMQ"},
+      {"curve.server_keys", "", "path of the broker's key file"},
+      {"curve.server_public", "", "path of the broker's public key file, for clients and workers"},
+      {"curve.client_keys", "", "path of this client's key file"},
+
+      {"serve.decode_workers", "1", "decode workers `gmi serve` starts"},
+      {"serve.embed_workers", "1", "embed workers `gmi serve` starts"},
+      {"serve.interrogate_workers", "1", "interrogate workers `gmi serve` starts"},
+      {"serve.score_workers", "1", "score workers `gmi serve` starts"},
+      {"serve.spec_workers", "1", "spec workers `gmi serve` starts"},
+      {"serve.ops_port", "9100", "port of `gmi serve`'s ops server (-1 disables, 0 picks one)"},
+  };
+  return keys;
+}
+
+std::string Config::env_name(const std::string& key) {
+  std::string out = "GMI_";
+  for (unsigned char c : key) {
+    out += c == '.' ? '_' : static_cast<char>(std::toupper(c));
+  }
+  return out;
+}
+
+Config Config::load(const std::string& yaml_path) {
+  Config config;
+  for (const auto& k : schema()) config.values_[k.key] = {k.default_value, "default"};
+
+  if (!yaml_path.empty()) {
+    std::string text;
+    if (int err = read_file(yaml_path, kMaxConfigBytes, text)) {
+      throw InputError("config file " + yaml_path + ": " + std::strerror(err));
+    }
+    YAML::Node root;
+    try {
+      root = YAML::Load(text);
+    } catch (const YAML::Exception& e) {
+      // yaml-cpp counts from 0; editors count from 1.
+      std::string where = e.mark.is_null()
+                              ? std::string()
+                              : "line " + std::to_string(e.mark.line + 1) + ", column " +
+                                    std::to_string(e.mark.column + 1) + ": ";
+      throw InputError("config file " + yaml_path + ": " + where + e.msg);
+    }
+    std::map<std::string, std::string> flat;
+    flatten(root, "", yaml_path, flat);
+    for (const auto& [key, value] : flat) {
+      if (!known(key)) {
+        throw InputError("config file " + yaml_path + ": unknown key " + quote(key) +
+                         suggestion(key));
+      }
+      config.values_[key] = {value, "file " + yaml_path};
+    }
+  }
+
+  // Set-but-empty counts: "" is a valid value, and the only way to clear a key from the env.
+  for (const auto& k : schema()) {
+    std::string name = env_name(k.key);
+    if (const char* v = std::getenv(name.c_str())) config.values_[k.key] = {v, "env " + name};
+  }
+  return config;
+}
+
+void Config::set(const std::string& key, const std::string& value, const std::string& source) {
+  auto it = values_.find(key);
+  if (it == values_.end()) unknown_key(key);
+  it->second = {value, source};
+}
+
+const Config::Value& Config::find(const std::string& key) const {
+  auto it = values_.find(key);
+  if (it == values_.end()) unknown_key(key);
+  return it->second;
+}
+
+std::string Config::get_string(const std::string& key) const { return find(key).text; }
+
+long long Config::get_int(const std::string& key, long long min, long long max) const {
+  const Value& v = find(key);
+  long long out = 0;
+  const char* begin = v.text.data();
+  const char* end = begin + v.text.size();
+  auto [ptr, ec] = std::from_chars(begin, end, out);
+  if (v.text.empty() || ec != std::errc() || ptr != end || out < min || out > max) {
+    throw InputError(key + " = " + quote(v.text) + " (from " + v.source +
+                     "): expected an integer in [" + std::to_string(min) + ", " +
+                     std::to_string(max) + "]");
+  }
+  return out;
+}
+
+double Config::get_double(const std::string& key, double min, double max) const {
+  const Value& v = find(key);
+  double out = 0;
+  const char* begin = v.text.data();
+  const char* end = begin + v.text.size();
+  auto [ptr, ec] = std::from_chars(begin, end, out);
+  if (v.text.empty() || ec != std::errc() || ptr != end || !std::isfinite(out) || out < min ||
+      out > max) {
+    throw InputError(key + " = " + quote(v.text) + " (from " + v.source +
+                     "): expected a number in [" + format_number(min) + ", " + format_number(max) +
+                     "]");
+  }
+  return out;
+}
+
+bool Config::get_bool(const std::string& key) const {
+  const Value& v = find(key);
+  std::string t = lower(v.text);
+  if (t == "true" || t == "yes" || t == "on" || t == "1") return true;
+  if (t == "false" || t == "no" || t == "off" || t == "0") return false;
+  throw InputError(key + " = " + quote(v.text) + " (from " + v.source +
+                   "): expected true/false, yes/no, on/off or 1/0");
+}
+
+std::string Config::source(const std::string& key) const { return find(key).source; }
+
+nlohmann::json Config::to_json() const {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [key, v] : values_) out[key] = {{"value", v.text}, {"source", v.source}};
+  return out;
+}
+
+std::string read_secret_file(const std::string& path, const std::string& what) {
+  std::string data;
+  int err = read_file(path, kMaxSecretBytes, data);
+  if (err == EFBIG) {
+    throw InputError(what + " " + path + " is larger than " + std::to_string(kMaxSecretBytes) +
+                     " bytes; it should hold only the secret");
+  }
+  if (err != 0) throw IoError("cannot read " + what + " " + path + ": " + std::strerror(err));
+  // Editors add a final newline; Windows ones add \r\n. Neither is part of the secret.
+  while (!data.empty() && (data.back() == '\n' || data.back() == '\r')) data.pop_back();
+  if (data.empty()) throw InputError(what + " " + path + " is empty");
+  return data;
+}
+
+}  // namespace gmi

@@ -1,0 +1,481 @@
+#include "service.hpp"
+
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <zmq.hpp>
+
+#include "gmi/broker.hpp"
+#include "gmi/broker_client.hpp"
+#include "gmi/config.hpp"
+#include "gmi/error.hpp"
+#include "gmi/gateway.hpp"
+#include "gmi/log.hpp"
+#include "gmi/manifest.hpp"
+#include "gmi/ops.hpp"
+#include "gmi/wire.hpp"
+#include "gmi/workers/runtime.hpp"
+
+namespace gmi::cli {
+namespace {
+
+using nlohmann::json;
+
+std::atomic<bool> g_stop{false};
+
+extern "C" void on_signal(int) { g_stop.store(true); }
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+}
+
+void wait_for_stop() {
+  while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+}
+
+std::string read_file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw IoError("cannot read " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// CURVE settings shared by every process: off, or key files named in the config.
+struct Curve {
+  bool enabled = false;
+  wire::CurveKeys server;        // the broker's (secret included) — broker only
+  std::string server_public;     // everyone else
+  wire::CurveKeys client;
+};
+
+Curve load_curve(const Config& c, bool is_broker) {
+  Curve cv;
+  cv.enabled = c.get_bool("curve.enabled");
+  if (!cv.enabled) return cv;
+  auto need = [&](const char* key) {
+    std::string path = c.get_string(key);
+    if (path.empty()) throw InputError(std::string("curve.enabled is true but ") + key + " is empty");
+    return path;
+  };
+  if (is_broker) {
+    cv.server = wire::read_curve_key_file(need("curve.server_keys"));
+  } else {
+    cv.server_public = wire::read_curve_key_file(need("curve.server_public")).public_key;
+    cv.client = wire::read_curve_key_file(need("curve.client_keys"));
+  }
+  return cv;
+}
+
+BrokerOptions broker_options(const Config& c) {
+  BrokerOptions o;
+  o.frontend = {c.get_string("broker.frontend")};
+  o.backend = {c.get_string("broker.backend")};
+  o.redis_uri = c.get_string("redis.uri");
+  o.store.result_ttl_s = static_cast<int>(c.get_int("redis.result_ttl_s", 1, 1ll << 31));
+  o.store.dead_letter_ttl_s = static_cast<int>(c.get_int("redis.dead_letter_ttl_s", 1, 1ll << 31));
+  o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms", 10, 600000));
+  o.liveness = static_cast<int>(c.get_int("broker.liveness", 2, 1000));
+  o.max_attempts = static_cast<int>(c.get_int("broker.max_attempts", 1, 100));
+  o.backoff_ms = static_cast<int>(c.get_int("broker.backoff_ms", 0, 600000));
+  o.backoff_max_ms = static_cast<int>(c.get_int("broker.backoff_max_ms", 0, 3600000));
+  o.max_pending_jobs = static_cast<std::size_t>(c.get_int("broker.max_pending_jobs", 1, 100000000));
+  o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s", 1, 86400));
+  o.max_message_bytes = c.get_int("broker.max_message_bytes", 1024, 1ll << 34);
+  o.score_shards = static_cast<int>(c.get_int("score.shards", 1, 4096));
+  Curve cv = load_curve(c, true);
+  o.curve = cv.enabled;
+  o.curve_server = cv.server;
+  return o;
+}
+
+workers::WorkerOptions worker_options(const Config& c) {
+  workers::WorkerOptions o;
+  o.broker = c.get_string("worker.broker");
+  o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms", 10, 600000));
+  o.liveness = static_cast<int>(c.get_int("broker.liveness", 2, 1000));
+  Curve cv = load_curve(c, false);
+  o.curve_server_public = cv.server_public;
+  o.curve_client = cv.client;
+  return o;
+}
+
+BrokerClientOptions client_options(const Config& c, const std::string& endpoint) {
+  BrokerClientOptions o;
+  o.endpoint = endpoint.empty() ? c.get_string("gateway.broker") : endpoint;
+  Curve cv = load_curve(c, false);
+  o.curve_server_public = cv.server_public;
+  o.curve_client = cv.client;
+  return o;
+}
+
+GatewayOptions gateway_options(const Config& c) {
+  GatewayOptions o;
+  o.host = c.get_string("gateway.host");
+  o.port = static_cast<int>(c.get_int("gateway.port", 0, 65535));
+  o.broker = client_options(c, "");
+  o.spec_store_uri = c.get_string("redis.uri");
+  const std::string key_file = c.get_string("gateway.api_key_file");
+  if (const char* k = std::getenv("GMI_API_KEY"); k != nullptr && *k != '\0') {
+    o.api_key = k;
+  } else if (!key_file.empty()) {
+    o.api_key = read_secret_file(key_file, "the API key file");
+  }
+  o.max_query_bytes = static_cast<std::size_t>(c.get_int("gateway.max_query_bytes", 1, 1ll << 34));
+  o.max_upload_bytes = static_cast<std::size_t>(c.get_int("gateway.max_upload_bytes", 1, 1ll << 36));
+  o.threads = static_cast<int>(c.get_int("gateway.threads", 1, 1024));
+  o.max_wait_ms = static_cast<int>(c.get_int("gateway.max_wait_ms", 0, 600000));
+  return o;
+}
+
+// An OpsServer on `port` (-1: none) reporting `ready`.
+std::unique_ptr<OpsServer> start_ops(int port, std::function<std::string()> ready) {
+  if (port < 0) return nullptr;
+  OpsServerOptions o;
+  o.port = port;
+  o.not_ready_reason = std::move(ready);
+  auto ops = std::make_unique<OpsServer>(o);
+  ops->start();
+  log::info("ops endpoints", {{"port", ops->port()}, {"paths", {"/metrics", "/healthz", "/readyz"}}});
+  return ops;
+}
+
+}  // namespace
+
+struct ServiceCommands::State {
+  std::string config_file;
+  std::vector<std::string> sets;
+  CLI::App* serve = nullptr;
+  CLI::App* broker = nullptr;
+  CLI::App* worker = nullptr;
+  CLI::App* gateway = nullptr;
+  CLI::App* query = nullptr;
+  CLI::App* upload = nullptr;
+  CLI::App* job = nullptr;
+  CLI::App* keygen = nullptr;
+  CLI::App* config_show = nullptr;
+
+  std::string stage;
+  std::string endpoint;
+  std::string image;
+  int top = 4;
+  std::string scorer, prompt;
+  int wait_ms = 60000;
+  bool json_out = false;
+  bool no_wait = false;
+  std::string model, manifest, card;
+  double downloads = 0;
+  std::string job_id;
+  std::string key_path;
+
+  Config config() const {
+    Config c = Config::load(config_file);
+    for (const auto& s : sets) {
+      auto eq = s.find('=');
+      if (eq == std::string::npos) throw InputError("--set expects KEY=VALUE, got \"" + s + "\"");
+      c.set(s.substr(0, eq), s.substr(eq + 1));
+    }
+    log::configure("gmi", c.get_string("log.level"), c.get_string("log.format"));
+    return c;
+  }
+
+  void add_config_options(CLI::App* cmd) {
+    cmd->add_option("--config,-c", config_file,
+                    "YAML configuration file (see config/gmi.yaml); GMI_* variables override it")
+        ->envname("GMI_CONFIG");
+    cmd->add_option("--set", sets, "override one setting, KEY=VALUE (e.g. --set score.shards=2)");
+  }
+
+  int run_broker() {
+    Config c = config();
+    log::configure("broker", c.get_string("log.level"), c.get_string("log.format"));
+    install_signal_handlers();
+    zmq::context_t ctx;
+    Broker broker(ctx, broker_options(c));
+    auto ops = start_ops(static_cast<int>(c.get_int("broker.ops_port", -1, 65535)),
+                         [&] { return broker.not_ready_reason(); });
+    broker.run(g_stop);
+    return 0;
+  }
+
+  int run_worker() {
+    Config c = config();
+    log::configure("worker-" + stage, c.get_string("log.level"), c.get_string("log.format"));
+    install_signal_handlers();
+    zmq::context_t ctx;
+    workers::StageWorker worker(ctx, worker_options(c), workers::make_stage(stage, c));
+    auto ops = start_ops(static_cast<int>(c.get_int("worker.ops_port", -1, 65535)),
+                         [&] { return worker.not_ready_reason(); });
+    worker.run(g_stop);
+    return 0;
+  }
+
+  int run_gateway() {
+    Config c = config();
+    log::configure("gateway", c.get_string("log.level"), c.get_string("log.format"));
+    install_signal_handlers();
+    zmq::context_t ctx;
+    Gateway gateway(ctx, gateway_options(c));
+    gateway.start();
+    wait_for_stop();
+    log::info("gateway stopping");
+    gateway.stop();
+    return 0;
+  }
+
+  // Broker, every stage and the gateway in one process, over inproc sockets (plus the
+  // configured TCP endpoints, so outside workers and clients can join).
+  int run_serve() {
+    Config c = config();
+    log::configure("serve", c.get_string("log.level"), c.get_string("log.format"));
+    install_signal_handlers();
+    zmq::context_t ctx;
+    BrokerOptions bo = broker_options(c);
+    const std::string inproc_front = "inproc://gmi-frontend", inproc_back = "inproc://gmi-backend";
+    bo.frontend.insert(bo.frontend.begin(), inproc_front);
+    bo.backend.insert(bo.backend.begin(), inproc_back);
+    Broker broker(ctx, bo);  // binds before the workers connect
+
+    std::vector<std::unique_ptr<workers::StageWorker>> stage_workers;
+    for (const auto& name : workers::stage_names()) {
+      const int n = static_cast<int>(c.get_int("serve." + name + "_workers", 0, 256));
+      for (int i = 0; i < n; ++i) {
+        workers::WorkerOptions wo = worker_options(c);
+        wo.broker = inproc_back;
+        wo.curve_server_public.clear();  // inproc never leaves the process
+        stage_workers.push_back(
+            std::make_unique<workers::StageWorker>(ctx, wo, workers::make_stage(name, c)));
+      }
+    }
+    GatewayOptions go = gateway_options(c);
+    go.broker.endpoint = inproc_front;
+    go.broker.curve_server_public.clear();
+    Gateway gateway(ctx, go);
+
+    std::atomic<bool> broker_stop{false}, workers_stop{false};
+    std::thread broker_thread([&] { broker.run(broker_stop); });
+    std::vector<std::thread> worker_threads;
+    for (auto& w : stage_workers) worker_threads.emplace_back([&, p = w.get()] { p->run(workers_stop); });
+    auto ready = [&]() -> std::string {
+      if (auto r = broker.not_ready_reason(); !r.empty()) return "broker: " + r;
+      for (auto& w : stage_workers) {
+        if (auto r = w->not_ready_reason(); !r.empty()) return w->stage().name() + ": " + r;
+      }
+      return {};
+    };
+    auto ops = start_ops(static_cast<int>(c.get_int("serve.ops_port", -1, 65535)), ready);
+    gateway.start();
+    log::info("serving", {{"http_port", gateway.port()}, {"workers", stage_workers.size()}});
+    std::printf("gmi serve: HTTP on port %d, %zu stage workers; SIGTERM or Ctrl-C to stop\n",
+                gateway.port(), stage_workers.size());
+    std::fflush(stdout);
+    wait_for_stop();
+    // Drain from the front: no new requests, then the broker finishes what is in flight
+    // (the workers still serving it), then the workers leave.
+    log::info("stopping: draining the gateway, the broker, then the workers");
+    gateway.stop();
+    broker_stop = true;
+    broker_thread.join();
+    workers_stop = true;
+    for (auto& t : worker_threads) t.join();
+    return 0;
+  }
+
+  static void print_ranking(const json& result) {
+    std::printf("%4s  %-32s %12s\n", "rank", "model", "score");
+    for (const auto& r : result.value("results", json::array())) {
+      std::printf("%4d  %-32s %12.6f\n", r.value("rank", 0), r.value("model", "").c_str(),
+                  r.value("score", 0.0));
+    }
+  }
+
+  // Waits for a job to end, re-asking across broker restarts; returns the job object.
+  json await_job(BrokerClient& client, const std::string& id) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            deadline - std::chrono::steady_clock::now()).count();
+      json job;
+      try {
+        job = client.get_job(id, static_cast<int>(std::clamp<long long>(left, 0, 10000)));
+      } catch (const BrokerRefusal& e) {
+        if (!e.retryable()) throw;
+      } catch (const IoError&) {
+        // The broker may be restarting; the job is safe in Redis. Ask again.
+      }
+      const std::string state = job.value("state", "");
+      if (state == "finished" || state == "failed") return job;
+      if (left <= 0) return job.empty() ? json{{"job_id", id}, {"state", "unknown"}} : job;
+      if (job.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
+
+  int report_job(const json& job, bool query) {
+    const std::string state = job.value("state", "");
+    if (json_out) {
+      std::cout << (query && state == "finished" ? job["result"] : job).dump() << "\n";
+    } else if (state == "finished" && query) {
+      print_ranking(job["result"]);
+    } else if (state == "finished") {
+      std::printf("job %s finished: %s\n", job.value("job_id", "").c_str(), job["result"].dump().c_str());
+    } else if (state == "failed") {
+      std::fprintf(stderr, "gmi: job %s failed: %s\n", job.value("job_id", "").c_str(),
+                   job.value("error", "").c_str());
+    } else {
+      std::fprintf(stderr, "gmi: job %s is still %s\n", job.value("job_id", "").c_str(), state.c_str());
+    }
+    if (state == "finished") return 0;
+    if (state == "failed") return job.value("dead_letter", false) ? 1 : 2;
+    return 1;
+  }
+
+  int run_query() {
+    Config c = config();
+    zmq::context_t ctx;
+    BrokerClient client(ctx, client_options(c, endpoint));
+    QueryRequest q;
+    q.image = read_file_bytes(image);
+    q.top = top;
+    q.scorer = scorer;
+    q.prompt = prompt;
+    const std::string id = client.submit_query(q);
+    if (no_wait) {
+      std::cout << (json_out ? json{{"job_id", id}}.dump() : id) << "\n";
+      return 0;
+    }
+    return report_job(await_job(client, id), true);
+  }
+
+  int run_upload() {
+    Config c = config();
+    zmq::context_t ctx;
+    BrokerClient client(ctx, client_options(c, endpoint));
+    Manifest man = read_manifest(manifest, /*require_prompt=*/true);
+    for (const auto& issue : man.issues) {
+      std::fprintf(stderr, "%s:%d: %s (line skipped)\n", manifest.c_str(), issue.line, issue.message.c_str());
+    }
+    UploadRequest u;
+    u.model_id = model;
+    u.downloads = downloads;
+    u.card = card;
+    for (const auto& e : man.entries) {
+      u.images.push_back(read_file_bytes(e.image.string()));
+      u.prompts.push_back(e.prompt);
+    }
+    if (u.images.empty()) throw InputError("the manifest " + manifest + " names no usable images");
+    const std::string id = client.submit_upload(u);
+    if (no_wait) {
+      std::cout << (json_out ? json{{"job_id", id}}.dump() : id) << "\n";
+      return 0;
+    }
+    return report_job(await_job(client, id), false);
+  }
+
+  int run_job() {
+    Config c = config();
+    zmq::context_t ctx;
+    BrokerClient client(ctx, client_options(c, endpoint));
+    json job = wait_ms > 0 ? await_job(client, job_id) : client.get_job(job_id, 0);
+    std::cout << job.dump(json_out ? -1 : 2) << "\n";
+    return 0;
+  }
+
+  int run_keygen() {
+    auto keys = wire::generate_curve_key_files(key_path);
+    std::printf("wrote %s (secret, mode 0600) and %s.pub\npublic key: %s\n", key_path.c_str(),
+                key_path.c_str(), keys.public_key.c_str());
+    return 0;
+  }
+
+  int run_config_show() {
+    Config c = config();
+    json all = c.to_json();
+    if (json_out) {
+      std::cout << all.dump(2) << "\n";
+      return 0;
+    }
+    std::printf("%-28s %-34s %s\n", "key", "value", "source");
+    for (const auto& [key, v] : all.items()) {
+      std::printf("%-28s %-34s %s\n", key.c_str(), v.value("value", "").c_str(),
+                  v.value("source", "").c_str());
+    }
+    return 0;
+  }
+};
+
+ServiceCommands::ServiceCommands(CLI::App& app) : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.serve = app.add_subcommand("serve", "run broker, all stage workers and the HTTP gateway in one process");
+  s.broker = app.add_subcommand("broker", "run the broker: job intake, dispatch, retries, job state in Redis");
+  s.worker = app.add_subcommand("worker", "run one stage worker (decode, embed, interrogate, score, spec)");
+  s.worker->add_option("--stage", s.stage, "decode | embed | interrogate | score | spec")->required();
+  s.gateway = app.add_subcommand("gateway", "run the HTTP gateway for web frontends");
+
+  s.query = app.add_subcommand("query", "submit a query image to a running broker and print the ranking");
+  s.query->add_option("image", s.image, "query image (JPEG or PNG)")->required();
+  s.query->add_option("--top,-k", s.top, "how many models to list")->capture_default_str();
+  s.query->add_option("--scorer", s.scorer, "weighted | rkme | mean | nearest | popularity");
+  s.query->add_option("--prompt", s.prompt, "use this text as the query's prompt");
+
+  s.upload = app.add_subcommand("upload", "submit a model's samples to a running broker to build its spec");
+  s.upload->add_option("--model", s.model, "model id")->required();
+  s.upload->add_option("--manifest", s.manifest, "JSON-lines manifest {\"image\", \"prompt\"}")->required();
+  s.upload->add_option("--downloads", s.downloads, "download count");
+  s.upload->add_option("--card", s.card, "model card text");
+
+  s.job = app.add_subcommand("job", "show a job's state (and result) from a running broker");
+  s.job->add_option("job_id", s.job_id, "the job id")->required();
+
+  for (auto* cmd : {s.query, s.upload, s.job}) {
+    cmd->add_option("--broker", s.endpoint, "the broker's frontend (default: gateway.broker)");
+    cmd->add_option("--wait-ms", s.wait_ms, "how long to wait for the job to end (0: do not wait)")
+        ->capture_default_str();
+    cmd->add_flag("--json", s.json_out, "print JSON");
+  }
+  for (auto* cmd : {s.query, s.upload}) {
+    cmd->add_flag("--no-wait", s.no_wait, "print the job id and return at once");
+  }
+
+  s.keygen = app.add_subcommand("keygen", "write a CURVE key pair for encrypted ZeroMQ links");
+  s.keygen->add_option("path", s.key_path, "key file to write (PATH and PATH.pub)")->required();
+
+  auto* config_cmd = app.add_subcommand("config", "show the effective configuration");
+  config_cmd->require_subcommand(1);
+  s.config_show = config_cmd->add_subcommand("show", "every setting with its value and where it came from");
+  s.config_show->add_flag("--json", s.json_out, "print JSON");
+
+  for (auto* cmd : {s.serve, s.broker, s.worker, s.gateway, s.query, s.upload, s.job, s.config_show}) {
+    s.add_config_options(cmd);
+  }
+}
+
+ServiceCommands::~ServiceCommands() = default;
+
+int ServiceCommands::run() {
+  State& s = *state_;
+  if (s.serve->parsed()) return s.run_serve();
+  if (s.broker->parsed()) return s.run_broker();
+  if (s.worker->parsed()) return s.run_worker();
+  if (s.gateway->parsed()) return s.run_gateway();
+  if (s.query->parsed()) return s.run_query();
+  if (s.upload->parsed()) return s.run_upload();
+  if (s.job->parsed()) return s.run_job();
+  if (s.keygen->parsed()) return s.run_keygen();
+  if (s.config_show->parsed()) return s.run_config_show();
+  return -1;
+}
+
+}  // namespace gmi::cli

@@ -1,0 +1,92 @@
+// decode: image bytes -> RGB pixels at the encoder's input size (JPEG DCT-scaled).
+// A query's bad image fails its job with the decoder's reason; an upload keeps the images
+// that decode and lists the others in meta.skipped.
+#include <cstdlib>
+#include <cstring>
+#include <span>
+
+#include "../runtime/stages.hpp"
+#include "gmi/encoder.hpp"
+#include "gmi/error.hpp"
+#include "gmi/image.hpp"
+#include "gmi/log.hpp"
+#include "gmi/workers/payload.hpp"
+
+namespace gmi::workers {
+namespace {
+
+using nlohmann::json;
+
+class DecodeStage final : public Stage {
+ public:
+  explicit DecodeStage(const Config& config) {
+    policy_.max_batch = static_cast<int>(config.get_int("decode.max_batch", 1, 4096));
+    policy_.max_wait_ms = static_cast<int>(config.get_int("decode.max_wait_ms", 0, 60000));
+    options_.max_pixels = static_cast<std::uint64_t>(config.get_int("decode.max_pixels", 1, 1ll << 40));
+    options_.max_bytes = static_cast<std::size_t>(config.get_int("decode.max_bytes", 1, 1ll << 34));
+    options_.target_min_side = make_image_encoder(config.get_string("embed.encoder"))->input_min_side();
+    // Fault injection for the crash tests: a worker that meets this byte string dies
+    // (abort), as a decoder bug would make it. Unset in production.
+    if (const char* m = std::getenv("GMI_FAULT_ABORT_ON"); m != nullptr && *m != '\0') abort_on_ = m;
+  }
+
+  std::string name() const override { return "decode"; }
+  BatchPolicy batch_policy() const override { return policy_; }
+
+  std::vector<StageResult> process(std::vector<StageTask>& batch) override {
+    std::vector<StageResult> out;
+    out.reserve(batch.size());
+    for (auto& task : batch) out.push_back(decode_task(task));
+    return out;
+  }
+
+ private:
+  StageResult decode_task(const StageTask& task) {
+    StageResult r;
+    json images = json::array(), skipped = json::array();
+    std::string first_error;
+    for (std::size_t i = 0; i < task.frames.size(); ++i) {
+      const std::string& bytes = task.frames[i];
+      maybe_abort(bytes);
+      try {
+        Image im = decode_image(std::span(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()),
+                                options_);
+        images.push_back(image_meta(im, i));
+        r.frames.push_back(image_frame(im));
+      } catch (const DecodeError& e) {
+        const std::string why = std::string(to_string(e.failure())) + ": " + e.what();
+        if (first_error.empty()) first_error = why;
+        skipped.push_back({{"index", i}, {"error", why}});
+      }
+    }
+    if (task.kind == "query" && images.empty()) {
+      return StageResult::failure("the query image cannot be decoded (" + first_error + ")", false);
+    }
+    if (images.empty()) {
+      return StageResult::failure("none of the " + std::to_string(task.frames.size()) +
+                                      " images could be decoded; the first: " + first_error,
+                                  false);
+    }
+    r.meta = {{"images", std::move(images)}, {"skipped", std::move(skipped)}};
+    return r;
+  }
+
+  void maybe_abort(const std::string& bytes) const {
+    if (!abort_on_.empty() && bytes.find(abort_on_) != std::string::npos) {
+      log::error("fault injection: aborting on a marked image (GMI_FAULT_ABORT_ON)");
+      std::abort();
+    }
+  }
+
+  BatchPolicy policy_;
+  DecodeOptions options_;
+  std::string abort_on_;
+};
+
+}  // namespace
+
+std::unique_ptr<Stage> make_decode_stage(const Config& config) {
+  return std::make_unique<DecodeStage>(config);
+}
+
+}  // namespace gmi::workers

@@ -1,0 +1,68 @@
+#pragma once
+/// The specs of one shard of the hub, in memory, kept fresh: a background thread polls the
+/// store's generation every refresh_ms and, when it moved, fetches only the specs named in
+/// the store's change log (everything, when the log does not reach back), then swaps in a
+/// new Identifier. Readers never wait for a refresh: they use the last snapshot.
+/// A spec that is damaged or made by other encoders is skipped with a warning, so one bad
+/// upload cannot take the hub down. Redis outages keep the last snapshot serving.
+/// Thread-safety: current() and not_ready_reason() are safe from any thread.
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "gmi/pipeline.hpp"
+
+namespace gmi {
+class Config;
+}
+
+namespace gmi::workers {
+
+struct HubCacheOptions {
+  std::string store_uri;
+  int shard = 0;
+  int shards = 1;
+  int refresh_ms = 500;
+  IdentifyOptions identify;
+  std::string stage = "score";  ///< for logs and the gmi_specs_loaded gauge
+};
+
+/// True when model `id` belongs to `shard` of `shards` (FNV-1a of the id, modulo shards).
+bool in_shard(const std::string& id, int shard, int shards);
+
+class HubCache {
+ public:
+  HubCache(HubCacheOptions options, std::shared_ptr<const ImageEncoder> image_encoder,
+           std::shared_ptr<const TextEncoder> text_encoder);
+  ~HubCache();
+  HubCache(const HubCache&) = delete;
+  HubCache& operator=(const HubCache&) = delete;
+
+  /// The latest snapshot; null until the first load finished.
+  std::shared_ptr<const Identifier> current() const;
+  std::string not_ready_reason() const;
+  const HubCacheOptions& options() const { return options_; }
+
+ private:
+  void loop();
+
+  HubCacheOptions options_;
+  std::shared_ptr<const ImageEncoder> image_encoder_;
+  std::shared_ptr<const TextEncoder> text_encoder_;
+  mutable std::mutex mutex_;
+  std::condition_variable cv_;
+  std::shared_ptr<const Identifier> current_;
+  std::string not_ready_ = "loading specs";
+  bool quit_ = false;
+  std::thread thread_;
+};
+
+/// A cache for `stage` from the configuration: redis.uri, score.refresh_ms, embed.encoder,
+/// and (when `sharded`) score.shard / score.shards; the whole hub otherwise.
+std::unique_ptr<HubCache> make_hub_cache(const gmi::Config& config, const std::string& stage,
+                                         bool sharded);
+
+}  // namespace gmi::workers

@@ -1,0 +1,45 @@
+#pragma once
+/// Runs one Stage against the broker: asks for work (credit), batches tasks (max batch,
+/// max wait), computes on its own thread while the socket thread keeps heartbeats going,
+/// sends one result per task, reconnects when the broker goes silent, and on stop finishes
+/// what it holds, says "bye" and returns.
+/// Thread-safety: run() owns the socket; construct, run and destroy from one thread.
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include <zmq.hpp>
+
+#include "gmi/wire.hpp"
+#include "gmi/workers/stage.hpp"
+
+namespace gmi::workers {
+
+struct WorkerOptions {
+  std::string broker = "tcp://127.0.0.1:5556";  ///< the broker's backend
+  std::string name;                             ///< for logs; default stage/host/pid
+  int heartbeat_ms = 500;
+  int liveness = 6;
+  /// CURVE: the broker's public key and this worker's keys (empty: plain).
+  std::string curve_server_public;
+  wire::CurveKeys curve_client;
+};
+
+class StageWorker {
+ public:
+  StageWorker(zmq::context_t& context, WorkerOptions options, std::unique_ptr<Stage> stage);
+  ~StageWorker();
+
+  /// Serves until `stop` is true, then drains and returns.
+  void run(const std::atomic<bool>& stop);
+
+  std::string not_ready_reason() const;
+  Stage& stage() { return *stage_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Stage> stage_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gmi::workers

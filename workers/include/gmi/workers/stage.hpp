@@ -1,0 +1,75 @@
+#pragma once
+/// A pipeline stage: one small interface whose work call takes a whole batch of tasks and
+/// returns one result per task. A bad task becomes an error on that task alone, never on
+/// its batch-mates; exceptions from the libraries underneath are caught at this edge and
+/// turned into error results with the context a person needs.
+/// The runtime (runtime.hpp) owns the sockets; a Stage never sees ZeroMQ.
+/// Thread-safety: process() is called from one thread at a time (the worker's compute
+/// thread); not_ready_reason() may be called from any thread.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "gmi/config.hpp"
+
+namespace gmi::workers {
+
+/// One unit of work as the broker sent it (see schemas/README.md, "What flows between stages").
+struct StageTask {
+  std::string id;
+  std::string job_id;
+  std::string kind;  ///< "query" | "upload"
+  int attempt = 1;
+  nlohmann::json params;  ///< the job's request fields
+  nlohmann::json meta;    ///< the previous stage's output metadata
+  std::vector<std::string> frames;
+};
+
+struct StageResult {
+  bool ok = true;
+  std::string error;       ///< when !ok: what went wrong, for people
+  bool retryable = false;  ///< when !ok: may another try succeed (I/O) or not (bad input)?
+  nlohmann::json meta = nlohmann::json::object();
+  std::vector<std::string> frames;
+
+  static StageResult failure(std::string error, bool retryable) {
+    StageResult r;
+    r.ok = false;
+    r.error = std::move(error);
+    r.retryable = retryable;
+    return r;
+  }
+};
+
+/// How the runtime should batch for a stage.
+struct BatchPolicy {
+  int max_batch = 16;   ///< tasks per process() call (and credit asked from the broker)
+  int max_wait_ms = 0;  ///< wait up to this long for a batch to fill; 0: run what is there
+};
+
+class Stage {
+ public:
+  virtual ~Stage() = default;
+  virtual std::string name() const = 0;
+  virtual BatchPolicy batch_policy() const = 0;
+  /// One result per task, in order. Should not throw; if it does, the runtime fails every
+  /// task of the batch as retryable and the broker retries them one by one.
+  virtual std::vector<StageResult> process(std::vector<StageTask>& batch) = 0;
+  /// "" when the stage can take work; else why not (e.g. specs still loading).
+  virtual std::string not_ready_reason() const { return {}; }
+  /// The shard this worker serves (score); 0 of 1 elsewhere.
+  virtual int shard() const { return 0; }
+  virtual int shards() const { return 1; }
+};
+
+/// Builds the stage called `name` ("decode", "embed", "interrogate", "score", "spec") from
+/// the configuration (keys NAME.*, plus redis.uri for the stages that read specs).
+/// InputError for an unknown name or an invalid setting, naming it.
+std::unique_ptr<Stage> make_stage(const std::string& name, const Config& config);
+
+/// The stage names, in pipeline order.
+const std::vector<std::string>& stage_names();
+
+}  // namespace gmi::workers

@@ -1,0 +1,173 @@
+#include "gmi/workers/hub_cache.hpp"
+
+#include <chrono>
+#include <map>
+#include <set>
+
+#include "gmi/config.hpp"
+#include "gmi/error.hpp"
+#include "gmi/log.hpp"
+#include "gmi/ops.hpp"
+#include "gmi/spec_store.hpp"
+
+namespace gmi::workers {
+
+bool in_shard(const std::string& id, int shard, int shards) {
+  if (shards <= 1) return true;
+  std::uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : id) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return static_cast<int>(h % static_cast<std::uint64_t>(shards)) == shard;
+}
+
+HubCache::HubCache(HubCacheOptions options, std::shared_ptr<const ImageEncoder> image_encoder,
+                   std::shared_ptr<const TextEncoder> text_encoder)
+    : options_(std::move(options)),
+      image_encoder_(std::move(image_encoder)),
+      text_encoder_(std::move(text_encoder)) {
+  if (options_.shards < 1 || options_.shard < 0 || options_.shard >= options_.shards) {
+    throw InputError("score.shard must be in [0, score.shards); got " + std::to_string(options_.shard) +
+                     " of " + std::to_string(options_.shards));
+  }
+  if (options_.refresh_ms < 10) throw InputError("score.refresh_ms must be >= 10");
+  thread_ = std::thread([this] { loop(); });
+}
+
+HubCache::~HubCache() {
+  {
+    std::lock_guard lock(mutex_);
+    quit_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+std::shared_ptr<const Identifier> HubCache::current() const {
+  std::lock_guard lock(mutex_);
+  return current_;
+}
+
+std::string HubCache::not_ready_reason() const {
+  std::lock_guard lock(mutex_);
+  return not_ready_;
+}
+
+namespace {
+
+struct ShardState {
+  std::map<std::string, Spec> specs;
+  std::string cursor;
+  std::uint64_t generation = 0;
+  bool loaded = false;
+};
+
+// Fetches one spec into `state` (or drops it); skips what cannot be served, with a warning.
+void fetch(SpecStore& store, const std::string& id, ShardState& state, const EncoderIdentity& image,
+           const EncoderIdentity& text) {
+  std::optional<Spec> spec;
+  try {
+    spec = store.get(id);
+  } catch (const SpecFormatError& e) {
+    log::warn("skipping a damaged spec", {{"model", id}, {"error", e.what()}});
+    state.specs.erase(id);
+    return;
+  }
+  if (!spec) {
+    state.specs.erase(id);
+    return;
+  }
+  if (!(spec->image_encoder == image) || !(spec->text_encoder == text)) {
+    log::warn("skipping a spec made by other encoders",
+              {{"model", id}, {"spec_image_encoder", spec->image_encoder.str()},
+               {"serving_image_encoder", image.str()}});
+    state.specs.erase(id);
+    return;
+  }
+  state.specs[id] = std::move(*spec);
+}
+
+}  // namespace
+
+void HubCache::loop() {
+  ShardState state;
+  std::unique_ptr<SpecStore> store;
+  auto& gauge = Metrics::instance().specs_loaded.Add(
+      {{"stage", options_.stage}, {"shard", std::to_string(options_.shard)}});
+  for (;;) {
+    {
+      std::unique_lock lock(mutex_);
+      if (quit_) return;
+    }
+    try {
+      if (!store) store = open_spec_store(options_.store_uri);
+      const std::uint64_t generation = store->generation();
+      if (!state.loaded || generation != state.generation) {
+        const auto start = std::chrono::steady_clock::now();
+        SpecChanges changes = store->changes_since(state.cursor);
+        std::size_t fetched = 0;
+        if (!state.loaded || !changes.complete) {
+          state.specs.clear();
+          for (const auto& id : store->list()) {
+            if (!in_shard(id, options_.shard, options_.shards)) continue;
+            fetch(*store, id, state, image_encoder_->identity(), text_encoder_->identity());
+            ++fetched;
+          }
+        } else {
+          std::set<std::string> seen;
+          for (const auto& id : changes.models) {
+            if (!seen.insert(id).second || !in_shard(id, options_.shard, options_.shards)) continue;
+            fetch(*store, id, state, image_encoder_->identity(), text_encoder_->identity());
+            ++fetched;
+          }
+        }
+        state.cursor = changes.cursor;
+        state.generation = generation;
+        state.loaded = true;
+        std::vector<Spec> specs;
+        specs.reserve(state.specs.size());
+        for (const auto& [id, s] : state.specs) specs.push_back(s);
+        auto next = std::make_shared<const Identifier>(std::move(specs), image_encoder_,
+                                                       text_encoder_, options_.identify);
+        const double seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        gauge.Set(static_cast<double>(state.specs.size()));
+        {
+          std::lock_guard lock(mutex_);
+          current_ = std::move(next);
+          not_ready_.clear();
+        }
+        log::info("specs refreshed", {{"stage", options_.stage}, {"shard", options_.shard},
+                                      {"models", state.specs.size()}, {"fetched", fetched},
+                                      {"generation", generation}, {"seconds", seconds}});
+      }
+    } catch (const std::exception& e) {
+      // Keep serving the last snapshot; the store reconnects on the next round.
+      log::warn("spec refresh failed", {{"stage", options_.stage}, {"error", e.what()}});
+      std::lock_guard lock(mutex_);
+      if (!current_) not_ready_ = std::string("cannot load specs: ") + e.what();
+    }
+    std::unique_lock lock(mutex_);
+    cv_.wait_for(lock, std::chrono::milliseconds(options_.refresh_ms), [&] { return quit_; });
+  }
+}
+
+std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string& stage,
+                                         bool sharded) {
+  HubCacheOptions o;
+  o.store_uri = config.get_string("redis.uri");
+  o.refresh_ms = static_cast<int>(config.get_int("score.refresh_ms", 10, 3600000));
+  o.stage = stage;
+  if (sharded) {
+    o.shards = static_cast<int>(config.get_int("score.shards", 1, 4096));
+    o.shard = static_cast<int>(config.get_int("score.shard", 0, o.shards - 1));
+  }
+  // Interrogation needs the weighted scorer's pseudo-prompts whatever the job's scorer.
+  o.identify.score.scorer = Scorer::kWeighted;
+  o.identify.interrogator = config.get_string("interrogate.interrogator");
+  const std::string encoder = config.get_string("embed.encoder");
+  return std::make_unique<HubCache>(o, make_image_encoder(encoder), make_text_encoder(encoder));
+}
+
+}  // namespace gmi::workers

@@ -1,0 +1,321 @@
+// The worker runtime: a socket thread (this one, in run()) and a compute thread. The compute
+// thread wakes the socket thread through an inproc PAIR when a batch is done, so heartbeats
+// flow while a long batch computes.
+#include "gmi/workers/runtime.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "gmi/error.hpp"
+#include "gmi/log.hpp"
+#include "gmi/ops.hpp"
+
+namespace gmi::workers {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+std::string default_name(const std::string& stage) {
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  static std::atomic<int> counter{0};
+  return stage + "/" + host + "/" + std::to_string(::getpid()) + "/" + std::to_string(++counter);
+}
+
+}  // namespace
+
+struct StageWorker::Impl {
+  zmq::context_t& context;
+  WorkerOptions opt;
+  Stage& stage;
+  BatchPolicy policy;
+  std::string wake_endpoint = "inproc://gmi-worker-wake-" + wire::random_id();
+
+  std::optional<zmq::socket_t> socket;
+  zmq::socket_t wake_rx;
+
+  // Shared with the compute thread.
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::optional<std::vector<StageTask>> batch_in;
+  std::optional<std::pair<std::vector<StageTask>, std::vector<StageResult>>> batch_out;
+  double batch_seconds = 0;
+  bool quit = false;
+  std::thread compute;
+
+  // Socket-thread state.
+  std::deque<StageTask> pending;
+  Clock::time_point first_pending{};
+  int computing = 0;
+  int granted = 0;  // credit the broker still holds for us
+  Clock::time_point last_heard = Clock::now();
+  Clock::time_point last_sent = Clock::now();
+  bool stopping = false;
+
+  prometheus::Histogram& compute_seconds;
+  prometheus::Histogram& batch_sizes;
+
+  Impl(zmq::context_t& ctx, WorkerOptions o, Stage& s)
+      : context(ctx),
+        opt(std::move(o)),
+        stage(s),
+        policy(s.batch_policy()),
+        wake_rx(ctx, zmq::socket_type::pair),
+        compute_seconds(prometheus::BuildHistogram()
+                            .Name("gmi_worker_compute_seconds")
+                            .Help("Time a worker spent computing one batch")
+                            .Register(Metrics::instance().registry())
+                            .Add({{"stage", s.name()}}, Metrics::latency_buckets())),
+        batch_sizes(prometheus::BuildHistogram()
+                        .Name("gmi_worker_batch_size")
+                        .Help("Tasks per batch a worker computed")
+                        .Register(Metrics::instance().registry())
+                        .Add({{"stage", s.name()}}, Metrics::size_buckets())) {
+    if (policy.max_batch < 1) throw InputError(stage.name() + ".max_batch must be >= 1");
+    if (opt.name.empty()) opt.name = default_name(stage.name());
+    wake_rx.bind(wake_endpoint);
+    compute = std::thread([this] { compute_loop(); });
+  }
+
+  ~Impl() {
+    {
+      std::lock_guard lock(mutex);
+      quit = true;
+    }
+    cv.notify_all();
+    if (compute.joinable()) compute.join();
+  }
+
+  void compute_loop() {
+    zmq::socket_t wake_tx(context, zmq::socket_type::pair);
+    wake_tx.set(zmq::sockopt::linger, 0);
+    wake_tx.connect(wake_endpoint);
+    for (;;) {
+      std::vector<StageTask> tasks;
+      {
+        std::unique_lock lock(mutex);
+        cv.wait(lock, [&] { return quit || batch_in.has_value(); });
+        if (quit) return;
+        tasks = std::move(*batch_in);
+        batch_in.reset();
+      }
+      const auto start = Clock::now();
+      std::vector<StageResult> results;
+      try {
+        results = stage.process(tasks);
+        if (results.size() != tasks.size()) {
+          throw Error(stage.name() + " returned " + std::to_string(results.size()) +
+                      " results for " + std::to_string(tasks.size()) + " tasks");
+        }
+      } catch (const std::exception& e) {
+        // A failure of the whole batch: retryable, so the broker retries each task alone.
+        log::error("stage failed a whole batch", {{"stage", stage.name()}, {"error", e.what()}});
+        results.assign(tasks.size(), StageResult::failure(stage.name() + ": " + e.what(), true));
+      }
+      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      {
+        std::lock_guard lock(mutex);
+        batch_out.emplace(std::move(tasks), std::move(results));
+        batch_seconds = seconds;
+      }
+      wake_tx.send(zmq::str_buffer("done"), zmq::send_flags::none);
+    }
+  }
+
+  void connect() {
+    socket.reset();
+    socket.emplace(context, zmq::socket_type::dealer);
+    socket->set(zmq::sockopt::linger, 0);
+    socket->set(zmq::sockopt::routing_id, opt.name);
+    socket->set(zmq::sockopt::sndhwm, 10000);
+    socket->set(zmq::sockopt::rcvhwm, 10000);
+    socket->set(zmq::sockopt::reconnect_ivl, 100);
+    socket->set(zmq::sockopt::reconnect_ivl_max, 2000);
+    if (!opt.curve_server_public.empty()) {
+      wire::make_curve_client(*socket, opt.curve_server_public, opt.curve_client);
+    }
+    socket->connect(opt.broker);
+    pending.clear();  // tasks from a broker that forgot us are re-dispatched by it
+    granted = 0;
+    last_heard = Clock::now();
+    grant(policy.max_batch - computing);
+  }
+
+  // Never blocks: with no broker attached a message is dropped (the broker re-dispatches
+  // whatever it does not hear back about).
+  void send(const json& h, const std::vector<std::string>& frames = {}) {
+    try {
+      if (!wire::send(*socket, "", h, frames, /*dontwait=*/true)) {
+        log::warn("no broker to send to; message dropped", {{"type", h.value("type", "")}});
+      }
+    } catch (const zmq::error_t& e) {
+      log::warn("send to the broker failed", {{"error", e.what()}});
+    }
+    last_sent = Clock::now();
+  }
+
+  void grant(int credit) {
+    if (stopping || credit <= 0) return;
+    json h = wire::header("ready");
+    h["stage"] = stage.name();
+    h["worker"] = opt.name;
+    h["credit"] = credit;
+    h["shard"] = stage.shard();
+    h["shards"] = stage.shards();
+    send(h);
+    granted += credit;
+  }
+
+  void on_message() {
+    for (;;) {
+      auto raw = wire::recv_raw(*socket, /*routed=*/false, /*dontwait=*/true);
+      if (!raw) return;
+      last_heard = Clock::now();
+      wire::Message msg;
+      try {
+        msg = wire::decode(*raw, wire::Channel::kBrokerToWorker);
+      } catch (const wire::WireError& e) {
+        log::warn("bad message from the broker", {{"error", e.what()}});
+        continue;
+      }
+      const std::string type = msg.type();
+      if (type == "reconnect") {
+        log::info("the broker does not know this worker; registering again");
+        pending.clear();
+        granted = 0;
+        grant(policy.max_batch - computing);
+      } else if (type == "tasks") {
+        std::size_t frame = 0;
+        for (const auto& t : msg.header["tasks"]) {
+          StageTask task;
+          task.id = t["task"].get<std::string>();
+          task.job_id = t["job_id"].get<std::string>();
+          task.kind = t["kind"].get<std::string>();
+          task.attempt = t["attempt"].get<int>();
+          task.params = t["params"];
+          task.meta = t["meta"];
+          const std::size_t n = t["frames"].get<std::size_t>();
+          for (std::size_t i = 0; i < n; ++i) task.frames.push_back(std::move(msg.frames[frame + i]));
+          frame += n;
+          if (pending.empty()) first_pending = Clock::now();
+          pending.push_back(std::move(task));
+          granted -= 1;
+        }
+      }
+    }
+  }
+
+  void maybe_start_batch() {
+    if (computing > 0 || pending.empty()) return;
+    const bool full = static_cast<int>(pending.size()) >= policy.max_batch;
+    const bool waited = Clock::now() - first_pending >= milliseconds(policy.max_wait_ms);
+    // Nothing more can come when the broker holds no credit for us.
+    if (!full && !waited && !stopping && granted > 0) return;
+    std::vector<StageTask> tasks;
+    while (!pending.empty() && static_cast<int>(tasks.size()) < policy.max_batch) {
+      tasks.push_back(std::move(pending.front()));
+      pending.pop_front();
+    }
+    if (!pending.empty()) first_pending = Clock::now();
+    computing = static_cast<int>(tasks.size());
+    {
+      std::lock_guard lock(mutex);
+      batch_in = std::move(tasks);
+    }
+    cv.notify_one();
+  }
+
+  void on_batch_done() {
+    zmq::message_t token;
+    while (wake_rx.recv(token, zmq::recv_flags::dontwait)) {
+    }
+    std::optional<std::pair<std::vector<StageTask>, std::vector<StageResult>>> done;
+    double seconds = 0;
+    {
+      std::lock_guard lock(mutex);
+      done.swap(batch_out);
+      seconds = batch_seconds;
+    }
+    if (!done) return;
+    auto& [tasks, results] = *done;
+    compute_seconds.Observe(seconds);
+    batch_sizes.Observe(static_cast<double>(tasks.size()));
+    const double per_task = tasks.empty() ? 0 : seconds / static_cast<double>(tasks.size());
+    json list = json::array();
+    std::vector<std::string> frames;
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      StageResult& r = results[i];
+      json item{{"task", tasks[i].id}, {"ok", r.ok}, {"compute_s", per_task},
+                {"frames", r.ok ? r.frames.size() : 0}};
+      if (r.ok) {
+        item["meta"] = std::move(r.meta);
+        for (auto& f : r.frames) frames.push_back(std::move(f));
+      } else {
+        item["error"] = r.error;
+        item["retryable"] = r.retryable;
+      }
+      list.push_back(std::move(item));
+    }
+    computing = 0;
+    json h = wire::header("results");
+    h["results"] = std::move(list);
+    const int credit = stopping ? 0 : static_cast<int>(tasks.size());
+    h["credit"] = credit;
+    send(h, frames);
+    if (credit > 0) granted += credit;
+  }
+
+  void run(const std::atomic<bool>& stop) {
+    connect();
+    log::info("worker serving", {{"stage", stage.name()}, {"worker", opt.name}, {"broker", opt.broker},
+                                 {"max_batch", policy.max_batch}});
+    const auto hb = milliseconds(opt.heartbeat_ms);
+    for (;;) {
+      if (stop.load() && !stopping) {
+        stopping = true;
+        log::info("draining", {{"pending", pending.size()}, {"computing", computing}});
+      }
+      if (stopping && pending.empty() && computing == 0) break;
+      zmq::pollitem_t items[] = {{static_cast<void*>(*socket), 0, ZMQ_POLLIN, 0},
+                                 {static_cast<void*>(wake_rx), 0, ZMQ_POLLIN, 0}};
+      long long timeout = opt.heartbeat_ms / 2;
+      if (!pending.empty() && computing == 0) {
+        auto left = std::chrono::duration_cast<milliseconds>(
+                        first_pending + milliseconds(policy.max_wait_ms) - Clock::now())
+                        .count();
+        timeout = std::max<long long>(0, std::min<long long>(timeout, left));
+      }
+      zmq::poll(items, 2, milliseconds(timeout));
+      if (items[1].revents & ZMQ_POLLIN) on_batch_done();
+      if (items[0].revents & ZMQ_POLLIN) on_message();
+      maybe_start_batch();
+      const auto now = Clock::now();
+      if (now - last_sent >= hb) send(wire::header("heartbeat"));
+      if (now - last_heard > hb * opt.liveness && !stopping) {
+        log::warn("the broker went silent; reconnecting", {{"broker", opt.broker}});
+        connect();
+      }
+    }
+    send(wire::header("bye"));
+    log::info("worker stopped", {{"stage", stage.name()}});
+  }
+};
+
+StageWorker::StageWorker(zmq::context_t& context, WorkerOptions options, std::unique_ptr<Stage> stage)
+    : stage_(std::move(stage)), impl_(std::make_unique<Impl>(context, std::move(options), *stage_)) {}
+
+StageWorker::~StageWorker() = default;
+
+void StageWorker::run(const std::atomic<bool>& stop) { impl_->run(stop); }
+
+std::string StageWorker::not_ready_reason() const { return stage_->not_ready_reason(); }
+
+}  // namespace gmi::workers

@@ -1,0 +1,16 @@
+#pragma once
+// One factory per stage folder; make_stage() picks by name.
+#include <memory>
+
+#include "gmi/config.hpp"
+#include "gmi/workers/stage.hpp"
+
+namespace gmi::workers {
+
+std::unique_ptr<Stage> make_decode_stage(const Config& config);
+std::unique_ptr<Stage> make_embed_stage(const Config& config);
+std::unique_ptr<Stage> make_interrogate_stage(const Config& config);
+std::unique_ptr<Stage> make_score_stage(const Config& config);
+std::unique_ptr<Stage> make_spec_stage(const Config& config);
+
+}  // namespace gmi::workers

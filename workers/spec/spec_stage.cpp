@@ -1,0 +1,78 @@
+// spec: an upload's embeddings -> a fitted spec, stored (put replaces atomically and bumps
+// the store's generation and change log, which the score workers watch).
+#include "../runtime/stages.hpp"
+#include "gmi/error.hpp"
+#include "gmi/pipeline.hpp"
+#include "gmi/spec_store.hpp"
+#include "gmi/workers/payload.hpp"
+
+namespace gmi::workers {
+namespace {
+
+using nlohmann::json;
+
+class SpecStage final : public Stage {
+ public:
+  explicit SpecStage(const Config& config) : store_uri_(config.get_string("redis.uri")) {
+    policy_.max_batch = static_cast<int>(config.get_int("spec.max_batch", 1, 1024));
+    policy_.max_wait_ms = 0;
+    min_samples_ = static_cast<int>(config.get_int("spec.min_samples", 1, 1000000));
+  }
+
+  std::string name() const override { return "spec"; }
+  BatchPolicy batch_policy() const override { return policy_; }
+
+  std::vector<StageResult> process(std::vector<StageTask>& batch) override {
+    std::vector<StageResult> out;
+    for (auto& task : batch) out.push_back(build(task));
+    return out;
+  }
+
+ private:
+  StageResult build(const StageTask& task) {
+    Spec spec;
+    try {
+      const EncoderIdentity ie = encoder_from_json(task.meta.value("image_encoder", json()), "image_encoder");
+      const EncoderIdentity te = encoder_from_json(task.meta.value("text_encoder", json()), "text_encoder");
+      const std::size_t n = task.meta.value("rows", std::size_t{0});
+      const RowMatrix x = rows_from(task.frames, 0, n, static_cast<std::size_t>(ie.dim), "image embedding");
+      const RowMatrix t = rows_from(task.frames, 1, n, static_cast<std::size_t>(te.dim), "prompt embedding");
+      SpecBuildOptions options;
+      options.min_samples = min_samples_;
+      options.downloads = task.params.value("downloads", 0.0);
+      options.card = task.params.value("card", "");
+      const std::string model = task.params.value("model_id", "");
+      if (static_cast<int>(n) < min_samples_) {
+        throw InputError("model '" + model + "' has " + std::to_string(n) + " usable samples; at least " +
+                         std::to_string(min_samples_) + " are needed to build a spec");
+      }
+      spec = build_spec_from_embeddings(model, x, t, ie, te, options);
+    } catch (const InputError& e) {
+      return StageResult::failure(std::string("spec: ") + e.what(), false);
+    }
+    try {
+      if (!store_) store_ = open_spec_store(store_uri_);
+      store_->put(spec);
+    } catch (const IoError& e) {
+      store_.reset();
+      return StageResult::failure(std::string("spec: cannot store the spec: ") + e.what(), true);
+    }
+    StageResult r;
+    r.meta = {{"model", spec.model_id}, {"spec", spec_metadata(spec)},
+              {"skipped", task.meta.value("skipped", json::array())}};
+    return r;
+  }
+
+  BatchPolicy policy_;
+  std::string store_uri_;
+  int min_samples_ = 4;
+  std::unique_ptr<SpecStore> store_;
+};
+
+}  // namespace
+
+std::unique_ptr<Stage> make_spec_stage(const Config& config) {
+  return std::make_unique<SpecStage>(config);
+}
+
+}  // namespace gmi::workers
