@@ -291,7 +291,17 @@ struct Broker::Impl {
     w.last_dispatch = Clock::now();
     metrics.batch_size.Add({{"stage", w.stage}}, Metrics::size_buckets())
         .Observe(static_cast<double>(ids.size()));
-    if (!send_worker(w.id, h, frames)) worker_lost(w.id, "unreachable");
+    if (send_worker(w.id, h, frames)) return;
+    // These tasks never reached the worker: back to the front of the queue, no attempt
+    // spent. Tasks it received earlier are another matter (worker_lost counts those).
+    for (auto it = ids.rbegin(); it != ids.rend(); ++it) {
+      auto f = flights.find(*it);
+      if (f == flights.end()) continue;
+      queue.push_front(Pending{f->second.job_id, f->second.shard, false});
+      flights.erase(f);
+      w.tasks.erase(*it);
+    }
+    worker_lost(w.id, "unreachable");
   }
 
   bool send_worker(const std::string& id, const json& h, const std::vector<std::string>& frames = {}) {
@@ -795,7 +805,7 @@ struct Broker::Impl {
       if (draining && ((flights.empty() && unsaved.empty()) || Clock::now() > drain_deadline)) break;
       zmq::pollitem_t items[] = {{static_cast<void*>(frontend), 0, ZMQ_POLLIN, 0},
                                  {static_cast<void*>(backend), 0, ZMQ_POLLIN, 0}};
-      zmq::poll(items, 2, milliseconds(std::min(poll_timeout_ms(), 100)));
+      wire::poll(items, 2, milliseconds(std::min(poll_timeout_ms(), 100)));
       if (items[1].revents & ZMQ_POLLIN) on_backend();
       if (items[0].revents & ZMQ_POLLIN) on_frontend();
       recover();

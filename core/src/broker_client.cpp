@@ -90,7 +90,7 @@ json BrokerClient::request(json header, const std::vector<std::string>& frames, 
     }
     zmq::pollitem_t item{socket_->handle(), 0, ZMQ_POLLIN, 0};
     try {
-      if (zmq::poll(&item, 1, left) == 0) continue;  // the deadline check above ends the loop
+      if (wire::poll(&item, 1, left) == 0) continue;  // the deadline check above ends the loop
     } catch (const zmq::error_t& e) {
       if (e.num() == EINTR) continue;
       throw give_up("waiting for the broker at " + options_.endpoint + ": " + e.what());

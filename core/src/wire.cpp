@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -288,12 +289,29 @@ bool send(zmq::socket_t& socket, const std::string& routing, const json& h,
   return true;
 }
 
+int poll(zmq::pollitem_t* items, std::size_t count, std::chrono::milliseconds timeout) {
+  try {
+    return zmq::poll(items, count, timeout);
+  } catch (const zmq::error_t& e) {
+    if (e.num() == EINTR) return 0;
+    throw;
+  }
+}
+
 std::optional<RawMessage> recv_raw(zmq::socket_t& socket, bool routed, bool dontwait) {
   RawMessage raw;
   bool first = true;
   for (;;) {
     zmq::message_t part;
-    auto r = socket.recv(part, first && dontwait ? zmq::recv_flags::dontwait : zmq::recv_flags::none);
+    zmq::recv_result_t r;
+    try {
+      r = socket.recv(part, first && dontwait ? zmq::recv_flags::dontwait : zmq::recv_flags::none);
+    } catch (const zmq::error_t& e) {
+      // A signal before the first part: nothing received. Later parts arrive atomically.
+      if (e.num() == EINTR && first) return std::nullopt;
+      if (e.num() != EINTR) throw;
+      continue;
+    }
     if (!r) {
       if (first) return std::nullopt;
       continue;  // cannot happen mid-message; be safe

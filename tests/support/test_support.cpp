@@ -12,6 +12,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -76,23 +78,31 @@ static std::string find_redis_server() {
   return {};
 }
 
-RedisServer::RedisServer(const std::string& password) {
-  std::string bin = find_redis_server();
-  if (bin.empty()) {
+RedisServer::RedisServer(const std::string& password, bool persistent)
+    : password_(password), persistent_(persistent) {
+  if (find_redis_server().empty()) {
     if (std::getenv("GMI_REQUIRE_REDIS")) {
       ADD_FAILURE() << "redis-server not found but GMI_REQUIRE_REDIS is set";
     }
     return;
   }
   port_ = free_port();
-  std::vector<std::string> args = {bin,         "--port",       std::to_string(port_),
-                                   "--bind",    "127.0.0.1",    "--save",
-                                   "",          "--appendonly", "no",
-                                   "--dir",     dir_.path().string(), "--daemonize", "no",
+  start();
+}
+
+void RedisServer::start() {
+  std::vector<std::string> args = {find_redis_server(), "--port", std::to_string(port_),
+                                   "--bind", "127.0.0.1", "--save", "",
+                                   "--dir", dir_.path().string(), "--daemonize", "no",
                                    "--loglevel", "warning"};
-  if (!password.empty()) {
+  if (persistent_) {
+    for (const char* a : {"--appendonly", "yes", "--appendfsync", "always"}) args.push_back(a);
+  } else {
+    for (const char* a : {"--appendonly", "no"}) args.push_back(a);
+  }
+  if (!password_.empty()) {
     args.push_back("--requirepass");
-    args.push_back(password);
+    args.push_back(password_);
   }
   pid_t pid = ::fork();
   if (pid == 0) {
@@ -105,19 +115,88 @@ RedisServer::RedisServer(const std::string& password) {
     ::_exit(127);
   }
   pid_ = pid;
-  for (int i = 0; i < 200; ++i) {
+  for (int i = 0; i < 400; ++i) {
     if (port_accepts(port_)) return;
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   ADD_FAILURE() << "redis-server did not start listening on port " << port_;
 }
 
-RedisServer::~RedisServer() {
+void RedisServer::kill9() {
   if (pid_ > 0) {
     ::kill(pid_, SIGKILL);
     int status = 0;
     ::waitpid(pid_, &status, 0);
+    pid_ = -1;
   }
+}
+
+void RedisServer::restart() {
+  kill9();
+  start();
+}
+
+RedisServer::~RedisServer() { kill9(); }
+
+BackgroundProcess::BackgroundProcess(std::vector<std::string> argv,
+                                     std::vector<std::string> extra_env, fs::path log)
+    : log_(std::move(log)) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    int devnull = ::open("/dev/null", O_RDONLY);
+    ::dup2(devnull, 0);
+    for (const auto& kv : extra_env) {
+      auto eq = kv.find('=');
+      ::setenv(kv.substr(0, eq).c_str(), kv.substr(eq + 1).c_str(), 1);
+    }
+    std::vector<char*> cargs;
+    for (auto& a : argv) cargs.push_back(a.data());
+    cargs.push_back(nullptr);
+    ::execvp(cargs[0], cargs.data());
+    ::_exit(127);
+  }
+  pid_ = pid;
+}
+
+BackgroundProcess::~BackgroundProcess() {
+  if (running()) {
+    ::kill(pid_, SIGKILL);
+    wait(std::chrono::milliseconds(5000));
+  }
+}
+
+bool BackgroundProcess::running() {
+  if (status_ || pid_ <= 0) return false;
+  int status = 0;
+  pid_t r = ::waitpid(pid_, &status, WNOHANG);
+  if (r == pid_) {
+    status_ = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+    return false;
+  }
+  return true;
+}
+
+void BackgroundProcess::signal(int sig) {
+  if (running()) ::kill(pid_, sig);
+}
+
+std::optional<int> BackgroundProcess::wait(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (running()) {
+    if (std::chrono::steady_clock::now() > deadline) return std::nullopt;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return status_;
+}
+
+std::string BackgroundProcess::log() const {
+  std::ifstream in(log_);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 std::string RedisServer::uri() const { return "redis://127.0.0.1:" + std::to_string(port_); }

@@ -1,6 +1,8 @@
 #pragma once
 /// Test helpers: scratch directories, a real redis-server on a free port, subprocesses.
+#include <chrono>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,18 +27,48 @@ class TempDir {
 class RedisServer {
  public:
   /// `password`: when non-empty, the server requires it (requirepass).
-  explicit RedisServer(const std::string& password = "");
+  /// `persistent`: append-only file with fsync on every write, so restart() loses nothing.
+  explicit RedisServer(const std::string& password = "", bool persistent = false);
   ~RedisServer();
   RedisServer(const RedisServer&) = delete;
   RedisServer& operator=(const RedisServer&) = delete;
   bool started() const { return pid_ > 0; }
   int port() const { return port_; }
   std::string uri() const;  ///< redis://127.0.0.1:PORT
+  /// kill -9, then start again on the same port and data directory.
+  void restart();
+  void kill9();
+  void start();
 
  private:
   int pid_ = -1;
   int port_ = 0;
+  std::string password_;
+  bool persistent_ = false;
   TempDir dir_;
+};
+
+/// A process running in the background (a service under test), its stdout and stderr
+/// appended to `log`. Killed with SIGKILL on destruction if still running.
+class BackgroundProcess {
+ public:
+  BackgroundProcess(std::vector<std::string> argv, std::vector<std::string> extra_env,
+                    std::filesystem::path log);
+  ~BackgroundProcess();
+  BackgroundProcess(const BackgroundProcess&) = delete;
+  BackgroundProcess& operator=(const BackgroundProcess&) = delete;
+
+  int pid() const { return pid_; }
+  bool running();
+  void signal(int sig);
+  /// The exit code (-signal when killed), or nullopt if still running after `timeout`.
+  std::optional<int> wait(std::chrono::milliseconds timeout);
+  std::string log() const;
+
+ private:
+  int pid_ = -1;
+  std::optional<int> status_;
+  std::filesystem::path log_;
 };
 
 struct ProcessResult {

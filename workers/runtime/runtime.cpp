@@ -293,7 +293,7 @@ struct StageWorker::Impl {
                         .count();
         timeout = std::max<long long>(0, std::min<long long>(timeout, left));
       }
-      zmq::poll(items, 2, milliseconds(timeout));
+      wire::poll(items, 2, milliseconds(timeout));
       if (items[1].revents & ZMQ_POLLIN) on_batch_done();
       if (items[0].revents & ZMQ_POLLIN) on_message();
       maybe_start_batch();

@@ -7,6 +7,7 @@
 /// JSON. Every header is validated on receipt; a bad one becomes a WireError naming the
 /// problem, which the receiver answers with an "error" message and survives.
 /// Thread-safety: functions are reentrant; a zmq socket must stay with one thread.
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -67,6 +68,10 @@ struct RawMessage {
 /// Receives one whole multipart message; nullopt when nothing is waiting (dontwait) or
 /// the receive timed out.
 std::optional<RawMessage> recv_raw(zmq::socket_t& socket, bool routed, bool dontwait = false);
+
+/// zmq::poll that treats a signal (EINTR) as "nothing ready": SIGTERM must reach the
+/// loop's stop check, not end the process with an exception.
+int poll(zmq::pollitem_t* items, std::size_t count, std::chrono::milliseconds timeout);
 
 /// recv_raw + parse_header. Throws WireError for a bad header (the raw routing id is in
 /// `routing_out` so the caller can still answer).

@@ -1,0 +1,656 @@
+// The pipeline end to end: a real redis-server, a real broker process and real stage worker
+// processes over TCP ZeroMQ sockets, all started here. Fault tests kill -9 each kind of
+// process mid-job and check that every accepted job still ends (finished, or failed with a
+// reason), once.
+#include <signal.h>
+
+#include <gtest/gtest.h>
+#include <hiredis/hiredis.h>
+
+#include <fstream>
+#include <map>
+#include <set>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <zmq.hpp>
+
+#include "gmi/broker_client.hpp"
+#include "gmi/image.hpp"
+#include "gmi/wire.hpp"
+#include "synthetic_images.hpp"
+#include "test_support.hpp"
+
+// After Eigen: <httplib.h> pulls in <resolv.h>, whose _res macro breaks Eigen's headers.
+#include <httplib.h>
+
+namespace gmi {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace std::chrono_literals;
+using testing::BackgroundProcess;
+using testing::content_image;
+using testing::styled;
+using testing::write_file;
+
+std::string as_string(const std::vector<std::uint8_t>& v) { return std::string(v.begin(), v.end()); }
+
+std::string read_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+/// A whole deployment on loopback: Redis, a broker, and workers, each a real process.
+class Cluster {
+ public:
+  explicit Cluster(bool persistent_redis = true, std::vector<std::string> extra_env = {})
+      : redis_("", persistent_redis) {
+    frontend_ = "tcp://127.0.0.1:" + std::to_string(testing::free_port());
+    backend_ = "tcp://127.0.0.1:" + std::to_string(testing::free_port());
+    broker_ops_ = testing::free_port();
+    env_ = {"GMI_REDIS_URI=" + redis_.uri(),
+            "GMI_BROKER_FRONTEND=" + frontend_,
+            "GMI_BROKER_BACKEND=" + backend_,
+            "GMI_WORKER_BROKER=" + backend_,
+            "GMI_GATEWAY_BROKER=" + frontend_,
+            "GMI_BROKER_OPS_PORT=" + std::to_string(broker_ops_),
+            "GMI_WORKER_OPS_PORT=-1",
+            "GMI_BROKER_HEARTBEAT_MS=100",
+            "GMI_BROKER_LIVENESS=5",
+            "GMI_BROKER_BACKOFF_MS=50",
+            "GMI_BROKER_BACKOFF_MAX_MS=400",
+            "GMI_SCORE_REFRESH_MS=100",
+            "GMI_LOG_LEVEL=info",
+            "GMI_LOG_FORMAT=text",
+            "GMI_REDIS_PASSWORD=",
+            "GMI_REDIS_PASSWORD_FILE="};
+    env_.insert(env_.end(), extra_env.begin(), extra_env.end());
+  }
+
+  bool redis_started() const { return redis_.started(); }
+  testing::RedisServer& redis() { return redis_; }
+  const std::string& frontend() const { return frontend_; }
+  const std::vector<std::string>& env() const { return env_; }
+  fs::path dir() const { return dir_.path(); }
+
+  void start_broker(std::vector<std::string> env = {}) {
+    auto all = env_;
+    all.insert(all.end(), env.begin(), env.end());
+    broker_ = std::make_unique<BackgroundProcess>(
+        std::vector<std::string>{testing::gmi_binary(), "broker"}, all, dir() / "broker.log");
+  }
+  BackgroundProcess& broker() { return *broker_; }
+
+  BackgroundProcess& start_worker(const std::string& stage, std::vector<std::string> env = {}) {
+    auto all = env_;
+    all.insert(all.end(), env.begin(), env.end());
+    const fs::path log = dir() / ("worker-" + stage + "-" + std::to_string(workers_.size()) + ".log");
+    workers_.push_back(std::make_unique<BackgroundProcess>(
+        std::vector<std::string>{testing::gmi_binary(), "worker", "--stage", stage}, all, log));
+    by_stage_[stage] = workers_.back().get();
+    return *workers_.back();
+  }
+  BackgroundProcess& worker(const std::string& stage) { return *by_stage_.at(stage); }
+
+  void start_all() {
+    start_broker();
+    for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) start_worker(s);
+  }
+
+  BrokerClient& client() {
+    if (!client_) {
+      BrokerClientOptions o;
+      o.endpoint = frontend_;
+      o.timeout_ms = 3000;
+      client_.emplace(ctx_, o);
+    }
+    return *client_;
+  }
+
+  /// Retries submission while the broker is (re)starting or Redis is away.
+  std::string submit(const std::function<std::string(BrokerClient&)>& fn) {
+    for (int i = 0; i < 100; ++i) {
+      try {
+        return fn(client());
+      } catch (const IoError&) {
+      } catch (const BrokerRefusal& e) {
+        if (!e.retryable()) throw;
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    throw IoError("the broker never accepted the job");
+  }
+
+  std::string query(const std::string& image, int top = 3, const std::string& scorer = "") {
+    return submit([&](BrokerClient& c) {
+      QueryRequest q;
+      q.image = image;
+      q.top = top;
+      q.scorer = scorer;
+      return c.submit_query(q);
+    });
+  }
+
+  /// The job once it ended, asking again across broker restarts; fails the test on timeout.
+  json await(const std::string& id, std::chrono::seconds timeout = 60s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    json last;
+    while (std::chrono::steady_clock::now() < deadline) {
+      try {
+        last = client().get_job(id, 1000);
+        const std::string state = last.value("state", "");
+        if (state == "finished" || state == "failed") return last;
+      } catch (const IoError&) {
+      } catch (const BrokerRefusal& e) {
+        if (!e.retryable()) throw;
+      }
+    }
+    ADD_FAILURE() << "job " << id << " did not end in time; last seen: " << last.dump();
+    return last;
+  }
+
+  /// Number of result keys in Redis (one per ended job) and of active jobs.
+  std::pair<long long, long long> redis_counts() {
+    redisContext* c = redisConnect("127.0.0.1", redis_.port());
+    auto* keys = static_cast<redisReply*>(redisCommand(c, "KEYS gmi:result:*"));
+    auto* active = static_cast<redisReply*>(redisCommand(c, "SCARD gmi:jobs:active"));
+    std::pair<long long, long long> out{static_cast<long long>(keys->elements), active->integer};
+    freeReplyObject(keys);
+    freeReplyObject(active);
+    redisFree(c);
+    return out;
+  }
+
+  /// The broker's /metrics text.
+  std::string broker_metrics() {
+    httplib::Client http("127.0.0.1", broker_ops_);
+    auto res = http.Get("/metrics");
+    return res ? res->body : std::string();
+  }
+
+  std::string logs() {
+    std::string all = broker_ ? "--- broker\n" + broker_->log() : "";
+    for (auto& w : workers_) all += "--- worker\n" + w->log();
+    return all;
+  }
+
+ private:
+  testing::TempDir dir_;
+  testing::RedisServer redis_;
+  std::string frontend_, backend_;
+  int broker_ops_ = 0;
+  std::vector<std::string> env_;
+  std::unique_ptr<BackgroundProcess> broker_;
+  std::vector<std::unique_ptr<BackgroundProcess>> workers_;
+  std::map<std::string, BackgroundProcess*> by_stage_;
+  zmq::context_t ctx_;
+  std::optional<BrokerClient> client_;
+};
+
+/// Three models of 8 samples each and one held-out query per model.
+struct Hub {
+  static constexpr int kModels = 3;
+  std::vector<UploadRequest> uploads;
+  std::vector<std::string> queries;  // query i comes from model i
+
+  Hub() {
+    for (int style = 0; style < kModels; ++style) {
+      UploadRequest u;
+      u.model_id = model(style);
+      u.downloads = 100 * (style + 1);
+      for (int content = 0; content < 8; ++content) {
+        u.images.push_back(as_string(encode_jpeg(styled(content_image(content, style), style, content), 92)));
+        u.prompts.push_back("pattern number " + std::to_string(content));
+      }
+      uploads.push_back(std::move(u));
+      queries.push_back(as_string(encode_jpeg(styled(content_image(20 + style, 9), style, 99), 92)));
+    }
+  }
+  static std::string model(int style) { return "style-" + std::to_string(style); }
+
+  /// Writes the hub as manifests + images for the CLI.
+  void write(const fs::path& root) const {
+    for (const auto& u : uploads) {
+      const fs::path mdir = root / u.model_id;
+      fs::create_directories(mdir);
+      std::ofstream mf(mdir / "manifest.jsonl");
+      for (std::size_t i = 0; i < u.images.size(); ++i) {
+        const std::string name = "img" + std::to_string(i) + ".jpg";
+        std::ofstream(mdir / name, std::ios::binary) << u.images[i];
+        mf << json{{"image", name}, {"prompt", u.prompts[i]}}.dump() << "\n";
+      }
+    }
+    for (std::size_t i = 0; i < queries.size(); ++i) {
+      std::ofstream(root / ("q" + std::to_string(i) + ".jpg"), std::ios::binary) << queries[i];
+    }
+  }
+};
+
+const Hub& hub() {
+  static const Hub h;
+  return h;
+}
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  // Uploads every model through the pipeline and waits until queries can see them all.
+  void upload_hub(Cluster& c) {
+    for (const auto& u : hub().uploads) {
+      json job = c.await(c.submit([&](BrokerClient& b) { return b.submit_upload(u); }));
+      ASSERT_EQ(job.value("state", ""), "finished") << job.dump() << c.logs();
+    }
+    // The score and interrogate caches refresh within score.refresh_ms.
+    for (int i = 0; i < 100; ++i) {
+      json job = c.await(c.query(hub().queries[0], 10));
+      if (job.value("state", "") == "finished" && job["result"]["results"].size() == Hub::kModels) return;
+      std::this_thread::sleep_for(100ms);
+    }
+    FAIL() << "the uploaded models never became queryable\n" << c.logs();
+  }
+
+  static std::vector<std::string> ranking(const json& results) {
+    std::vector<std::string> out;
+    for (const auto& r : results) out.push_back(r["model"].get<std::string>());
+    return out;
+  }
+};
+
+#define START_CLUSTER(c, ...)                                       \
+  Cluster c{__VA_ARGS__};                                           \
+  if (!c.redis_started()) GTEST_SKIP() << "redis-server not available"
+
+TEST_F(PipelineTest, UploadBecomesQueryableAndRanksLikeIdentify) {
+  START_CLUSTER(c);
+  c.start_all();
+  hub().write(c.dir() / "hub");
+  // Upload through the CLI client, as the hub's ingestion would.
+  for (const auto& u : hub().uploads) {
+    auto r = testing::run_process({testing::gmi_binary(), "upload", "--model", u.model_id, "--manifest",
+                                   (c.dir() / "hub" / u.model_id / "manifest.jsonl").string(), "--json"},
+                                  c.env());
+    ASSERT_EQ(r.exit_code, 0) << r.err << c.logs();
+    json job = json::parse(r.out);
+    EXPECT_EQ(job["result"]["spec"]["n"], 8);
+  }
+  upload_hub(c);  // re-uploading replaces the specs; also waits for the caches
+  for (int q = 0; q < Hub::kModels; ++q) {
+    const fs::path image = c.dir() / "hub" / ("q" + std::to_string(q) + ".jpg");
+    auto piped = testing::run_process({testing::gmi_binary(), "query", image.string(), "--top", "3", "--json"},
+                                      c.env());
+    ASSERT_EQ(piped.exit_code, 0) << piped.err;
+    auto local = testing::run_process({testing::gmi_binary(), "identify", "--store", c.redis().uri(),
+                                       "--top", "3", "--json", image.string()},
+                                      c.env());
+    ASSERT_EQ(local.exit_code, 0) << local.err;
+    json a = json::parse(piped.out), b = json::parse(local.out);
+    ASSERT_EQ(ranking(a["results"]), ranking(b["results"]));
+    EXPECT_EQ(ranking(a["results"]).front(), Hub::model(q));
+    for (std::size_t i = 0; i < a["results"].size(); ++i) {
+      EXPECT_NEAR(a["results"][i]["score"].get<double>(), b["results"][i]["score"].get<double>(), 1e-5);
+    }
+  }
+}
+
+TEST_F(PipelineTest, BadInputGetsClearErrorsAndEveryProcessStaysUp) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+
+  // Malformed messages straight at the frontend socket.
+  zmq::context_t ctx;
+  zmq::socket_t raw(ctx, zmq::socket_type::dealer);
+  raw.set(zmq::sockopt::linger, 0);
+  raw.set(zmq::sockopt::rcvtimeo, 3000);
+  raw.connect(c.frontend());
+  auto exchange = [&](std::vector<std::string> parts) {
+    for (std::size_t i = 0; i < parts.size(); ++i) {
+      raw.send(zmq::buffer(parts[i]), i + 1 < parts.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
+    }
+    auto reply = wire::recv_raw(raw, false);
+    return reply ? json::parse(reply->parts.front()) : json();
+  };
+  json r = exchange({"not json at all"});
+  EXPECT_EQ(r["code"], "bad_request");
+  EXPECT_NE(r["error"].get<std::string>().find("not valid JSON"), std::string::npos);
+  r = exchange({R"({"v":2,"type":"submit_query","req":"x"})", "img"});
+  EXPECT_EQ(r["code"], "bad_request");
+  EXPECT_EQ(r["req"], "x");
+  EXPECT_NE(r["error"].get<std::string>().find("version"), std::string::npos);
+  r = exchange({R"({"v":1,"type":"launch_rockets"})"});
+  EXPECT_NE(r["error"].get<std::string>().find("unknown message type"), std::string::npos);
+  r = exchange({R"({"v":1,"type":"submit_query","top":0})", "img"});
+  EXPECT_NE(r["error"].get<std::string>().find("\"top\""), std::string::npos);
+  r = exchange({R"({"v":1,"type":"submit_upload","model_id":"../etc","prompts":["a"]})", "img"});
+  EXPECT_EQ(r["code"], "bad_request");
+  r = exchange({R"({"v":1,"type":"get_job","job_id":"0123456789abcdef0123456789abcdef"})"});
+  EXPECT_EQ(r["code"], "not_found");
+
+  // Bad images are accepted (the gateway does not decode) and fail with the decoder's reason.
+  const std::string jpeg = hub().queries[0];
+  json garbage = c.await(c.query("this is not an image"));
+  EXPECT_EQ(garbage["state"], "failed");
+  EXPECT_EQ(garbage["failed_stage"], "decode");
+  EXPECT_FALSE(garbage["dead_letter"].get<bool>());
+  EXPECT_NE(garbage["error"].get<std::string>().find("unsupported"), std::string::npos) << garbage.dump();
+  json truncated = c.await(c.query(jpeg.substr(0, jpeg.size() / 3)));
+  EXPECT_EQ(truncated["state"], "failed");
+  EXPECT_NE(truncated["error"].get<std::string>().find("truncated"), std::string::npos) << truncated.dump();
+  // A decompression bomb: a PNG header claiming 100000 x 100000 pixels.
+  Image tiny;
+  tiny.width = tiny.height = 1;
+  tiny.rgb = {1, 2, 3};
+  std::string bomb = as_string(encode_png(tiny));
+  bomb[16] = 0, bomb[17] = 1, bomb[18] = static_cast<char>(0x86), bomb[19] = static_cast<char>(0xa0);
+  bomb[20] = 0, bomb[21] = 1, bomb[22] = static_cast<char>(0x86), bomb[23] = static_cast<char>(0xa0);
+  json bombed = c.await(c.query(bomb));
+  EXPECT_EQ(bombed["state"], "failed");
+
+  // An upload whose images are all bad, and one with too few good ones.
+  UploadRequest bad = hub().uploads[0];
+  bad.model_id = "broken-model";
+  for (auto& im : bad.images) im = "garbage";
+  json bad_upload = c.await(c.submit([&](BrokerClient& b) { return b.submit_upload(bad); }));
+  EXPECT_EQ(bad_upload["state"], "failed");
+  EXPECT_NE(bad_upload["error"].get<std::string>().find("none of the 8 images"), std::string::npos);
+  UploadRequest few = hub().uploads[1];
+  few.model_id = "too-few";
+  few.images.resize(2);
+  few.prompts.resize(2);
+  json few_upload = c.await(c.submit([&](BrokerClient& b) { return b.submit_upload(few); }));
+  EXPECT_EQ(few_upload["state"], "failed");
+  EXPECT_EQ(few_upload["failed_stage"], "spec");
+  EXPECT_NE(few_upload["error"].get<std::string>().find("at least 4"), std::string::npos);
+
+  // Everyone is still up and a good query still works.
+  EXPECT_TRUE(c.broker().running());
+  for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) EXPECT_TRUE(c.worker(s).running()) << s;
+  json good = c.await(c.query(jpeg));
+  ASSERT_EQ(good["state"], "finished") << good.dump();
+  EXPECT_EQ(good["result"]["results"][0]["model"], Hub::model(0));
+}
+
+// kill -9 one worker of `stage` while it holds tasks; a replacement takes over and every job
+// ends finished, exactly once.
+class WorkerCrashTest : public PipelineTest, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(WorkerCrashTest, KilledWorkerMidJobLosesNothing) {
+  const std::string stage = GetParam();
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  const auto [results_before, active_before] = c.redis_counts();
+  ASSERT_EQ(active_before, 0);
+
+  // Freeze the worker so that the tasks it is given stay in its hands, then submit.
+  c.worker(stage).signal(SIGSTOP);
+  std::vector<std::string> ids;
+  const int jobs = 6;
+  for (int i = 0; i < jobs; ++i) {
+    if (stage == "spec") {
+      UploadRequest u = hub().uploads[static_cast<std::size_t>(i % Hub::kModels)];
+      u.model_id += "-copy" + std::to_string(i);
+      ids.push_back(c.submit([&](BrokerClient& b) { return b.submit_upload(u); }));
+    } else {
+      ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+    }
+  }
+  // Wait until the jobs sit at the frozen stage, then kill it and start a replacement.
+  for (int i = 0; i < 100; ++i) {
+    json j = c.client().get_job(ids.back(), 0);
+    if (j.value("stage", "") == stage && j.value("state", "") == "running") break;
+    std::this_thread::sleep_for(50ms);
+  }
+  c.worker(stage).signal(SIGKILL);
+  c.start_worker(stage);
+
+  std::set<std::string> ended;
+  for (const auto& id : ids) {
+    json j = c.await(id);
+    EXPECT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+    ended.insert(id);
+  }
+  EXPECT_EQ(ended.size(), ids.size());
+  const auto [results_after, active_after] = c.redis_counts();
+  EXPECT_EQ(results_after - results_before, jobs);  // one result per job, no duplicates
+  EXPECT_EQ(active_after, 0);
+  EXPECT_NE(c.broker_metrics().find("gmi_retries_total{reason=\"worker_lost\",stage=\"" + stage + "\"}"),
+            std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryStage, WorkerCrashTest,
+                         ::testing::Values("decode", "embed", "interrogate", "score", "spec"));
+
+TEST_F(PipelineTest, BrokerKilledWithJobsInFlightResumesAfterRestart) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  const auto [results_before, active_before] = c.redis_counts();
+  // Jobs pile up in flight at a frozen score worker; the broker dies holding them.
+  c.worker("score").signal(SIGSTOP);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 8; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+  std::this_thread::sleep_for(500ms);
+  c.broker().signal(SIGKILL);
+  ASSERT_TRUE(c.broker().wait(5s).has_value());
+  c.start_broker();
+  c.worker("score").signal(SIGCONT);
+  for (const auto& id : ids) {
+    json j = c.await(id);
+    EXPECT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+    if (j.value("state", "") == "finished") {
+      EXPECT_FALSE(j["result"]["results"].empty());
+    }
+  }
+  const auto [results, active] = c.redis_counts();
+  EXPECT_EQ(results - results_before, static_cast<long long>(ids.size()))
+      << "every job has exactly one result";
+  EXPECT_EQ(active, 0);
+}
+
+TEST_F(PipelineTest, RedisRestartLosesNoAcceptedJob) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  c.worker("score").signal(SIGSTOP);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+  std::this_thread::sleep_for(300ms);
+  c.redis().restart();  // kill -9; the append-only file has every accepted job
+  c.worker("score").signal(SIGCONT);
+  for (const auto& id : ids) {
+    json j = c.await(id);
+    EXPECT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+  }
+  // And the system keeps working after the outage.
+  json after = c.await(c.query(hub().queries[2]));
+  EXPECT_EQ(after.value("state", ""), "finished") << after.dump();
+  EXPECT_EQ(c.redis_counts().second, 0);
+  EXPECT_TRUE(c.broker().running());
+}
+
+TEST_F(PipelineTest, PoisonImageIsDeadLetteredWhileItsBatchMatesFinish) {
+  START_CLUSTER(c, true, {"GMI_BROKER_MAX_ATTEMPTS=3"});
+  c.start_broker();
+  for (const char* s : {"embed", "interrogate", "score", "spec"}) c.start_worker(s);
+  // The decode worker dies on any image holding the marker; a supervisor restarts it, as
+  // Kubernetes would.
+  const std::vector<std::string> poison_env{"GMI_FAULT_ABORT_ON=POISON-PILL"};
+  c.start_worker("decode", poison_env);
+  std::atomic<bool> supervising{true};
+  std::atomic<int> restarts{0};
+  std::mutex mutex;
+  std::thread supervisor([&] {
+    while (supervising) {
+      {
+        std::lock_guard lock(mutex);
+        if (!c.worker("decode").running()) {
+          c.start_worker("decode", poison_env);
+          ++restarts;
+        }
+      }
+      std::this_thread::sleep_for(50ms);
+    }
+  });
+  upload_hub(c);
+  std::string poison = hub().queries[0] + "POISON-PILL";
+  std::vector<std::string> good;
+  std::string bad = c.query(poison);
+  for (int i = 0; i < 6; ++i) good.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+  json dead = c.await(bad);
+  for (const auto& id : good) {
+    json j = c.await(id);
+    EXPECT_EQ(j.value("state", ""), "finished") << j.dump();
+  }
+  supervising = false;
+  supervisor.join();
+  EXPECT_EQ(dead.value("state", ""), "failed");
+  EXPECT_TRUE(dead.value("dead_letter", false)) << dead.dump();
+  EXPECT_NE(dead.value("error", "").find("gave up after 3 attempts at stage decode"), std::string::npos)
+      << dead.dump();
+  EXPECT_GE(restarts.load(), 3);
+  EXPECT_NE(c.broker_metrics().find("gmi_dead_letters_total{stage=\"decode\"} 1"), std::string::npos);
+}
+
+TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
+  START_CLUSTER(c, true, {"GMI_SCORE_SHARDS=2"});
+  c.start_broker();
+  for (const char* s : {"decode", "embed", "interrogate", "spec"}) c.start_worker(s);
+  c.start_worker("score", {"GMI_SCORE_SHARD=0"});
+  c.start_worker("score", {"GMI_SCORE_SHARD=1"});
+  upload_hub(c);
+  hub().write(c.dir() / "hub");
+  for (int q = 0; q < Hub::kModels; ++q) {
+    json job = c.await(c.query(hub().queries[static_cast<std::size_t>(q)], 3));
+    ASSERT_EQ(job.value("state", ""), "finished") << job.dump();
+    auto local = testing::run_process({testing::gmi_binary(), "identify", "--store", c.redis().uri(), "--top",
+                                       "3", "--json", (c.dir() / "hub" / ("q" + std::to_string(q) + ".jpg")).string()},
+                                      c.env());
+    ASSERT_EQ(local.exit_code, 0) << local.err;
+    EXPECT_EQ(ranking(job["result"]["results"]), ranking(json::parse(local.out)["results"]));
+    EXPECT_EQ(job["result"]["models"], Hub::kModels);
+  }
+}
+
+TEST_F(PipelineTest, SigtermDrainsAndEveryProcessExitsCleanly) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+  for (const auto& id : ids) EXPECT_EQ(c.await(id).value("state", ""), "finished");
+  c.broker().signal(SIGTERM);
+  EXPECT_EQ(c.broker().wait(10s), std::optional<int>(0)) << c.logs();
+  for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) {
+    c.worker(s).signal(SIGTERM);
+    EXPECT_EQ(c.worker(s).wait(10s), std::optional<int>(0)) << s << c.logs();
+  }
+}
+
+TEST_F(PipelineTest, GatewayServesQueriesUploadsAndModelsOverHttp) {
+  START_CLUSTER(c, true, {"GMI_API_KEY=sesame"});
+  c.start_all();
+  const int port = testing::free_port();
+  BackgroundProcess gateway({testing::gmi_binary(), "gateway"},
+                            [&] {
+                              auto e = c.env();
+                              e.push_back("GMI_API_KEY=sesame");
+                              e.push_back("GMI_GATEWAY_PORT=" + std::to_string(port));
+                              e.push_back("GMI_GATEWAY_MAX_QUERY_BYTES=2000000");
+                              return e;
+                            }(),
+                            c.dir() / "gateway.log");
+  httplib::Client http("127.0.0.1", port);
+  http.set_default_headers({{"X-API-Key", "sesame"}});
+  for (int i = 0; i < 100 && !http.Get("/healthz"); ++i) std::this_thread::sleep_for(50ms);
+
+  // Upload one model as multipart: a manifest plus its images.
+  const auto& u = hub().uploads[0];
+  httplib::MultipartFormDataItems items;
+  std::string manifest;
+  for (std::size_t i = 0; i < u.images.size(); ++i) {
+    const std::string name = "img" + std::to_string(i) + ".jpg";
+    manifest += json{{"image", name}, {"prompt", u.prompts[i]}}.dump() + "\n";
+    items.push_back({name, u.images[i], name, "image/jpeg"});
+  }
+  items.push_back({"manifest", manifest, "", "application/jsonl"});
+  auto up = http.Post("/v1/models/" + u.model_id + "/uploads", items);
+  ASSERT_TRUE(up) << gateway.log();
+  ASSERT_EQ(up->status, 202) << up->body;
+  const std::string upload_id = json::parse(up->body)["job_id"];
+  auto done = http.Get("/v1/jobs/" + upload_id + "?wait_ms=20000");
+  ASSERT_TRUE(done);
+  EXPECT_EQ(json::parse(done->body)["state"], "finished") << done->body;
+
+  auto models = http.Get("/v1/models/" + u.model_id);
+  ASSERT_TRUE(models);
+  EXPECT_EQ(models->status, 200) << models->body;
+  EXPECT_EQ(http.Get("/v1/models/no-such-model")->status, 404);
+
+  // A query: 202, then the ranking; the model just uploaded is the only one.
+  std::this_thread::sleep_for(500ms);
+  auto q = http.Post("/v1/queries?top=2", hub().queries[0], "image/jpeg");
+  ASSERT_TRUE(q);
+  ASSERT_EQ(q->status, 202) << q->body;
+  auto answer = http.Get("/v1/queries/" + json::parse(q->body)["job_id"].get<std::string>() + "?wait_ms=20000");
+  ASSERT_TRUE(answer);
+  json job = json::parse(answer->body);
+  EXPECT_EQ(job["state"], "finished") << answer->body;
+  EXPECT_EQ(job["result"]["results"][0]["model"], u.model_id);
+
+  // Bad input over HTTP: 4xx, and the gateway stays up.
+  EXPECT_EQ(http.Post("/v1/queries", std::string(3000000, 'x'), "image/jpeg")->status, 413);
+  EXPECT_EQ(http.Post("/v1/queries", "", "image/jpeg")->status, 400);
+  EXPECT_EQ(http.Get("/v1/queries/not-an-id")->status, 400);
+  EXPECT_EQ(http.Get("/v1/queries/0123456789abcdef0123456789abcdef")->status, 404);
+  httplib::Client anonymous("127.0.0.1", port);
+  EXPECT_EQ(anonymous.Post("/v1/queries", hub().queries[0], "image/jpeg")->status, 401);
+  EXPECT_TRUE(gateway.running());
+  EXPECT_EQ(http.Get("/readyz")->status, 200);
+}
+
+TEST_F(PipelineTest, ServeRunsEverythingInOneProcess) {
+  START_CLUSTER(c);
+  const int port = testing::free_port();
+  auto env = c.env();
+  env.push_back("GMI_GATEWAY_PORT=" + std::to_string(port));
+  env.push_back("GMI_SERVE_OPS_PORT=-1");
+  BackgroundProcess serve({testing::gmi_binary(), "serve"}, env, c.dir() / "serve.log");
+  upload_hub(c);  // through the TCP frontend that serve also binds
+  httplib::Client http("127.0.0.1", port);
+  auto q = http.Post("/v1/queries?top=3", hub().queries[1], "image/jpeg");
+  ASSERT_TRUE(q) << serve.log();
+  ASSERT_EQ(q->status, 202) << q->body;
+  auto answer = http.Get("/v1/queries/" + json::parse(q->body)["job_id"].get<std::string>() + "?wait_ms=20000");
+  ASSERT_TRUE(answer);
+  EXPECT_EQ(json::parse(answer->body)["result"]["results"][0]["model"], Hub::model(1)) << answer->body;
+  serve.signal(SIGTERM);
+  EXPECT_EQ(serve.wait(15s), std::optional<int>(0)) << serve.log();
+}
+
+TEST_F(PipelineTest, CurveEncryptsEveryLinkAndRefusesStrangers) {
+  testing::TempDir keys;
+  const std::string server = (keys.path() / "broker.key").string();
+  const std::string client = (keys.path() / "client.key").string();
+  wire::generate_curve_key_files(server);
+  wire::generate_curve_key_files(client);
+  START_CLUSTER(c, true,
+                {"GMI_CURVE_ENABLED=true", "GMI_CURVE_SERVER_KEYS=" + server,
+                 "GMI_CURVE_SERVER_PUBLIC=" + server + ".pub", "GMI_CURVE_CLIENT_KEYS=" + client});
+  c.start_all();
+  hub().write(c.dir() / "hub");
+  auto r = testing::run_process({testing::gmi_binary(), "upload", "--model", Hub::model(0), "--manifest",
+                                 (c.dir() / "hub" / Hub::model(0) / "manifest.jsonl").string(), "--json"},
+                                c.env());
+  ASSERT_EQ(r.exit_code, 0) << r.err << c.logs();
+  // A plain client gets no answer from a CURVE broker.
+  zmq::context_t ctx;
+  BrokerClientOptions plain;
+  plain.endpoint = c.frontend();
+  BrokerClient stranger(ctx, plain);
+  EXPECT_FALSE(stranger.ping(500));
+}
+
+}  // namespace
+}  // namespace gmi
