@@ -58,7 +58,7 @@ class Cluster {
             "GMI_BROKER_OPS_PORT=" + std::to_string(broker_ops_),
             "GMI_WORKER_OPS_PORT=-1",
             "GMI_BROKER_HEARTBEAT_MS=100",
-            "GMI_BROKER_LIVENESS=5",
+            "GMI_BROKER_LIVENESS=10",
             "GMI_BROKER_BACKOFF_MS=50",
             "GMI_BROKER_BACKOFF_MAX_MS=400",
             "GMI_SCORE_REFRESH_MS=100",
