@@ -40,6 +40,7 @@ struct Sample {
   double latency_ms;  // client: submit sent → finished job in hand
   double total_ms;    // broker: accepted → end (timings.total_s)
   double compute_ms;  // the stages' own compute (timings.compute_s)
+  std::map<std::string, double> stage_ms;  // timings.stages, per stage
 };
 
 struct ClientResult {
@@ -183,9 +184,14 @@ int main(int argc, char** argv) {
         const auto t1 = Clock::now();
         if (state == "finished") {
           if (measured) {
-            const json& tm = job.value("timings", json::object());
-            out.samples.push_back({ms_between(t0, t1), 1000.0 * tm.value("total_s", 0.0),
-                                   1000.0 * tm.value("compute_s", 0.0)});
+            const json tm = job.value("timings", json::object());
+            Sample s{ms_between(t0, t1), 1000.0 * tm.value("total_s", 0.0),
+                     1000.0 * tm.value("compute_s", 0.0), {}};
+            const json stages = tm.value("stages", json::object());
+            for (const auto& [stage, sec] : stages.items()) {
+              if (sec.is_number()) s.stage_ms[stage] = 1000.0 * sec.get<double>();
+            }
+            out.samples.push_back(std::move(s));
           } else {
             ++out.warmup_requests;
           }
@@ -231,7 +237,9 @@ int main(int argc, char** argv) {
   for (auto& [k, n] : errors) error_count += n;
 
   std::vector<double> latency, total, compute, overhead, broker_overhead;
+  std::map<std::string, std::vector<double>> stage_ms;
   for (const auto& s : all) {
+    for (const auto& [stage, ms] : s.stage_ms) stage_ms[stage].push_back(ms);
     latency.push_back(s.latency_ms);
     total.push_back(s.total_ms);
     compute.push_back(s.compute_ms);
@@ -274,6 +282,12 @@ int main(int argc, char** argv) {
   if (requests > 0) report["requests_asked"] = requests;
   else report["duration_s"] = duration_s;
   if (!first_error.empty()) report["first_errors"] = first_error;
+  json stage_p50 = json::object();
+  for (auto& [stage, v] : stage_ms) {
+    std::sort(v.begin(), v.end());
+    stage_p50[stage] = pct(v, 0.5);
+  }
+  report["stage_compute_p50_ms"] = stage_p50;
 
   for (const auto& [kind, message] : first_error) {
     std::fprintf(stderr, "load_pipeline: %ld error(s) of kind %s, e.g.: %s\n", errors[kind],
@@ -293,6 +307,14 @@ int main(int argc, char** argv) {
                 pct(latency, 0.5), pct(latency, 0.9), pct(latency, 0.99),
                 latency.empty() ? 0.0 : latency.back());
     std::printf("  %-34s %10.3f ms\n", "compute p50 (stages' compute_s)", pct(compute, 0.5));
+    std::string stages;
+    for (const auto& [stage, ms] : stage_p50.items()) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s%s %.3f", stages.empty() ? "" : ", ", stage.c_str(),
+                    ms.get<double>());
+      stages += buf;
+    }
+    std::printf("  %-34s %s ms\n", "stage compute p50", stages.empty() ? "-" : stages.c_str());
     std::printf("  %-34s %10.3f / %.3f ms\n", "broker total p50 / p99", pct(total, 0.5),
                 pct(total, 0.99));
     std::printf("  %-34s %10.3f / %.3f ms   (target p50 <= 2 ms)\n",

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Checks gmi's Kubernetes manifests (k8s/) against the code they deploy.
 
-Needs only Python 3 and PyYAML (Debian: python3-yaml); no cluster, no kubectl.
+Needs only Python 3 and PyYAML (Debian: python3-yaml) and no cluster; kubectl or kustomize,
+where present, add the rendered checks below.
 
 Every *.yaml / *.yml file under k8s/ is parsed (all documents; duplicate keys are errors).
 Then:
@@ -18,8 +19,8 @@ Then:
   - probes name declared container ports (a port name or a containerPort number);
   - gmi config files (a configMapGenerator's or ConfigMap's gmi.yaml): known keys only.
 
-For a full build (a kustomization of plain files, such as k8s/base, or with --render the
-rendered output of every kustomization), it also checks the pieces against each other,
+For a full build (a kustomization of plain files, such as k8s/base, and the rendered
+output of every kustomization), it also checks the pieces against each other,
 with each container's effective configuration (defaults < mounted gmi.yaml < GMI_* env):
 probes and Prometheus annotations point at the port the process really serves
 (broker.ops_port, worker.ops_port, gateway.port), the broker binds a non-loopback address,
@@ -28,14 +29,16 @@ backend / frontend / Redis, every stage has a worker, score.shards agrees betwee
 broker and the score workers and every shard has a worker, files named by the config lie
 on a mounted volume, Services, HPAs, PDBs and NetworkPolicies select existing workloads.
 
---render renders each kustomization with `kustomize build` or `kubectl kustomize` (the
-first found) and runs the build checks on the result: that is where overlays' patches
-are checked as applied.
+Rendering: each kustomization is also built with `kustomize build` or `kubectl kustomize`
+(the first on PATH; neither needs a cluster) and the build checks run on the output: that
+is where overlays' patches are checked as applied. By default this happens when a
+renderer is found (a note says when none is); --render requires it, --no-render skips it.
 
 Exit status: 0 clean, 1 problems found, 2 usage or environment error.
 """
 
 import argparse
+import copy
 import os
 import re
 import shutil
@@ -577,8 +580,10 @@ class Build:
                 self.err(where, f"config file {path} is on no volume of the container that this build can "
                                 "read (mount the gmi-config ConfigMap there); its other checks are skipped")
                 return None
-            else:
+            try:
                 cfg.update(flatten(yaml.safe_load(text) or {}))
+            except yaml.YAMLError:
+                return None  # reported where the config file itself is checked
         for name, e in env.items():
             key = self.code.key_for_env(name or "")
             if key and isinstance(e.get("value"), str):
@@ -931,7 +936,6 @@ class Build:
 def apply_kustomization_basics(kdoc, doc):
     """A copy of doc with the kustomization's namespace and common labels, as kustomize sets
     them (for the static build checks; selectors and templates as the options say)."""
-    import copy
     doc = copy.deepcopy(doc)
     if not isinstance(doc, dict):
         return doc
@@ -979,9 +983,12 @@ def main(argv=None):
     ap.add_argument("--repo", default=os.path.dirname(here),
                     help="repository root (default: the folder above this script's)")
     ap.add_argument("--dir", default=None, help="manifests folder (default: REPO/k8s)")
-    ap.add_argument("--render", action="store_true",
-                    help="also render every kustomization (kustomize build / kubectl kustomize) and "
-                         "run the build checks on the output")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--render", dest="render", action="store_const", const="yes", default="auto",
+                      help="require rendering every kustomization (kustomize build / kubectl kustomize) "
+                           "and check the output; exit 2 if neither tool is on PATH")
+    mode.add_argument("--no-render", dest="render", action="store_const", const="no",
+                      help="static checks only")
     ap.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     args = ap.parse_args(argv)
 
@@ -1070,11 +1077,14 @@ def main(argv=None):
         builds += 1
 
     rendered = 0
-    if args.render:
-        renderer = find_renderer()
-        if renderer is None:
-            sys.stderr.write("check.py: --render needs kustomize or kubectl on PATH\n")
-            return 2
+    renderer = find_renderer() if args.render != "no" else None
+    if args.render == "yes" and renderer is None:
+        sys.stderr.write("check.py: --render needs kustomize or kubectl on PATH\n")
+        return 2
+    if args.render == "auto" and renderer is None:
+        problems.note("check.py", "neither kustomize nor kubectl is on PATH: overlays were checked file by "
+                                  "file, not as rendered")
+    if renderer is not None:
         for path, k in sorted(kusts.items()):
             proc = subprocess.run(renderer + [k.root], capture_output=True, text=True)
             name = rel(k.root)
@@ -1097,8 +1107,8 @@ def main(argv=None):
             print(f"note: {line}")
     summary = (f"{len(yaml_files) + len(kust_files)} YAML files, {ndocs} documents, "
                f"{len(kusts)} kustomizations, {builds} checked as a build"
-               + (f", {rendered} rendered and checked" if args.render else
-                  "; overlays' patches unapplied (--render checks them as applied)"))
+               + (f", {rendered} rendered with `{' '.join(renderer)}` and checked" if renderer else
+                  ", none rendered"))
     if problems.errors:
         print(f"check.py: {len(problems.errors)} problem(s) in {summary}")
         return 1

@@ -71,7 +71,7 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   if [ ${#pids[@]} -gt 0 ]; then stop_pids "${pids[@]}"; fi
-  if [ "$keep" -eq 1 ] || [ "$rc" -ne 0 ]; then
+  if [ "$keep" -eq 1 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; }; then
     echo "bench_pipeline: logs kept in $tmp" >&2
   else
     rm -rf "$tmp"

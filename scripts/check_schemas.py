@@ -13,8 +13,8 @@
 
 The C++ side (tests/unit/schemas_test.cpp) runs core/src/wire.cpp over the same examples.
 Needs only the standard library and jsonschema >= 4 (Debian: python3-jsonschema).
-Exit status: 0 all agree, 1 a mismatch (listed), 2 bad usage or a malformed example file,
-77 jsonschema is missing or too old.
+Exit status: 0 all agree, 1 a mismatch or a malformed example file (all listed), 2 bad
+usage, 77 jsonschema is missing or too old.
 """
 
 import argparse
@@ -181,7 +181,11 @@ class Checker:
             if not files:
                 self.fail(f"no examples in {self.dir / 'examples' / kind}")
             for path in files:
-                ex = self.load_example(path, expect_valid)
+                try:
+                    ex = self.load_example(path, expect_valid)
+                except ValueError as e:
+                    self.fail(str(e))
+                    continue
                 schema_name = f"{ex['channel']}.schema.json"
                 if schema_name not in self.validators:
                     continue  # already reported
@@ -240,7 +244,8 @@ class Checker:
             try:
                 job = read_json(path)
             except (OSError, ValueError) as e:
-                raise ValueError(f"{path}: cannot read JSON: {e}") from e
+                self.fail(f"{path}: cannot read JSON: {e}")
+                continue
             self.count("job examples")
             errs = self.errors("job.schema.json", job)
             if errs:
@@ -297,7 +302,7 @@ def main(argv=None):
         epilog="Example files: {\"channel\": \"client-to-broker\"|\"broker-to-client\"|"
         "\"worker-to-broker\"|\"broker-to-worker\", \"frames\": N, \"header\": {...}, "
         "\"why\": \"(invalid only) what is wrong\", \"schema_can_check\": false (optional)}. "
-        "Exit status: 0 all agree, 1 a mismatch, 2 bad usage or a malformed example, "
+        "Exit status: 0 all agree, 1 a mismatch or a malformed example, 2 bad usage, "
         "77 jsonschema missing.",
     )
     parser.add_argument("--schemas-dir", type=Path, default=here.parent / "schemas",
@@ -306,11 +311,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.schemas_dir.is_dir():
         parser.error(f"{args.schemas_dir} is not a directory")
-    try:
-        return Checker(args.schemas_dir, args.verbose).run()
-    except ValueError as e:
-        print(f"check_schemas: {e}", file=sys.stderr)
-        return 2
+    return Checker(args.schemas_dir, args.verbose).run()
 
 
 if __name__ == "__main__":

@@ -326,26 +326,34 @@ struct Broker::Impl {
       wire::Message msg;
       try {
         msg = wire::decode(*raw, wire::Channel::kWorkerToBroker);
-      } catch (const wire::WireError& e) {
+      } catch (const std::exception& e) {  // WireError, or a validator gap
         log::warn("bad message from a worker", {{"worker", id}, {"error", e.what()}});
         continue;  // a worker speaking nonsense gets no tasks; its heartbeat will lapse
       }
-      const std::string type = msg.type();
-      auto it = workers.find(id);
-      if (type == "ready") {
-        on_ready(id, msg.header);
-        continue;
+      try {
+        handle_worker_message(id, msg);
+      } catch (const nlohmann::json::exception& e) {
+        log::error("unexpected worker message content", {{"worker", id}, {"error", e.what()}});
       }
-      if (it == workers.end()) {
-        if (type != "bye") send_worker(id, wire::header("reconnect"));
-        continue;
-      }
-      it->second.last_heard = Clock::now();
-      if (type == "results") {
-        on_results(it->second, msg);
-      } else if (type == "bye") {
-        worker_lost(id, "left");
-      }
+    }
+  }
+
+  void handle_worker_message(const std::string& id, wire::Message& msg) {
+    const std::string type = msg.type();
+    auto it = workers.find(id);
+    if (type == "ready") {
+      on_ready(id, msg.header);
+      return;
+    }
+    if (it == workers.end()) {
+      if (type != "bye") send_worker(id, wire::header("reconnect"));
+      return;
+    }
+    it->second.last_heard = Clock::now();
+    if (type == "results") {
+      on_results(it->second, msg);
+    } else if (type == "bye") {
+      worker_lost(id, "left");
     }
   }
 
@@ -659,6 +667,10 @@ struct Broker::Impl {
       } catch (const InputError& e) {
         metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "rejected"}}).Increment();
         reply_error(raw->routing, req, "bad_request", e.what());
+      } catch (const nlohmann::json::exception& e) {
+        // A validator gap must never take the broker down: refuse the message instead.
+        log::error("unexpected message content", {{"error", e.what()}});
+        reply_error(raw->routing, req, "bad_request", std::string("malformed message: ") + e.what());
       }
     }
   }
@@ -713,10 +725,20 @@ struct Broker::Impl {
       if (h.contains("card")) job.params["card"] = h["card"];
     }
     job.frames = std::move(msg.frames);
+    const std::string idem = h.value("idempotency_key", "");
     try {
       try_connect_store();
       if (!store) throw IoError("no redis connection");
-      store->create(job);
+      // A retried submission (its reply was lost) gets the job it already made.
+      if (!idem.empty()) {
+        if (auto existing = store->find_idempotent(idem)) {
+          json a = wire::header("accepted");
+          if (!req.empty()) a["req"] = req;
+          a["job_id"] = *existing;
+          return reply(routing, std::move(a));
+        }
+      }
+      store->create(job, idem);
     } catch (const IoError& e) {
       metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "unavailable"}}).Increment();
       return reply_error(routing, req, "unavailable", std::string("cannot record the job: ") + e.what());
@@ -782,11 +804,8 @@ struct Broker::Impl {
     if (!delayed.empty()) {
       t = std::min<long long>(t, std::chrono::duration_cast<milliseconds>(delayed.begin()->first - now).count());
     }
-    for (const auto& [id, job] : jobs) {
-      for (const auto& w : job.waiters) {
-        t = std::min<long long>(t, std::chrono::duration_cast<milliseconds>(w.deadline - now).count());
-      }
-    }
+    // Waiters' deadlines are checked at each housekeeping tick (heartbeat / 4): scanning
+    // every job here would make each loop O(jobs).
     return static_cast<int>(std::max<long long>(t, 0));
   }
 

@@ -70,6 +70,17 @@ class HttpError : public std::runtime_error {
   std::string code_;
 };
 
+
+// A client's Idempotency-Key header: the same key names the same job (a retried POST whose
+// answer was lost does not make a second one).
+std::string idempotency_key(const httplib::Request& req) {
+  std::string key = req.get_header_value("Idempotency-Key");
+  if (key.size() > 128) {
+    throw HttpError(400, "bad_request", "Idempotency-Key is longer than 128 characters");
+  }
+  return key;
+}
+
 void set_json(httplib::Response& res, int status, const json& body) {
   res.status = status;
   res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
@@ -669,6 +680,7 @@ void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& r
     return std::nullopt;
   };
   QueryRequest q;
+  q.idempotency_key = idempotency_key(req);
   if (auto top = param("top")) q.top = static_cast<int>(parse_int(*top, "top", 1, kMaxTop));
   if (auto scorer = param("scorer")) q.scorer = *scorer;
   if (auto prompt = param("prompt")) q.prompt = *prompt;
@@ -715,6 +727,7 @@ void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& 
   }
   UploadRequest up;
   up.model_id = req.matches[1].str();
+  up.idempotency_key = idempotency_key(req);
   try {
     validate_model_id(up.model_id);
   } catch (const InputError&) {

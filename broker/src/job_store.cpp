@@ -22,7 +22,13 @@ JobStore::JobStore(RedisLocation location, JobStoreOptions options)
       active_key_(redis_.key("jobs:active")),
       dead_key_(redis_.key("dead-letters")) {}
 
-void JobStore::create(const StoredJob& job) {
+std::optional<std::string> JobStore::find_idempotent(const std::string& key) {
+  const std::string k = redis_.key("idem:" + key);
+  RedisReply r = redis_.command({"GET", k});
+  return RedisConnection::as_optional_string(r.get(), "GET " + k);
+}
+
+void JobStore::create(const StoredJob& job, const std::string& idempotency_key) {
   const std::string jk = job_key(job.id), ik = input_key(job.id);
   const std::string params = job.params.dump(-1, ' ', false, json::error_handler_t::replace);
   const std::string created = std::to_string(job.created_ms);
@@ -35,12 +41,15 @@ void JobStore::create(const StoredJob& job) {
     input.push_back(names[i]);
     input.push_back(job.frames[i]);
   }
+  std::vector<RedisConnection::Args> cmds{{"HSET", jk, "kind", job.kind, "state", "queued", "params",
+                                           params, "created_ms", created, "attempts", "0"},
+                                          input,
+                                          {"SADD", active_key_, job.id}};
+  const std::string idem_key = redis_.key("idem:" + idempotency_key);
+  const std::string ttl = std::to_string(options_.result_ttl_s);
+  if (!idempotency_key.empty()) cmds.push_back({"SET", idem_key, job.id, "EX", ttl});
   std::vector<RedisReply> keep;
-  redis_.transaction({{"HSET", jk, "kind", job.kind, "state", "queued", "params", params,
-                       "created_ms", created, "attempts", "0"},
-                      input,
-                      {"SADD", active_key_, job.id}},
-                     keep);
+  redis_.transaction(cmds, keep);
 }
 
 std::vector<std::string> JobStore::active_ids() {

@@ -125,13 +125,25 @@ json BrokerClient::request(json header, const std::vector<std::string>& frames, 
   }
 }
 
+std::string BrokerClient::submit(json h, const std::vector<std::string>& frames,
+                                 const std::string& idempotency_key) {
+  h["idempotency_key"] = idempotency_key.empty() ? wire::random_id() : idempotency_key;
+  const int attempts = std::max(1, options_.submit_attempts);
+  for (int attempt = 1;; ++attempt) {
+    try {
+      return expect_job_id(request(h, frames, options_.timeout_ms), options_.endpoint);
+    } catch (const IoError&) {
+      if (attempt >= attempts) throw;
+    }
+  }
+}
+
 std::string BrokerClient::submit_query(const QueryRequest& request) {
   json h = wire::header("submit_query");
   h["top"] = request.top;
   if (!request.scorer.empty()) h["scorer"] = request.scorer;
   if (!request.prompt.empty()) h["prompt"] = request.prompt;
-  return expect_job_id(this->request(std::move(h), {request.image}, options_.timeout_ms),
-                       options_.endpoint);
+  return submit(std::move(h), {request.image}, request.idempotency_key);
 }
 
 std::string BrokerClient::submit_upload(const UploadRequest& request) {
@@ -140,8 +152,7 @@ std::string BrokerClient::submit_upload(const UploadRequest& request) {
   h["prompts"] = request.prompts;
   h["downloads"] = request.downloads;
   if (!request.card.empty()) h["card"] = request.card;
-  return expect_job_id(this->request(std::move(h), request.images, options_.timeout_ms),
-                       options_.endpoint);
+  return submit(std::move(h), request.images, request.idempotency_key);
 }
 
 json BrokerClient::get_job(const std::string& job_id, int wait_ms) {

@@ -189,19 +189,22 @@ const std::vector<ConfigKey>& Config::schema() {
       {"decode.max_bytes", "33554432", "largest encoded image a decoder accepts"},
 
       {"embed.max_batch", "64", "most images an embed worker encodes at once"},
-      {"embed.max_wait_ms", "2", "how long an embed worker waits to fill a batch"},
+      {"embed.max_wait_ms", "0",
+       "how long an embed worker waits to fill a batch (0: batches form while it computes)"},
       {"embed.encoder", "builtin", "image encoder: builtin"},
       {"embed.device", "cpu", "where the encoder runs: cpu"},
 
       {"interrogate.interrogator", "neighbour", "how prompts are guessed for images: neighbour"},
       {"interrogate.max_batch", "64", "most images an interrogate worker takes at once"},
-      {"interrogate.max_wait_ms", "1", "how long an interrogate worker waits to fill a batch"},
+      {"interrogate.max_wait_ms", "0",
+       "how long an interrogate worker waits to fill a batch (0: batches form while it computes)"},
 
       {"score.shard", "0", "which shard of the spec store this score worker serves (0-based)"},
       {"score.shards", "1", "how many shards the spec store is split into"},
       {"score.refresh_ms", "500", "milliseconds between checks for new or changed specs"},
       {"score.max_batch", "64", "most queries a score worker scores at once"},
-      {"score.max_wait_ms", "1", "how long a score worker waits to fill a batch"},
+      {"score.max_wait_ms", "0",
+       "how long a score worker waits to fill a batch (0: batches form while it computes)"},
       {"score.scorer", "weighted", "how specs are ranked against a query: weighted"},
 
       {"spec.min_samples", "4", "fewest images a spec may be built from"},

@@ -1,6 +1,6 @@
 // The message codec: header validation, multipart send/receive, float32 rows, ids, CURVE.
 // The rules here and the JSON Schemas in schemas/ describe the same messages; the test
-// tests/integration/schemas_test.cpp runs both over schemas/examples/.
+// tests/unit/schemas_test.cpp runs both over schemas/examples/.
 #include "gmi/wire.hpp"
 
 #include <fcntl.h>
@@ -65,10 +65,11 @@ std::string number_text(double v) {
 void check_fields(const json& obj, const std::vector<Field>& fields, const std::string& where) {
   for (const auto& f : fields) {
     auto it = obj.find(f.name);
-    if (it == obj.end() || it->is_null()) {
+    if (it == obj.end()) {
       if (f.required) bad("missing field \"" + where + f.name + "\"");
       continue;
     }
+    // null is a value of the wrong type, not an absent field: readers would throw on it.
     if (!has_kind(*it, f.kind)) {
       bad("field \"" + where + f.name + "\" must be " + kind_name(f.kind));
     }
@@ -82,7 +83,7 @@ void check_fields(const json& obj, const std::vector<Field>& fields, const std::
       bad("field \"" + where + f.name + "\" must be >= " + number_text(f.min));
     }
     if (f.kind == Kind::kString && f.max > 0 && it->get_ref<const std::string&>().size() > f.max) {
-      bad("field \"" + where + f.name + "\" is longer than " + number_text(f.max) + " characters");
+      bad("field \"" + where + f.name + "\" is longer than " + number_text(f.max) + " bytes");
     }
   }
 }
@@ -114,7 +115,8 @@ void validate_client_to_broker(const json& h, const std::string& type, std::size
     check_fields(h, {{"req", Kind::kString, false, 0, 128},
                      {"top", Kind::kInt, false, 1, 1000},
                      {"scorer", Kind::kString, false, 0, 32},
-                     {"prompt", Kind::kString, false, 0, 4096}},
+                     {"prompt", Kind::kString, false, 0, 4096},
+                     {"idempotency_key", Kind::kString, false, 0, 128}},
                  "");
     expect_frames(frames, 1, type);
   } else if (type == "submit_upload") {
@@ -122,7 +124,8 @@ void validate_client_to_broker(const json& h, const std::string& type, std::size
                      {"model_id", Kind::kString, true, 0, 256},
                      {"prompts", Kind::kArray, true},
                      {"downloads", Kind::kNumber, false, 0, 0},
-                     {"card", Kind::kString, false, 0, 65536}},
+                     {"card", Kind::kString, false, 0, 65536},
+                     {"idempotency_key", Kind::kString, false, 0, 128}},
                  "");
     const auto& prompts = h["prompts"];
     for (std::size_t i = 0; i < prompts.size(); ++i) {

@@ -533,6 +533,25 @@ TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
   }
 }
 
+TEST_F(PipelineTest, RetriedSubmissionWithTheSameIdempotencyKeyIsOneJob) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  const auto [results_before, active_before] = c.redis_counts();
+  QueryRequest q;
+  q.image = hub().queries[0];
+  q.idempotency_key = "client-retry-1";
+  const std::string first = c.client().submit_query(q);
+  const std::string again = c.client().submit_query(q);
+  EXPECT_EQ(first, again);
+  q.idempotency_key = "client-retry-2";
+  const std::string other = c.client().submit_query(q);
+  EXPECT_NE(first, other);
+  EXPECT_EQ(c.await(first).value("state", ""), "finished");
+  EXPECT_EQ(c.await(other).value("state", ""), "finished");
+  EXPECT_EQ(c.redis_counts().first - results_before, 2);
+}
+
 TEST_F(PipelineTest, SigtermDrainsAndEveryProcessExitsCleanly) {
   START_CLUSTER(c);
   c.start_all();

@@ -15,8 +15,6 @@
 #include <utility>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "gmi/wire.hpp"
 #include "test_support.hpp"
 
@@ -56,7 +54,9 @@ std::vector<Example> load_examples(const std::string& kind) {
   const fs::path dir = kExamples / kind;
   if (fs::is_directory(dir)) {
     for (const auto& entry : fs::directory_iterator(dir)) {
-      if (entry.is_regular_file() && entry.path().extension() == ".json") paths.push_back(entry.path());
+      if (entry.is_regular_file() && entry.path().extension() == ".json") {
+        paths.push_back(entry.path());
+      }
     }
   }
   std::sort(paths.begin(), paths.end());

@@ -186,29 +186,37 @@ struct StageWorker::Impl {
         log::warn("bad message from the broker", {{"error", e.what()}});
         continue;
       }
-      const std::string type = msg.type();
-      if (type == "reconnect") {
-        log::info("the broker does not know this worker; registering again");
-        pending.clear();
-        granted = 0;
-        grant(policy.max_batch - computing);
-      } else if (type == "tasks") {
-        std::size_t frame = 0;
-        for (const auto& t : msg.header["tasks"]) {
-          StageTask task;
-          task.id = t["task"].get<std::string>();
-          task.job_id = t["job_id"].get<std::string>();
-          task.kind = t["kind"].get<std::string>();
-          task.attempt = t["attempt"].get<int>();
-          task.params = t["params"];
-          task.meta = t["meta"];
-          const std::size_t n = t["frames"].get<std::size_t>();
-          for (std::size_t i = 0; i < n; ++i) task.frames.push_back(std::move(msg.frames[frame + i]));
-          frame += n;
-          if (pending.empty()) first_pending = Clock::now();
-          pending.push_back(std::move(task));
-          granted -= 1;
-        }
+      try {
+        handle(msg);
+      } catch (const nlohmann::json::exception& e) {
+        log::error("unexpected message content from the broker", {{"error", e.what()}});
+      }
+    }
+  }
+
+  void handle(wire::Message& msg) {
+    const std::string type = msg.type();
+    if (type == "reconnect") {
+      log::info("the broker does not know this worker; registering again");
+      pending.clear();
+      granted = 0;
+      grant(policy.max_batch - computing);
+    } else if (type == "tasks") {
+      std::size_t frame = 0;
+      for (const auto& t : msg.header["tasks"]) {
+        StageTask task;
+        task.id = t["task"].get<std::string>();
+        task.job_id = t["job_id"].get<std::string>();
+        task.kind = t["kind"].get<std::string>();
+        task.attempt = t["attempt"].get<int>();
+        task.params = t["params"];
+        task.meta = t["meta"];
+        const std::size_t n = t["frames"].get<std::size_t>();
+        for (std::size_t i = 0; i < n; ++i) task.frames.push_back(std::move(msg.frames[frame + i]));
+        frame += n;
+        if (pending.empty()) first_pending = Clock::now();
+        pending.push_back(std::move(task));
+        granted -= 1;
       }
     }
   }

@@ -9,6 +9,7 @@
 ///   P:result:ID       STRING  the job object as JSON (state finished or failed), TTL
 ///   P:jobs:active     SET     ids of jobs accepted and not yet ended (resumed at start)
 ///   P:dead-letters    ZSET    ids of jobs that kept failing, scored by time (ms)
+///   P:idem:KEY        STRING  the job a client's idempotency key named, result TTL
 /// Every write that changes a job's state is one MULTI/EXEC transaction, and ending a job
 /// is idempotent: writing the same end twice leaves the same keys.
 /// Thread-safety: NOT thread-safe (one Redis connection); the broker's loop owns it.
@@ -41,8 +42,11 @@ class JobStore {
  public:
   JobStore(RedisLocation location, JobStoreOptions options);
 
-  /// Records a new job with its input and marks it active, atomically.
-  void create(const StoredJob& job);
+  /// Records a new job with its input and marks it active, atomically. A non-empty
+  /// `idempotency_key` is recorded with it (P:idem:KEY -> job id, result TTL).
+  void create(const StoredJob& job, const std::string& idempotency_key = "");
+  /// The job an idempotency key already names, if any.
+  std::optional<std::string> find_idempotent(const std::string& key);
   /// Ids of jobs accepted and not ended.
   std::vector<std::string> active_ids();
   /// The job's record and input; nullopt when its keys are gone (then drop it from the

@@ -36,6 +36,7 @@ struct BrokerClientOptions {
   /// CURVE: the broker's public key and this client's keys (both empty: plain TCP).
   std::string curve_server_public;
   wire::CurveKeys curve_client;
+  int submit_attempts = 3;  ///< tries per submission, all with the same idempotency key
 };
 
 struct QueryRequest {
@@ -43,6 +44,9 @@ struct QueryRequest {
   int top = 10;
   std::string scorer;  ///< empty: the score workers' default
   std::string prompt;  ///< optional pseudo-prompt instead of the interrogator's
+  /// The same key within redis.result_ttl_s names the same job (retries never duplicate
+  /// it). Empty: the client makes one per submit_query() call.
+  std::string idempotency_key;
 };
 
 struct UploadRequest {
@@ -51,13 +55,16 @@ struct UploadRequest {
   std::vector<std::string> prompts;  ///< one per image
   double downloads = 0;
   std::string card;
+  std::string idempotency_key;  ///< as in QueryRequest
 };
 
 class BrokerClient {
  public:
   BrokerClient(zmq::context_t& context, BrokerClientOptions options);
 
-  /// Returns the job id. Throws BrokerRefusal when refused, IoError on timeout.
+  /// Returns the job id. Throws BrokerRefusal when refused, IoError when every try timed
+  /// out. A timed-out submission is sent again (up to submit_attempts times in all) with
+  /// the same idempotency key, so a lost reply never makes a second job.
   std::string submit_query(const QueryRequest& request);
   std::string submit_upload(const UploadRequest& request);
 
@@ -75,6 +82,8 @@ class BrokerClient {
 
  private:
   void open_socket();
+  std::string submit(nlohmann::json header, const std::vector<std::string>& frames,
+                     const std::string& idempotency_key);
   zmq::context_t& context_;
   BrokerClientOptions options_;
   std::optional<zmq::socket_t> socket_;
