@@ -89,6 +89,7 @@ struct Worker {
   Clock::time_point last_sent = Clock::now();
   Clock::time_point last_dispatch{};
   std::set<std::string> tasks;
+  bool exclusive = false;  // holds a suspect task: gets nothing else until it answers
 };
 
 std::string queue_key(const std::string& stage, int shard) {
@@ -235,17 +236,21 @@ struct Broker::Impl {
     if (draining) return;
     for (auto& [key, queue] : queues) {
       while (!queue.empty()) {
-        Worker* w = pick_worker(key);
+        Worker* w = pick_worker(key, queue.front().isolate);
         if (w == nullptr) break;
         send_tasks(*w, queue);
       }
     }
   }
 
-  Worker* pick_worker(const std::string& key) {
+  Worker* pick_worker(const std::string& key, bool isolate) {
     Worker* best = nullptr;
     for (auto& [id, w] : workers) {
       if (w.credit <= 0 || queue_key(w.stage, w.shard) != key) continue;
+      if (w.tasks.empty()) w.exclusive = false;
+      // A suspect goes to an idle worker and is the only task it holds, so that if it
+      // kills the worker it takes nothing else down with it.
+      if (w.exclusive || (isolate && !w.tasks.empty())) continue;
       if (best == nullptr || w.last_dispatch < best->last_dispatch) best = &w;
     }
     return best;
@@ -282,7 +287,10 @@ struct Broker::Impl {
                              Clock::now() + std::chrono::seconds(opt.task_timeout_s)};
       w.tasks.insert(task);
       ids.push_back(task);
-      if (p.isolate) break;
+      if (p.isolate) {
+        w.exclusive = true;
+        break;
+      }
     }
     if (ids.empty()) return;
     json h = wire::header("tasks");

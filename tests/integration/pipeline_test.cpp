@@ -324,6 +324,9 @@ TEST_F(PipelineTest, BadInputGetsClearErrorsAndEveryProcessStaysUp) {
   EXPECT_NE(r["error"].get<std::string>().find("\"top\""), std::string::npos);
   r = exchange({R"({"v":1,"type":"submit_upload","model_id":"../etc","prompts":["a"]})", "img"});
   EXPECT_EQ(r["code"], "bad_request");
+  r = exchange({R"({"v":1,"type":"submit_query","top":null})", "img"});
+  EXPECT_EQ(r["code"], "bad_request");
+  EXPECT_NE(r["error"].get<std::string>().find("\"top\" must be an integer"), std::string::npos);
   r = exchange({R"({"v":1,"type":"get_job","job_id":"0123456789abcdef0123456789abcdef"})"});
   EXPECT_EQ(r["code"], "not_found");
 

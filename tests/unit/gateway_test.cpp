@@ -353,11 +353,18 @@ TEST_F(GatewayTest, ChunkedBodiesAreCountedAgainstTheLimit) {
   EXPECT_EQ(got[0].frames[0], std::string(900, 'c'));
 
   res = http->Post("/v1/queries", chunked(std::string(5000, 'c')), "image/png");
-  ASSERT_TRUE(res);
-  EXPECT_EQ(res->status, 413);
-  EXPECT_EQ(error_code(res), "too_large");
-  // The rest of that body is still on the connection: the gateway asks the client to close.
-  EXPECT_EQ(res->get_header_value("Connection"), "close");
+  if (res) {
+    EXPECT_EQ(res->status, 413);
+    EXPECT_EQ(error_code(res), "too_large");
+    // The rest of that body is still on the connection: the gateway asks the client to close.
+    EXPECT_EQ(res->get_header_value("Connection"), "close");
+  } else {
+    // Under load the gateway's answer and close can beat the client's last chunks; the
+    // client then sees the refusal as a failed write. Either way nothing was submitted.
+    EXPECT_TRUE(res.error() == httplib::Error::Write || res.error() == httplib::Error::Read)
+        << httplib::to_string(res.error());
+  }
+  EXPECT_EQ(broker.received("submit_query").size(), 1u);
 }
 
 TEST_F(GatewayTest, ApiKeyIsRequiredWhenSet) {
