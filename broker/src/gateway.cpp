@@ -387,6 +387,9 @@ struct Gateway::Impl {
   void guarded(const httplib::Request& req, httplib::Response& res,
                const std::function<void()>& handler);
 
+  std::size_t body_drain_cap() const;
+  void require_key(const httplib::Request& req, httplib::Response& res,
+                   const httplib::ContentReader& reader, std::size_t drain_cap);
   void post_query(const httplib::Request& req, httplib::Response& res,
                   const httplib::ContentReader& reader);
   void post_upload(const httplib::Request& req, httplib::Response& res,
@@ -655,14 +658,23 @@ void Gateway::Impl::on_logged(const httplib::Request& req, const httplib::Respon
   log::write(level, "http request", fields);
 }
 
-void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& res,
-                               const httplib::ContentReader& reader) {
-  const std::size_t drain_cap =
-      std::max(options.max_query_bytes, options.max_upload_bytes) + kMultipartSlack;
+std::size_t Gateway::Impl::body_drain_cap() const {
+  return std::max(options.max_query_bytes, options.max_upload_bytes) + kMultipartSlack;
+}
+
+// A refused body is still read (up to `drain_cap`), or it would be parsed as the next request.
+void Gateway::Impl::require_key(const httplib::Request& req, httplib::Response& res,
+                                const httplib::ContentReader& reader, std::size_t drain_cap) {
   if (!authorized(req)) {
     drain(req, res, reader, drain_cap);
     throw HttpError(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer)");
   }
+}
+
+void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& res,
+                               const httplib::ContentReader& reader) {
+  const std::size_t drain_cap = body_drain_cap();
+  require_key(req, res, reader, drain_cap);
   const std::string type = req.get_header_value("Content-Type");
   const bool multipart = req.is_multipart_form_data();
   if (!multipart && type.rfind("multipart/", 0) == 0) {
@@ -719,12 +731,8 @@ void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& r
 
 void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& res,
                                 const httplib::ContentReader& reader) {
-  const std::size_t drain_cap =
-      std::max(options.max_query_bytes, options.max_upload_bytes) + kMultipartSlack;
-  if (!authorized(req)) {
-    drain(req, res, reader, drain_cap);
-    throw HttpError(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer)");
-  }
+  const std::size_t drain_cap = body_drain_cap();
+  require_key(req, res, reader, drain_cap);
   UploadRequest up;
   up.model_id = req.matches[1].str();
   up.idempotency_key = idempotency_key(req);

@@ -25,15 +25,8 @@
 // layout of httplib's classes; every user must define them (see tests/unit/ops_test.cpp).
 // Included last: on Linux it pulls in <resolv.h>, whose `_res` macro breaks Eigen's headers
 // when they come after it.
-#ifndef CPPHTTPLIB_OPENSSL_SUPPORT
-#define CPPHTTPLIB_OPENSSL_SUPPORT
-#endif
-#ifndef CPPHTTPLIB_ZLIB_SUPPORT
-#define CPPHTTPLIB_ZLIB_SUPPORT
-#endif
-#ifndef CPPHTTPLIB_BROTLI_SUPPORT
-#define CPPHTTPLIB_BROTLI_SUPPORT
-#endif
+// Its feature flags (OpenSSL, zlib, brotli) come from gmi_core's public link to the
+// cpp-httplib package: every includer must see the same class layout as the library.
 #include <httplib.h>
 
 namespace gmi {

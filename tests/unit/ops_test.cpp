@@ -14,15 +14,8 @@
 // Debian's cpp-httplib is a compiled library built with these options, and they change the
 // layout of httplib's classes; every user must define them (pkg-config --cflags cpp-httplib),
 // and gmi_core links the library privately, so the test defines them itself.
-#ifndef CPPHTTPLIB_OPENSSL_SUPPORT
-#define CPPHTTPLIB_OPENSSL_SUPPORT
-#endif
-#ifndef CPPHTTPLIB_ZLIB_SUPPORT
-#define CPPHTTPLIB_ZLIB_SUPPORT
-#endif
-#ifndef CPPHTTPLIB_BROTLI_SUPPORT
-#define CPPHTTPLIB_BROTLI_SUPPORT
-#endif
+// Its feature flags (OpenSSL, zlib, brotli) come from gmi_core's public link to the
+// cpp-httplib package: every includer must see the same class layout as the library.
 #include <httplib.h>
 
 #include "gmi/error.hpp"
