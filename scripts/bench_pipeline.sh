@@ -3,6 +3,7 @@
 # temp dir, renders a small demo hub, then for each mode
 #   serve      one `gmi serve` (broker + stage workers + gateway in one process, inproc)
 #   processes  `gmi broker` + one `gmi worker --stage S` per stage (TCP between them)
+#   processes-2embed  the same with two embed workers (does throughput grow with workers?)
 # uploads every model's spec, and runs bench/load_pipeline at 1, 4 and 16 clients.
 # Prints one combined table and writes one JSON line per run to out/bench-pipeline.jsonl.
 # Builds nothing: expects a build from scripts/build.sh (build/), or --build DIR.
@@ -17,11 +18,11 @@ models=8
 client_counts="1 4 16"
 duration=5
 warmup=1
-modes="serve processes"
+modes="serve processes processes-2embed"
 top=10
 out_file=out/bench-pipeline.jsonl
 keep=0
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=$2; shift 2 ;;
@@ -136,7 +137,7 @@ stages="decode embed interrogate score spec"
 # start_mode MODE: starts the service, sets $frontend and $ready_urls.
 start_mode() {
   local mode=$1 ports fport bport ops s i
-  read -r -a ports < <(free_ports 8)
+  read -r -a ports < <(free_ports 12)
   fport=${ports[0]}
   bport=${ports[1]}
   frontend="tcp://127.0.0.1:$fport"
@@ -155,17 +156,19 @@ start_mode() {
       wait_http "http://127.0.0.1:$ops/healthz" 30 "${service_pids[@]}"
       ready_urls+=("http://127.0.0.1:$ops/readyz")
       ;;
-    processes)
+    processes|processes-2embed)
+      local mode_stages=$stages
+      [ "$mode" = processes-2embed ] && mode_stages="decode embed embed interrogate score spec"
       ops=${ports[2]}
       GMI_BROKER_OPS_PORT=$ops "$gmi" broker >"$tmp/broker.log" 2>&1 &
       service_pids+=($!)
       pids+=($!)
       wait_http "http://127.0.0.1:$ops/readyz" 30 "${service_pids[@]}"
       i=3
-      for s in $stages; do
+      for s in $mode_stages; do
         ops=${ports[$i]}
         i=$((i + 1))
-        GMI_WORKER_OPS_PORT=$ops "$gmi" worker --stage "$s" >"$tmp/worker-$s.log" 2>&1 &
+        GMI_WORKER_OPS_PORT=$ops "$gmi" worker --stage "$s" >"$tmp/worker-$s-$i.log" 2>&1 &
         service_pids+=($!)
         pids+=($!)
         ready_urls+=("http://127.0.0.1:$ops/readyz")
