@@ -453,9 +453,16 @@ struct Broker::Impl {
       if (now - w.last_heard > dead_after) dead.push_back(id);
     }
     for (const auto& id : dead) worker_lost(id, "stopped answering heartbeats");
+    // A heartbeat that cannot be delivered means ZeroMQ saw the connection go (a killed
+    // worker's socket closes at once): no need to wait out the liveness interval.
+    std::vector<std::string> gone;
     for (auto& [id, w] : workers) {
-      if (now - w.last_sent >= milliseconds(opt.heartbeat_ms)) send_worker(id, wire::header("heartbeat"));
+      if (now - w.last_sent >= milliseconds(opt.heartbeat_ms) &&
+          !send_worker(id, wire::header("heartbeat"))) {
+        gone.push_back(id);
+      }
     }
+    for (const auto& id : gone) worker_lost(id, "disconnected");
     // Tasks whose worker is alive but has not answered in task_timeout_s.
     std::vector<std::string> late;
     for (const auto& [task, f] : flights) {

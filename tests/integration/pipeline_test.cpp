@@ -380,7 +380,9 @@ class WorkerCrashTest : public PipelineTest, public ::testing::WithParamInterfac
 
 TEST_P(WorkerCrashTest, KilledWorkerMidJobLosesNothing) {
   const std::string stage = GetParam();
-  START_CLUSTER(c);
+  // A long liveness, so that the frozen worker still counts as alive when the jobs reach
+  // it however slow the build; the kill itself is seen at once (the connection drops).
+  START_CLUSTER(c, true, {"GMI_BROKER_LIVENESS=100"});
   c.start_all();
   upload_hub(c);
   const auto [results_before, active_before] = c.redis_counts();
@@ -399,12 +401,17 @@ TEST_P(WorkerCrashTest, KilledWorkerMidJobLosesNothing) {
       ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
     }
   }
-  // Wait until the jobs sit at the frozen stage, then kill it and start a replacement.
-  for (int i = 0; i < 100; ++i) {
-    json j = c.client().get_job(ids.back(), 0);
-    if (j.value("stage", "") == stage && j.value("state", "") == "running") break;
-    std::this_thread::sleep_for(50ms);
+  // Wait until a job reaches the frozen stage (the broker hands it to the frozen worker at
+  // once: it has credit), then kill that worker and start a replacement.
+  bool reached = false;
+  for (int i = 0; i < 600 && !reached; ++i) {
+    for (const auto& id : ids) {
+      if (c.client().get_job(id, 0).value("stage", "") == stage) reached = true;
+    }
+    if (!reached) std::this_thread::sleep_for(50ms);
   }
+  ASSERT_TRUE(reached) << "no job reached stage " << stage << "\n" << c.logs();
+  std::this_thread::sleep_for(200ms);
   c.worker(stage).signal(SIGKILL);
   c.start_worker(stage);
 
