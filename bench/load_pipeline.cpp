@@ -11,6 +11,7 @@
 //   load_pipeline --broker tcp://127.0.0.1:5555 --clients 4 --duration 5 --images q/*.jpg
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -320,5 +321,10 @@ int main(int argc, char** argv) {
     std::printf("  %-34s %10.3f / %.3f ms   (target p50 <= 2 ms)\n",
                 "queueing overhead p50 / p99", pct(overhead, 0.5), pct(overhead, 0.99));
   }
-  return all.empty() ? 1 : 0;
+  // zmq_ctx_term() has been seen to block here after every client socket closed (not
+  // understood yet; `gmi query`, single-threaded, exits cleanly). The figures are out:
+  // flush them and leave without tearing the context down.
+  std::fflush(stdout);
+  std::fflush(stderr);
+  std::_Exit(all.empty() ? 1 : 0);
 }
