@@ -75,10 +75,27 @@ class CliTest : public ::testing::Test {
 testing::TempDir* CliTest::dir_ = nullptr;
 std::string CliTest::setup_error_;
 
+TEST_F(CliTest, ConfigShowNamesWhereEachSettingCameFrom) {
+  ProcessResult r = gmi({"config", "show", "--json", "--set", "score.shards=3"},
+                        {"GMI_BROKER_HEARTBEAT_MS=250"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json all = json::parse(r.out);
+  EXPECT_EQ(all["score.shards"]["value"], "3");
+  EXPECT_EQ(all["score.shards"]["source"], "flag");
+  EXPECT_EQ(all["broker.heartbeat_ms"]["value"], "250");
+  EXPECT_EQ(all["broker.heartbeat_ms"]["source"], "env GMI_BROKER_HEARTBEAT_MS");
+  EXPECT_EQ(all["redis.uri"]["source"], "default");
+  ProcessResult bad = gmi({"config", "show", "--set", "broker.hartbeat_ms=1"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("broker.hartbeat_ms"), std::string::npos) << bad.err;
+}
+
 TEST_F(CliTest, HelpOnEverySubcommand) {
   for (auto args : std::vector<std::vector<std::string>>{
            {"--help"}, {"spec", "--help"}, {"spec", "build", "--help"}, {"spec", "inspect", "--help"},
-           {"identify", "--help"}}) {
+           {"identify", "--help"}, {"serve", "--help"}, {"broker", "--help"},
+           {"worker", "--help"}, {"gateway", "--help"}, {"query", "--help"}, {"upload", "--help"},
+           {"job", "--help"}, {"keygen", "--help"}, {"config", "show", "--help"}}) {
     ProcessResult r = gmi(args);
     EXPECT_EQ(r.exit_code, 0) << args.back();
     EXPECT_NE(r.out.find("Usage"), std::string::npos);
