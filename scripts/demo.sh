@@ -77,7 +77,9 @@ echo "-- uploading every model (gmi upload: decode -> embed -> spec, stored in R
 for dir in "$out"/hub/models/*/; do
   m=$(basename "$dir")
   "$gmi" upload --model "$m" --manifest "$dir/manifest.jsonl" --json |
-    /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin); s=j["result"]["spec"]; print(f"   {j[\"model_id\"]:<24} {j[\"state\"]:<9} n={s[\"n\"]} r={s[\"r\"]} residual={s[\"residual_mmd2\"]:.2e}")'
+    /usr/bin/python3 -c 'import json, sys
+j = json.load(sys.stdin); s = j["result"]["spec"]
+print("   %-24s %-9s n=%d r=%d residual=%.2e" % (j["model_id"], j["state"], s["n"], s["r"], s["residual_mmd2"]))'
 done
 sleep 1  # the score workers pick up new specs within score.refresh_ms
 line=$(head -1 "$out/hub/queries.jsonl")
