@@ -11,7 +11,7 @@ packages=(
   libzmq3-dev cppzmq-dev prometheus-cpp-dev libcpp-httplib-dev libyaml-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server redis-tools
-  python3 python3-numpy python3-pil python3-skimage python3-matplotlib python3-jsonschema python3-zmq
+  python3 python3-numpy python3-pil python3-skimage python3-matplotlib python3-jsonschema
 )
 
 missing=()
