@@ -342,6 +342,15 @@ struct ServiceCommands::State {
     return 1;
   }
 
+  // After a submission: print the id (--no-wait), or wait for the job and report it.
+  int follow(BrokerClient& client, const std::string& id, bool query) {
+    if (no_wait) {
+      std::cout << (json_out ? json{{"job_id", id}}.dump() : id) << "\n";
+      return 0;
+    }
+    return report_job(await_job(client, id), query);
+  }
+
   int run_query() {
     Config c = config();
     zmq::context_t ctx;
@@ -352,11 +361,7 @@ struct ServiceCommands::State {
     q.scorer = scorer;
     q.prompt = prompt;
     const std::string id = client.submit_query(q);
-    if (no_wait) {
-      std::cout << (json_out ? json{{"job_id", id}}.dump() : id) << "\n";
-      return 0;
-    }
-    return report_job(await_job(client, id), true);
+    return follow(client, id, true);
   }
 
   int run_upload() {
@@ -377,11 +382,7 @@ struct ServiceCommands::State {
     }
     if (u.images.empty()) throw InputError("the manifest " + manifest + " names no usable images");
     const std::string id = client.submit_upload(u);
-    if (no_wait) {
-      std::cout << (json_out ? json{{"job_id", id}}.dump() : id) << "\n";
-      return 0;
-    }
-    return report_job(await_job(client, id), false);
+    return follow(client, id, false);
   }
 
   int run_job() {
