@@ -15,6 +15,7 @@
 #include <CLI/CLI.hpp>
 
 #include "gmi/encoder.hpp"
+#include "gmi/encoder_registry.hpp"
 #include "gmi/image.hpp"
 #include "gmi/manifest.hpp"
 #include "gmi/rkme.hpp"
@@ -45,11 +46,22 @@ int main(int argc, char** argv) {
   int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   app.add_option("--hub", hub, "hub directory made by scripts/make_hub.py")->required();
   app.add_option("--threads", threads, "embedding threads");
-  std::string dump;
+  std::string dump, encoder = "auto", encoder_dir;
+  app.add_option("--encoder", encoder, "image encoder: auto, builtin, an installed name, or a card path")
+      ->capture_default_str();
+  app.add_option("--encoder-dir", encoder_dir, "folder of installed encoders");
   app.add_option("--dump", dump, "write embeddings to DIR (samples.f32, queries.f32, labels.json) for offline analysis");
   CLI11_PARSE(app, argc, argv);
 
-  auto enc = make_builtin_image_encoder();
+  EncoderRuntime rt;
+  rt.encoder_dir = encoder_dir;
+  std::unique_ptr<ImageEncoder> enc;
+  try {
+    enc = make_image_encoder(encoder, rt);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "eval_encoder: %s\n", e.what());
+    return 2;
+  }
   std::vector<std::string> models;
   for (auto& d : fs::directory_iterator(fs::path(hub) / "models"))
     if (fs::exists(d.path() / "manifest.jsonl")) models.push_back(d.path().filename());

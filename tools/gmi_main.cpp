@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "gmi/encoder.hpp"
+#include "gmi/encoder_registry.hpp"
 #include "gmi/error.hpp"
 #include "gmi/image.hpp"
 #include "gmi/manifest.hpp"
@@ -29,6 +30,7 @@
 #include "gmi/pipeline.hpp"
 #include "gmi/spec_store.hpp"
 #include "service.hpp"
+#include "text_commands.hpp"
 #include "progress.hpp"
 
 namespace {
@@ -41,8 +43,16 @@ constexpr const char* kVersion = "0.1.0";
 struct CommonOptions {
   std::string store = "dir:specs";
   int threads = 0;
-  std::string image_encoder = "builtin";
-  std::string text_encoder = "builtin";
+  std::string image_encoder = "auto";
+  std::string text_encoder = "auto";
+  gmi::EncoderRuntime runtime;
+  std::string encoder_dir;
+  bool load_encoder = false;
+  gmi::EncoderRuntime encoders() const {
+    gmi::EncoderRuntime rt = runtime;
+    rt.encoder_dir = encoder_dir;
+    return rt;
+  }
 };
 
 /// One decoded-and-embedded batch: a row per usable input, an error per unusable one.
@@ -95,6 +105,22 @@ void add_common(CLI::App* cmd, CommonOptions& c) {
       ->envname("GMI_THREADS");
 }
 
+void add_encoder_options(CLI::App* cmd, CommonOptions& c) {
+  cmd->add_option("--encoder", c.image_encoder,
+                  "image encoder: auto (the best installed), builtin, an installed name, or a card path")
+      ->envname("GMI_ENCODER_IMAGE")
+      ->capture_default_str();
+  cmd->add_option("--text-encoder", c.text_encoder, "prompt encoder: auto, builtin, a name or a card path")
+      ->envname("GMI_ENCODER_TEXT")
+      ->capture_default_str();
+  cmd->add_option("--encoder-dir", c.encoder_dir,
+                  "folder of installed encoders (default: $GMI_ENCODER_DIR or ~/.local/share/gmi/encoders)")
+      ->envname("GMI_ENCODER_DIR");
+  cmd->add_option("--device", c.runtime.device, "where TorchScript encoders run: cpu, cuda, cuda:N")
+      ->envname("GMI_EMBED_DEVICE")
+      ->capture_default_str();
+}
+
 // ------------------------------------------------------------------ spec build
 
 struct BuildArgs {
@@ -111,8 +137,8 @@ int run_spec_build(const CommonOptions& c, const BuildArgs& a) {
   for (const auto& issue : man.issues)
     std::fprintf(stderr, "gmi: %s:%d: %s (line skipped)\n", a.manifest.c_str(), issue.line,
                  issue.message.c_str());
-  auto image_encoder = gmi::make_image_encoder(c.image_encoder);
-  auto text_encoder = gmi::make_text_encoder(c.text_encoder);
+  auto image_encoder = gmi::make_image_encoder(c.image_encoder, c.encoders());
+  auto text_encoder = gmi::make_text_encoder(c.text_encoder, c.encoders());
 
   std::vector<std::filesystem::path> paths;
   for (const auto& e : man.entries) paths.push_back(e.image);
@@ -212,7 +238,8 @@ json results_json(const std::vector<gmi::RankedModel>& ranked) {
   return arr;
 }
 
-std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const IdentifyArgs& a) {
+std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const IdentifyArgs& a,
+                                                 const gmi::EncoderIdentity& image_encoder) {
   auto store = gmi::open_spec_store(c.store);
   std::vector<gmi::Spec> specs;
   auto ids = store->list();
@@ -229,16 +256,15 @@ std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const I
   opt.score.top_k = a.top;
   if (a.tau > 0) opt.score.tau = a.tau;
   opt.interrogator = a.interrogator;
-  std::shared_ptr<const gmi::ImageEncoder> ie = gmi::make_image_encoder(c.image_encoder);
-  std::shared_ptr<const gmi::TextEncoder> te = gmi::make_text_encoder(c.text_encoder);
-  return std::make_unique<gmi::Identifier>(std::move(specs), ie, te, opt);
+  std::shared_ptr<const gmi::TextEncoder> te = gmi::make_text_encoder(c.text_encoder, c.encoders());
+  return std::make_unique<gmi::Identifier>(std::move(specs), image_encoder, te->identity(), te, opt);
 }
 
 int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
   if (a.image.empty() == a.batch.empty())
     throw gmi::InputError("give exactly one of IMAGE or --batch QUERIES.jsonl");
-  auto identifier = load_identifier(c, a);
-  auto encoder = gmi::make_image_encoder(c.image_encoder);
+  auto encoder = gmi::make_image_encoder(c.image_encoder, c.encoders());
+  auto identifier = load_identifier(c, a, encoder->identity());
 
   if (!a.image.empty()) {
     EmbeddedBatch b = decode_and_embed({a.image}, *encoder, 1, {}, "embedding");
@@ -289,6 +315,39 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
   return 0;
 }
 
+// ------------------------------------------------------------------ encoder show
+
+int run_encoder_show(const CommonOptions& c, const std::string& name, bool json_out) {
+  const gmi::EncoderRuntime rt = c.encoders();
+  const gmi::ImageEncoderInfo info = gmi::image_encoder_info(name, rt);
+  json j = {{"name", name},
+            {"source", info.source},
+            {"identity", info.identity.str()},
+            {"dim", info.identity.dim},
+            {"default_gamma", info.identity.default_gamma},
+            {"min_side", info.min_side},
+            {"encoder_dir", (rt.encoder_dir.empty() ? gmi::default_encoder_dir() : rt.encoder_dir).string()},
+            {"torch", gmi::torch_description()}};
+  if (c.load_encoder) {
+    auto enc = gmi::make_image_encoder(name, rt);
+    gmi::Image probe;
+    probe.width = probe.height = std::max(64, info.min_side);
+    probe.rgb.assign(static_cast<std::size_t>(probe.width) * probe.height * 3, 128);
+    for (std::size_t i = 0; i < probe.rgb.size(); ++i) probe.rgb[i] = static_cast<std::uint8_t>((i * 37) % 251);
+    const gmi::RowMatrix x = enc->encode({probe});
+    j["loaded"] = enc->identity().str();
+    j["probe_norm"] = x.row(0).norm();
+  }
+  if (json_out) {
+    std::cout << j.dump() << "\n";
+  } else {
+    for (auto it = j.begin(); it != j.end(); ++it)
+      std::printf("%-14s %s\n", it.key().c_str(), it.value().is_string() ? it.value().get<std::string>().c_str()
+                                                                          : it.value().dump().c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -319,6 +378,7 @@ int main(int argc, char** argv) {
   build_cmd->add_option("--card", build.card, "model card text");
   build_cmd->add_flag("--json", build.json_out, "print the result as JSON");
   add_common(build_cmd, common);
+  add_encoder_options(build_cmd, common);
 
   std::vector<std::string> inspect_models;
   bool inspect_json = false;
@@ -347,12 +407,25 @@ int main(int argc, char** argv) {
   identify_cmd->add_option("--prompt", ident.prompt, "use this text as the query's prompt (skips the interrogator)");
   identify_cmd->add_flag("--json", ident.json_out, "print JSON: {\"results\": [{\"rank\", \"model\", \"score\"}]}");
   add_common(identify_cmd, common);
+  add_encoder_options(identify_cmd, common);
+
+  std::string show_name = "auto";
+  bool show_json = false;
+  auto* encoder_cmd = app.add_subcommand("encoder", "show the installed encoders and which one `auto` picks");
+  encoder_cmd->require_subcommand(1);
+  auto* show_cmd = encoder_cmd->add_subcommand("show", "resolve an encoder name and print its identity");
+  show_cmd->add_option("name", show_name, "auto, builtin, an installed name, or a card path")->capture_default_str();
+  show_cmd->add_flag("--json", show_json, "print JSON");
+  show_cmd->add_flag("--load", common.load_encoder, "also load the weights and run one probe image");
+  add_encoder_options(show_cmd, common);
 
   gmi::cli::ServiceCommands service(app);
+  gmi::cli::TextCommands text(app);
 
   CLI11_PARSE(app, argc, argv);
   try {
     if (int code = service.run(); code >= 0) return code;
+    if (int code = text.run(); code >= 0) return code;
     if (build_cmd->parsed()) return run_spec_build(common, build);
     if (inspect_cmd->parsed()) return run_spec_inspect(common, inspect_models, inspect_json);
     if (remove_cmd->parsed()) {
@@ -362,6 +435,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (identify_cmd->parsed()) return run_identify(common, ident);
+    if (show_cmd->parsed()) return run_encoder_show(common, show_name, show_json);
   } catch (const gmi::InputError& e) {
     std::fprintf(stderr, "gmi: error: %s\n", e.what());
     return 2;

@@ -617,14 +617,4 @@ std::unique_ptr<TextEncoder> make_builtin_text_encoder() {
   return std::make_unique<HashedTextEncoder>();
 }
 
-std::unique_ptr<ImageEncoder> make_image_encoder(const std::string& name) {
-  if (name == "builtin" || name == "gmi-style") return make_builtin_image_encoder();
-  throw InputError("unknown image encoder '" + name + "' (available: builtin)");
-}
-
-std::unique_ptr<TextEncoder> make_text_encoder(const std::string& name) {
-  if (name == "builtin" || name == "gmi-text-hash") return make_builtin_text_encoder();
-  throw InputError("unknown text encoder '" + name + "' (available: builtin)");
-}
-
 }  // namespace gmi

@@ -191,8 +191,13 @@ const std::vector<ConfigKey>& Config::schema() {
       {"embed.max_batch", "64", "most images an embed worker encodes at once"},
       {"embed.max_wait_ms", "0",
        "how long an embed worker waits to fill a batch (0: batches form while it computes)"},
-      {"embed.encoder", "builtin", "image encoder: builtin"},
-      {"embed.device", "cpu", "where the encoder runs: cpu"},
+      {"embed.device", "cpu", "where TorchScript encoders run: cpu, cuda or cuda:N"},
+      {"embed.fp16", "true", "half precision when embed.device is a CUDA device"},
+
+      {"encoder.image", "auto",
+       "image encoder: auto (the best installed), builtin, an installed name, or a card path"},
+      {"encoder.text", "auto", "prompt encoder: auto (the built-in hashed one), builtin, a name or a card"},
+      {"encoder.dir", "", "folder of installed encoders (empty: $GMI_ENCODER_DIR or ~/.local/share/gmi/encoders)"},
 
       {"interrogate.interrogator", "neighbour", "how prompts are guessed for images: neighbour"},
       {"interrogate.max_batch", "64", "most images an interrogate worker takes at once"},

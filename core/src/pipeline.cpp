@@ -72,24 +72,25 @@ Spec build_spec(const std::string& model_id, const std::vector<Image>& images,
                                     progress);
 }
 
-Identifier::Identifier(std::vector<Spec> specs, std::shared_ptr<const ImageEncoder> image_encoder,
-                       std::shared_ptr<const TextEncoder> text_encoder, IdentifyOptions options)
+Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
+                       std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options)
     : image_encoder_(std::move(image_encoder)),
       text_encoder_(std::move(text_encoder)),
+      prompt_encoder_(std::move(prompt_encoder)),
       options_(std::move(options)),
       index_(std::move(specs)) {
-  if (index_.size() > 0) index_.check_compatible(image_encoder_->identity(), text_encoder_->identity());
+  if (prompt_encoder_ && !(prompt_encoder_->identity() == text_encoder_)) {
+    throw EncoderMismatchError("the prompt encoder is " + prompt_encoder_->identity().str() + ", not " +
+                               text_encoder_.str());
+  }
+  if (index_.size() > 0) index_.check_compatible(image_encoder_, text_encoder_);
   interrogator_ = make_interrogator(options_.interrogator, index_);
-}
-
-RowMatrix Identifier::embed(const std::vector<Image>& images) const {
-  return image_encoder_->encode(images);
 }
 
 RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
                                      const std::vector<std::string>& prompts) const {
   if (options_.score.scorer != Scorer::kWeighted || index_.size() == 0 || xs.rows() == 0) {
-    return RowMatrix::Zero(xs.rows(), text_encoder_->identity().dim);
+    return RowMatrix::Zero(xs.rows(), text_encoder_.dim);
   }
   RowMatrix ts = interrogator_->pseudo_prompts(xs);
   std::vector<std::string> given;
@@ -100,7 +101,8 @@ RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
       rows.push_back(static_cast<Eigen::Index>(i));
     }
   if (!given.empty()) {
-    RowMatrix pt = text_encoder_->encode(given);
+    if (!prompt_encoder_) throw InputError("this process embeds no prompts (it has no text encoder)");
+    RowMatrix pt = prompt_encoder_->encode(given);
     for (size_t k = 0; k < rows.size(); ++k) ts.row(rows[k]) = pt.row(static_cast<Eigen::Index>(k));
   }
   return ts;

@@ -4,6 +4,7 @@
 #include <random>
 
 #include "gmi/encoder.hpp"
+#include "gmi/encoder_registry.hpp"
 #include "gmi/error.hpp"
 
 namespace gmi {

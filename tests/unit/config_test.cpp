@@ -63,7 +63,7 @@ std::string error_of(const std::function<void()>& f) {
 
 TEST(Config, SchemaHasTheDocumentedKeysAndUniqueEnvNames) {
   const auto& schema = Config::schema();
-  EXPECT_EQ(schema.size(), 55u);
+  EXPECT_EQ(schema.size(), 58u);
   std::set<std::string> keys, envs;
   for (const auto& k : schema) {
     EXPECT_TRUE(keys.insert(k.key).second) << "duplicate key " << k.key;
@@ -74,6 +74,8 @@ TEST(Config, SchemaHasTheDocumentedKeysAndUniqueEnvNames) {
   Config c = Config::load("");
   EXPECT_EQ(c.get_int("broker.heartbeat_ms", 1, 600000), 500);
   EXPECT_EQ(c.get_string("broker.frontend"), "tcp://127.0.0.1:5555");
+  EXPECT_EQ(c.get_string("encoder.image"), "auto");
+  EXPECT_TRUE(c.get_bool("embed.fp16"));
   EXPECT_EQ(c.get_string("gateway.api_key_file"), "");
   EXPECT_EQ(c.get_int("broker.ops_port", -1, 65535), 9100);
   EXPECT_FALSE(c.get_bool("curve.enabled"));

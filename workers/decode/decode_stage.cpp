@@ -6,7 +6,7 @@
 #include <span>
 
 #include "../runtime/stages.hpp"
-#include "gmi/encoder.hpp"
+#include "gmi/encoder_registry.hpp"
 #include "gmi/error.hpp"
 #include "gmi/image.hpp"
 #include "gmi/log.hpp"
@@ -24,7 +24,9 @@ class DecodeStage final : public Stage {
     policy_.max_wait_ms = static_cast<int>(config.get_int("decode.max_wait_ms", 0, 60000));
     options_.max_pixels = static_cast<std::uint64_t>(config.get_int("decode.max_pixels", 1, 1ll << 40));
     options_.max_bytes = static_cast<std::size_t>(config.get_int("decode.max_bytes", 1, 1ll << 34));
-    options_.target_min_side = make_image_encoder(config.get_string("embed.encoder"))->input_min_side();
+    // The encoder's card alone says how small an image may be decoded; no weights load here.
+    options_.target_min_side =
+        image_encoder_info(config.get_string("encoder.image"), encoder_runtime(config)).min_side;
     // Fault injection for the crash tests: a worker that meets this byte string dies
     // (abort), as a decoder bug would make it. Unset in production.
     if (const char* m = std::getenv("GMI_FAULT_ABORT_ON"); m != nullptr && *m != '\0') abort_on_ = m;

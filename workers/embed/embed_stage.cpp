@@ -2,7 +2,7 @@
 // across jobs: every image of every task in the batch goes through one encode() call, the
 // shape the GPU path needs.
 #include "../runtime/stages.hpp"
-#include "gmi/encoder.hpp"
+#include "gmi/encoder_registry.hpp"
 #include "gmi/error.hpp"
 #include "gmi/wire.hpp"
 #include "gmi/workers/payload.hpp"
@@ -15,14 +15,10 @@ using nlohmann::json;
 class EmbedStage final : public Stage {
  public:
   explicit EmbedStage(const Config& config)
-      : image_encoder_(make_image_encoder(config.get_string("embed.encoder"))),
-        text_encoder_(make_text_encoder(config.get_string("embed.encoder"))) {
+      : image_encoder_(make_image_encoder(config.get_string("encoder.image"), encoder_runtime(config))),
+        text_encoder_(make_text_encoder(config.get_string("encoder.text"), encoder_runtime(config))) {
     policy_.max_batch = static_cast<int>(config.get_int("embed.max_batch", 1, 65536));
     policy_.max_wait_ms = static_cast<int>(config.get_int("embed.max_wait_ms", 0, 60000));
-    const std::string device = config.get_string("embed.device");
-    if (device != "cpu") {
-      throw InputError("embed.device = \"" + device + "\": the built-in encoder runs on cpu only");
-    }
   }
 
   std::string name() const override { return "embed"; }

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "gmi/config.hpp"
+#include "gmi/encoder_registry.hpp"
 #include "gmi/error.hpp"
 #include "gmi/log.hpp"
 #include "gmi/ops.hpp"
@@ -22,11 +23,12 @@ bool in_shard(const std::string& id, int shard, int shards) {
   return static_cast<int>(h % static_cast<std::uint64_t>(shards)) == shard;
 }
 
-HubCache::HubCache(HubCacheOptions options, std::shared_ptr<const ImageEncoder> image_encoder,
-                   std::shared_ptr<const TextEncoder> text_encoder)
+HubCache::HubCache(HubCacheOptions options, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
+                   std::shared_ptr<const TextEncoder> prompt_encoder)
     : options_(std::move(options)),
       image_encoder_(std::move(image_encoder)),
-      text_encoder_(std::move(text_encoder)) {
+      text_encoder_(std::move(text_encoder)),
+      prompt_encoder_(std::move(prompt_encoder)) {
   if (options_.shards < 1 || options_.shard < 0 || options_.shard >= options_.shards) {
     throw InputError("score.shard must be in [0, score.shards); got " + std::to_string(options_.shard) +
                      " of " + std::to_string(options_.shards));
@@ -111,14 +113,14 @@ void HubCache::loop() {
           state.specs.clear();
           for (const auto& id : store->list()) {
             if (!in_shard(id, options_.shard, options_.shards)) continue;
-            fetch(*store, id, state, image_encoder_->identity(), text_encoder_->identity());
+            fetch(*store, id, state, image_encoder_, text_encoder_);
             ++fetched;
           }
         } else {
           std::set<std::string> seen;
           for (const auto& id : changes.models) {
             if (!seen.insert(id).second || !in_shard(id, options_.shard, options_.shards)) continue;
-            fetch(*store, id, state, image_encoder_->identity(), text_encoder_->identity());
+            fetch(*store, id, state, image_encoder_, text_encoder_);
             ++fetched;
           }
         }
@@ -128,8 +130,8 @@ void HubCache::loop() {
         std::vector<Spec> specs;
         specs.reserve(state.specs.size());
         for (const auto& [id, s] : state.specs) specs.push_back(s);
-        auto next = std::make_shared<const Identifier>(std::move(specs), image_encoder_,
-                                                       text_encoder_, options_.identify);
+        auto next = std::make_shared<const Identifier>(std::move(specs), image_encoder_, text_encoder_,
+                                                       prompt_encoder_, options_.identify);
         const double seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         gauge.Set(static_cast<double>(state.specs.size()));
@@ -166,8 +168,14 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
   // Interrogation needs the weighted scorer's pseudo-prompts whatever the job's scorer.
   o.identify.score.scorer = Scorer::kWeighted;
   o.identify.interrogator = config.get_string("interrogate.interrogator");
-  const std::string encoder = config.get_string("embed.encoder");
-  return std::make_unique<HubCache>(o, make_image_encoder(encoder), make_text_encoder(encoder));
+  // Only identities: this process loads no image-encoder weights. Interrogation embeds
+  // prompts a query gives, so it also loads the text encoder.
+  const EncoderRuntime rt = encoder_runtime(config);
+  const std::string text = config.get_string("encoder.text");
+  std::shared_ptr<const TextEncoder> prompts;
+  if (stage == "interrogate") prompts = make_text_encoder(text, rt);
+  return std::make_unique<HubCache>(o, image_encoder_info(config.get_string("encoder.image"), rt).identity,
+                                    prompts ? prompts->identity() : text_encoder_identity(text, rt), prompts);
 }
 
 }  // namespace gmi::workers

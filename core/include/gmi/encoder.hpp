@@ -50,8 +50,18 @@ std::unique_ptr<ImageEncoder> make_builtin_image_encoder();
 /// The built-in hashed word / character n-gram prompt embedding.
 std::unique_ptr<TextEncoder> make_builtin_text_encoder();
 
-/// Encoders by name ("builtin"); the TorchScript path registers more names later.
-std::unique_ptr<ImageEncoder> make_image_encoder(const std::string& name);
-std::unique_ptr<TextEncoder> make_text_encoder(const std::string& name);
+/// A part of a composite encoder and its share of the row's squared norm.
+struct WeightedEncoder {
+  std::shared_ptr<const ImageEncoder> encoder;
+  double weight = 1.0;
+};
+
+/// Concatenates its parts' rows, part i scaled to norm sqrt(w_i / sum w), so the row stays
+/// L2-normalised. `identity.dim` must equal the sum of the parts' dims. The input side is
+/// the largest of the parts'.
+std::unique_ptr<ImageEncoder> make_composite_image_encoder(EncoderIdentity identity,
+                                                           std::vector<WeightedEncoder> parts);
+
+// Encoders by name, card or "auto": gmi/encoder_registry.hpp.
 
 }  // namespace gmi

@@ -55,14 +55,13 @@ struct Identification {
 class Identifier {
  public:
   /// Throws EncoderMismatchError when the specs were made by other encoders than these.
-  Identifier(std::vector<Spec> specs, std::shared_ptr<const ImageEncoder> image_encoder,
-             std::shared_ptr<const TextEncoder> text_encoder, IdentifyOptions options);
+  /// Only the encoders' identities are needed (queries come embedded); the text encoder,
+  /// when given, embeds prompts given in place of the interrogator's.
+  Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
+             std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options);
 
   const SpecIndex& index() const { return index_; }
   const IdentifyOptions& options() const { return options_; }
-
-  /// Embeds the images (DecodeOptions' target side is the encoder's input_min_side()).
-  RowMatrix embed(const std::vector<Image>& images) const;
 
   /// Ranks models for each row of `xs` (image embeddings). `prompts[i]`, when given and
   /// non-empty, is used as query i's pseudo-prompt instead of the interrogator's.
@@ -76,14 +75,11 @@ class Identifier {
   RowMatrix pseudo_prompts(const RowMatrix& xs, const std::vector<std::string>& prompts = {}) const;
   std::vector<Identification> rank(const RowMatrix& xs, const RowMatrix& ts,
                                    const ScoreOptions& options) const;
-  std::vector<Identification> identify_images(const std::vector<Image>& images,
-                                              const std::vector<std::string>& prompts = {}) const {
-    return identify(embed(images), prompts);
-  }
 
  private:
-  std::shared_ptr<const ImageEncoder> image_encoder_;
-  std::shared_ptr<const TextEncoder> text_encoder_;
+  EncoderIdentity image_encoder_;
+  EncoderIdentity text_encoder_;
+  std::shared_ptr<const TextEncoder> prompt_encoder_;
   IdentifyOptions options_;
   SpecIndex index_;
   std::unique_ptr<Interrogator> interrogator_;

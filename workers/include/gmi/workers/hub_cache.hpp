@@ -35,8 +35,9 @@ bool in_shard(const std::string& id, int shard, int shards);
 
 class HubCache {
  public:
-  HubCache(HubCacheOptions options, std::shared_ptr<const ImageEncoder> image_encoder,
-           std::shared_ptr<const TextEncoder> text_encoder);
+  /// `prompt_encoder` may be null when the stage never embeds prompts (score).
+  HubCache(HubCacheOptions options, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
+           std::shared_ptr<const TextEncoder> prompt_encoder);
   ~HubCache();
   HubCache(const HubCache&) = delete;
   HubCache& operator=(const HubCache&) = delete;
@@ -50,8 +51,9 @@ class HubCache {
   void loop();
 
   HubCacheOptions options_;
-  std::shared_ptr<const ImageEncoder> image_encoder_;
-  std::shared_ptr<const TextEncoder> text_encoder_;
+  EncoderIdentity image_encoder_;
+  EncoderIdentity text_encoder_;
+  std::shared_ptr<const TextEncoder> prompt_encoder_;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::shared_ptr<const Identifier> current_;
@@ -60,7 +62,7 @@ class HubCache {
   std::thread thread_;
 };
 
-/// A cache for `stage` from the configuration: redis.uri, score.refresh_ms, embed.encoder,
+/// A cache for `stage` from the configuration: redis.uri, score.refresh_ms, encoder.*,
 /// and (when `sharded`) score.shard / score.shards; the whole hub otherwise.
 std::unique_ptr<HubCache> make_hub_cache(const gmi::Config& config, const std::string& stage,
                                          bool sharded);

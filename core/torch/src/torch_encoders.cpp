@@ -1,0 +1,350 @@
+// TorchScript image and text encoders. The only translation unit with torch headers
+// besides its tests: they are slow to compile.
+#include "gmi/torch_encoders.hpp"
+
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <mutex>
+
+#include "gmi/clip_tokenizer.hpp"
+#include "gmi/error.hpp"
+
+namespace gmi {
+namespace {
+
+std::string torch_message(const c10::Error& e) { return e.what_without_backtrace(); }
+
+bool is_oom(const c10::Error& e) {
+  const std::string m = e.what_without_backtrace();
+  return m.find("out of memory") != std::string::npos;
+}
+
+torch::Device parse_device(const std::string& device) {
+  if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
+    throw InputError("device \"" + device + "\" is not cpu, cuda or cuda:N");
+  }
+  torch::Device d(torch::kCPU);
+  try {
+    d = torch::Device(device);
+  } catch (const c10::Error& e) {
+    throw InputError("device \"" + device + "\": " + torch_message(e));
+  }
+  if (d.is_cuda()) {
+    if (!torch::cuda::is_available()) {
+      throw InputError("device \"" + device + "\": this LibTorch sees no CUDA device (" +
+                       torch_runtime_description() + ")");
+    }
+    if (d.has_index() && d.index() >= static_cast<int>(torch::cuda::device_count())) {
+      throw InputError("device \"" + device + "\": only " + std::to_string(torch::cuda::device_count()) +
+                       " CUDA device(s) visible");
+    }
+  }
+  return d;
+}
+
+torch::jit::Module load_module(const EncoderCard& card, const torch::Device& device) {
+  verify_card_files(card);
+  const auto& file = card.file("module");
+  try {
+    torch::jit::Module m = torch::jit::load(file.path.string(), device);
+    m.eval();
+    return m;
+  } catch (const c10::Error& e) {
+    throw InputError("failed to load TorchScript module " + file.path.string() + " (card " + card.path.string() +
+                     "): " + torch_message(e));
+  }
+}
+
+std::vector<torch::Tensor> as_tensors(const c10::IValue& v, const std::string& what) {
+  std::vector<torch::Tensor> out;
+  if (v.isTensor()) {
+    out.push_back(v.toTensor());
+  } else if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements()) {
+      if (!e.isTensor()) throw InputError(what + ": returns a tuple with a non-tensor element");
+      out.push_back(e.toTensor());
+    }
+  } else if (v.isTensorList()) {
+    for (const auto& t : v.toTensorVector()) out.push_back(t);
+  } else if (v.isList()) {
+    for (const auto& e : v.toListRef()) {
+      if (!e.isTensor()) throw InputError(what + ": returns a list with a non-tensor element");
+      out.push_back(e.toTensor());
+    }
+  } else {
+    throw InputError(what + ": returns " + v.tagKind() + ", not tensors");
+  }
+  return out;
+}
+
+torch::Tensor l2_rows(const torch::Tensor& x) {
+  return x / x.norm(2, {1}, true).clamp_min(1e-12);
+}
+
+RowMatrix to_rows(const torch::Tensor& t) {
+  const torch::Tensor c = t.to(torch::kCPU, torch::kFloat).contiguous();
+  RowMatrix out(c.size(0), c.size(1));
+  std::memcpy(out.data(), c.data_ptr<float>(), sizeof(float) * static_cast<std::size_t>(c.numel()));
+  return out;
+}
+
+class TorchImageEncoder final : public ImageEncoder {
+ public:
+  TorchImageEncoder(EncoderCard card, const TorchOptions& options)
+      : card_(std::move(card)), options_(options), device_(parse_device(options.device)) {
+    if (options_.max_batch < 1) throw InputError("max_batch must be >= 1");
+    if (options_.threads > 0) torch::set_num_threads(options_.threads);
+    half_ = device_.is_cuda() && options_.fp16;
+    module_ = load_module(card_, device_);
+    if (half_) module_.to(torch::kHalf);
+    const auto& g = card_.input;
+    mean_ = torch::tensor({g.mean[0], g.mean[1], g.mean[2]}).view({1, 3, 1, 1}).to(device_);
+    inv_std_ = (1.0 / torch::tensor({g.std[0], g.std[1], g.std[2]})).view({1, 3, 1, 1}).to(device_);
+    double total = 0;
+    for (const auto& o : card_.outputs) total += o.weight;
+    for (const auto& o : card_.outputs) scale_.push_back(total > 0 ? std::sqrt(o.weight / total) : 0.0);
+    probe();
+  }
+
+  const EncoderIdentity& identity() const override { return identity_; }
+  int input_min_side() const override { return card_.input.min_side; }
+
+  RowMatrix encode(const std::vector<Image>& images) const override {
+    std::lock_guard lock(mutex_);
+    RowMatrix out(static_cast<Eigen::Index>(images.size()), identity_.dim);
+    c10::InferenceMode guard;
+    const int s = card_.input.size;
+    std::size_t done = 0;
+    int batch = options_.max_batch;
+    // Two host buffers alternate: the next batch is prepared (and, on CUDA, copied from
+    // pinned memory) while the device still computes the previous one.
+    while (done < images.size()) {
+      const std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(batch), images.size() - done);
+      torch::Tensor host = torch::empty({static_cast<long>(n), s, s, 3}, torch::kUInt8);
+      if (device_.is_cuda()) host = host.pin_memory();
+      auto* dst = host.data_ptr<std::uint8_t>();
+      for (std::size_t i = 0; i < n; ++i) {
+        const Image& im = images[done + i];
+        const Image prepared = (im.width == s && im.height == s) ? Image{} : prepare_image(im, card_.input);
+        const Image& p = prepared.width > 0 ? prepared : im;
+        std::memcpy(dst + i * static_cast<std::size_t>(s) * s * 3, p.rgb.data(), p.rgb.size());
+      }
+      try {
+        const torch::Tensor rows = forward(host);
+        out.middleRows(static_cast<Eigen::Index>(done), static_cast<Eigen::Index>(n)) = to_rows(rows);
+        done += n;
+      } catch (const c10::Error& e) {
+        if (device_.is_cuda() && is_oom(e) && batch > 1) {
+          batch = std::max(1, batch / 2);  // retry this part with half the batch
+          continue;
+        }
+        throw Error("encoder " + identity_.str() + ": forward failed: " + torch_message(e));
+      }
+    }
+    return out;
+  }
+
+ private:
+  torch::Tensor forward(const torch::Tensor& host_u8) const {
+    torch::Tensor x = host_u8.to(device_, /*non_blocking=*/true).permute({0, 3, 1, 2});
+    x = x.to(torch::kFloat).div_(card_.input.scale).sub_(mean_).mul_(inv_std_);
+    if (half_) x = x.to(torch::kHalf);
+    std::vector<c10::IValue> inputs{x};
+    const auto outputs = as_tensors(const_cast<torch::jit::Module&>(module_).forward(inputs),
+                                    card_.file("module").path.string());
+    std::vector<torch::Tensor> parts;
+    for (std::size_t k = 0; k < card_.outputs.size(); ++k) {
+      torch::Tensor r = reduce(outputs[k].to(torch::kFloat), card_.outputs[k]);
+      if (card_.outputs[k].power != 1.0) r = r.sign() * r.abs().pow(card_.outputs[k].power);
+      parts.push_back(l2_rows(r) * scale_[k]);
+    }
+    return l2_rows(torch::cat(parts, 1));
+  }
+
+  static torch::Tensor reduce(const torch::Tensor& t, const CardOutput& o) {
+    switch (o.reduce) {
+      case CardOutput::Reduce::kNone:
+        return t.flatten(1);
+      case CardOutput::Reduce::kGramUpper: {
+        const torch::Tensor f = t.flatten(2);  // N, C, HW
+        const torch::Tensor g = torch::bmm(f, f.transpose(1, 2)) / static_cast<double>(f.size(2));
+        const torch::Tensor idx = torch::triu_indices(o.channels, o.channels, 0, torch::TensorOptions().device(t.device()));
+        return g.index({torch::indexing::Slice(), idx[0], idx[1]});
+      }
+      case CardOutput::Reduce::kMeanStd: {
+        const torch::Tensor f = t.flatten(2);
+        return torch::cat({f.mean(2), f.std(2, /*unbiased=*/false)}, 1);
+      }
+    }
+    return t;
+  }
+
+  // One probe batch: the outputs must be what the card says.
+  void probe() {
+    const std::string file = card_.file("module").path.string();
+    const int s = card_.input.size;
+    std::vector<torch::Tensor> outputs;
+    try {
+      c10::InferenceMode guard;
+      torch::Tensor x = torch::zeros({1, 3, s, s}, torch::TensorOptions().device(device_));
+      if (half_) x = x.to(torch::kHalf);
+      std::vector<c10::IValue> inputs{x};
+      outputs = as_tensors(module_.forward(inputs), file);
+    } catch (const c10::Error& e) {
+      throw InputError("TorchScript module " + file + " fails on a 1x3x" + std::to_string(s) + "x" +
+                       std::to_string(s) + " input: " + torch_message(e));
+    }
+    if (outputs.size() != card_.outputs.size()) {
+      throw InputError("TorchScript module " + file + " returns " + std::to_string(outputs.size()) +
+                       " tensor(s) but card " + card_.path.string() + " lists " +
+                       std::to_string(card_.outputs.size()) + " outputs");
+    }
+    int dim = 0;
+    for (std::size_t k = 0; k < outputs.size(); ++k) {
+      const auto& o = card_.outputs[k];
+      const auto& t = outputs[k];
+      const std::string what = "TorchScript module " + file + ": output " + std::to_string(k) + " (" + o.name + ")";
+      if (o.reduce == CardOutput::Reduce::kNone) {
+        if (t.dim() != 2) throw InputError(what + " has shape " + shape(t) + ", expected [N, D]");
+        if (o.channels > 0 && t.size(1) != o.channels) {
+          throw InputError(what + " has " + std::to_string(t.size(1)) + " columns, the card says " +
+                           std::to_string(o.channels));
+        }
+        dim += static_cast<int>(t.size(1));
+      } else {
+        if (t.dim() != 4) throw InputError(what + " has shape " + shape(t) + ", expected [N, C, H, W]");
+        if (t.size(1) != o.channels) {
+          throw InputError(what + " has " + std::to_string(t.size(1)) + " channels, the card says " +
+                           std::to_string(o.channels));
+        }
+        dim += o.width();
+      }
+    }
+    if (dim != card_.dim) {
+      throw InputError("TorchScript module " + file + " makes rows of " + std::to_string(dim) +
+                       " but card " + card_.path.string() + " says dim " + std::to_string(card_.dim));
+    }
+    identity_ = card_.identity();
+  }
+
+  static std::string shape(const torch::Tensor& t) {
+    std::string s = "[";
+    for (int i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+    return s + "]";
+  }
+
+  EncoderCard card_;
+  TorchOptions options_;
+  torch::Device device_;
+  bool half_ = false;
+  mutable torch::jit::Module module_;
+  torch::Tensor mean_, inv_std_;
+  std::vector<double> scale_;
+  EncoderIdentity identity_;
+  mutable std::mutex mutex_;
+};
+
+class TorchTextEncoder final : public TextEncoder {
+ public:
+  TorchTextEncoder(EncoderCard card, const TorchOptions& options)
+      : card_(std::move(card)), options_(options), device_(parse_device(options.device)) {
+    module_ = load_module(card_, device_);
+    const auto& vocab = card_.file("vocab");
+    tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_file(vocab.path.string()));
+    half_ = device_.is_cuda() && options_.fp16;
+    if (half_) module_.to(torch::kHalf);
+    identity_ = card_.identity();
+    // Probe: one text must give one row of the card's dim.
+    const std::string file = card_.file("module").path.string();
+    torch::Tensor y;
+    try {
+      y = run({tokenizer_->encode_with_specials("a photo", card_.context)});
+    } catch (const c10::Error& e) {
+      throw InputError("TorchScript module " + file + " fails on a 1x" + std::to_string(card_.context) +
+                       " id tensor: " + torch_message(e));
+    }
+    if (y.dim() != 2 || y.size(1) != card_.dim) {
+      throw InputError("TorchScript module " + file + " returns shape [" + std::to_string(y.size(0)) +
+                       (y.dim() > 1 ? ", " + std::to_string(y.size(1)) : std::string()) + "] but card " +
+                       card_.path.string() + " says dim " + std::to_string(card_.dim));
+    }
+  }
+
+  const EncoderIdentity& identity() const override { return identity_; }
+
+  RowMatrix encode(const std::vector<std::string>& texts) const override {
+    std::lock_guard lock(mutex_);
+    RowMatrix out = RowMatrix::Zero(static_cast<Eigen::Index>(texts.size()), identity_.dim);
+    std::vector<std::vector<int>> ids;
+    std::vector<Eigen::Index> rows;
+    for (std::size_t i = 0; i < texts.size(); ++i) {
+      if (texts[i].find_first_not_of(" \t\r\n") == std::string::npos) continue;  // empty: zero row
+      ids.push_back(tokenizer_->encode_with_specials(texts[i], card_.context));
+      rows.push_back(static_cast<Eigen::Index>(i));
+    }
+    const std::size_t step = static_cast<std::size_t>(std::max(1, options_.max_batch));
+    for (std::size_t at = 0; at < ids.size(); at += step) {
+      std::vector<std::vector<int>> part(ids.begin() + static_cast<long>(at),
+                                         ids.begin() + static_cast<long>(std::min(ids.size(), at + step)));
+      RowMatrix y;
+      try {
+        y = to_rows(l2_rows(run(part).to(torch::kFloat)));
+      } catch (const c10::Error& e) {
+        throw Error("encoder " + identity_.str() + ": forward failed: " + torch_message(e));
+      }
+      for (std::size_t k = 0; k < part.size(); ++k) out.row(rows[at + k]) = y.row(static_cast<Eigen::Index>(k));
+    }
+    return out;
+  }
+
+ private:
+  torch::Tensor run(const std::vector<std::vector<int>>& ids) const {
+    c10::InferenceMode guard;
+    torch::Tensor t = torch::zeros({static_cast<long>(ids.size()), card_.context}, torch::kLong);
+    auto acc = t.accessor<long, 2>();
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      for (std::size_t j = 0; j < ids[i].size() && j < static_cast<std::size_t>(card_.context); ++j) {
+        acc[static_cast<long>(i)][static_cast<long>(j)] = ids[i][j];
+      }
+    }
+    std::vector<c10::IValue> inputs{t.to(device_)};
+    return module_.forward(inputs).toTensor();
+  }
+
+  EncoderCard card_;
+  TorchOptions options_;
+  torch::Device device_;
+  bool half_ = false;
+  mutable torch::jit::Module module_;
+  std::unique_ptr<ClipTokenizer> tokenizer_;
+  EncoderIdentity identity_;
+  mutable std::mutex mutex_;
+};
+
+}  // namespace
+
+std::unique_ptr<ImageEncoder> load_torchscript_image_encoder(const EncoderCard& card, const TorchOptions& options) {
+  if (card.modality != "image" || card.backend != "torchscript") {
+    throw InputError("encoder card " + card.path.string() + " is not a torchscript image card");
+  }
+  return std::make_unique<TorchImageEncoder>(card, options);
+}
+
+std::unique_ptr<TextEncoder> load_torchscript_text_encoder(const EncoderCard& card, const TorchOptions& options) {
+  if (card.modality != "text" || card.backend != "torchscript") {
+    throw InputError("encoder card " + card.path.string() + " is not a torchscript text card");
+  }
+  return std::make_unique<TorchTextEncoder>(card, options);
+}
+
+std::string torch_runtime_description() {
+  std::string s = "LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                  "." + std::to_string(TORCH_VERSION_PATCH);
+  s += torch::cuda::is_available() ? ", CUDA devices: " + std::to_string(torch::cuda::device_count())
+                                   : ", CUDA available: no";
+  return s;
+}
+
+}  // namespace gmi
