@@ -922,12 +922,12 @@ def main(argv=None):
             card = {
                 "card_version": 1,
                 "name": ENCODER_NAME,
-                "version": "2",
+                "version": "3",
                 "modality": "image",
                 "backend": "torchscript",
                 "dim": 24 * 25 // 2 + 32 * 33 // 2,
                 "default_gamma": 1.0,
-                "input": {"size": 224, "resize": "none", "filter": "bilinear", "min_side": 256,
+                "input": {"size": 224, "resize": "none", "filter": "bilinear", "min_side": 1024,
                           "scale": 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
                 "outputs": [
                     # signed square roots of the Gram entries: measured better on the

@@ -226,10 +226,27 @@ int run_spec_inspect(const CommonOptions& c, const std::vector<std::string>& mod
 
 struct IdentifyArgs {
   std::string image, batch, scorer = "weighted", interrogator = "neighbour", prompt;
+  std::string prompt_bank, captioner;
+  int bank_top_k = 8;
+  double bank_tau = 0.01;
   int top = 4;
   double tau = 0;
   bool json_out = false;
 };
+
+// The captioner's caption of each usable query (row order of `b`), decoded at its own size.
+std::vector<std::string> caption_queries(const CommonOptions& c, const IdentifyArgs& a,
+                                         const std::vector<std::filesystem::path>& paths, const EmbeddedBatch& b) {
+  if (a.captioner.empty()) throw gmi::InputError("--interrogator captioner needs --captioner CARD");
+  auto captioner = gmi::make_captioner(a.captioner, c.encoders());
+  gmi::DecodeOptions opt;
+  opt.target_min_side = captioner->input_min_side();
+  std::vector<gmi::Image> images;
+  for (size_t i = 0; i < paths.size(); ++i) {
+    if (b.row_of[i] >= 0) images.push_back(gmi::read_image_file(paths[i], opt));
+  }
+  return captioner->caption(images);
+}
 
 json results_json(const std::vector<gmi::RankedModel>& ranked) {
   json arr = json::array();
@@ -256,7 +273,18 @@ std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const I
   opt.score.top_k = a.top;
   if (a.tau > 0) opt.score.tau = a.tau;
   opt.interrogator = a.interrogator;
+  gmi::interrogator_input(a.interrogator);  // InputError naming the known ones
   std::shared_ptr<const gmi::TextEncoder> te = gmi::make_text_encoder(c.text_encoder, c.encoders());
+  if (a.interrogator == "prompt-bank") {
+    if (a.prompt_bank.empty()) throw gmi::InputError("--interrogator prompt-bank needs --prompt-bank FILE");
+    if (te->identity().dim != image_encoder.dim) {
+      throw gmi::InputError("--interrogator prompt-bank needs image and text encoders that share one space; the text "
+                            "encoder " + te->identity().str() + " and the image encoder " + image_encoder.str() +
+                            " have different dims");
+    }
+    opt.interrogator_instance =
+        gmi::make_prompt_bank_interrogator(te->encode(gmi::read_prompt_bank(a.prompt_bank)), a.bank_top_k, a.bank_tau);
+  }
   return std::make_unique<gmi::Identifier>(std::move(specs), image_encoder, te->identity(), te, opt);
 }
 
@@ -269,7 +297,9 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
   if (!a.image.empty()) {
     EmbeddedBatch b = decode_and_embed({a.image}, *encoder, 1, {}, "embedding");
     if (b.row_of[0] < 0) throw gmi::DecodeError(gmi::DecodeFailure::kCorrupt, b.errors[0]);
-    auto id = identifier->identify(b.x, {a.prompt});
+    std::string prompt = a.prompt;
+    if (prompt.empty() && a.interrogator == "captioner") prompt = caption_queries(c, a, {a.image}, b).at(0);
+    auto id = identifier->identify(b.x, {prompt});
     const auto& ranked = id[0].results;
     if (a.json_out) {
       std::cout << json{{"results", results_json(ranked)}, {"scorer", a.scorer}}.dump() << "\n";
@@ -294,6 +324,12 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
   std::vector<std::string> used_prompts;
   for (size_t i = 0; i < paths.size(); ++i)
     if (b.row_of[i] >= 0) used_prompts.push_back(prompts[i]);
+  if (a.interrogator == "captioner") {
+    const std::vector<std::string> captions = caption_queries(c, a, paths, b);
+    for (size_t k = 0; k < used_prompts.size(); ++k) {
+      if (used_prompts[k].empty()) used_prompts[k] = captions.at(k);
+    }
+  }
   auto ids = identifier->identify(b.x, used_prompts);
 
   // Interleave results and issues back into input line order.
@@ -402,8 +438,17 @@ int main(int argc, char** argv) {
   identify_cmd->add_option("--scorer", ident.scorer, "weighted | rkme | mean | nearest | popularity")
       ->envname("GMI_SCORER")->capture_default_str();
   identify_cmd->add_option("--tau", ident.tau, "prompt-weight temperature of the weighted scorer");
-  identify_cmd->add_option("--interrogator", ident.interrogator, "pseudo-prompt source: neighbour | ridge")
-      ->capture_default_str();
+  identify_cmd->add_option("--interrogator", ident.interrogator,
+                           "pseudo-prompt source: neighbour | ridge | prompt-bank | captioner")
+      ->envname("GMI_INTERROGATE_INTERROGATOR")->capture_default_str();
+  identify_cmd->add_option("--prompt-bank", ident.prompt_bank, "prompt-bank: file of prompts, one per line")
+      ->envname("GMI_INTERROGATE_PROMPT_BANK");
+  identify_cmd->add_option("--bank-top-k", ident.bank_top_k, "prompt-bank: how many nearest prompts are mixed")
+      ->envname("GMI_INTERROGATE_TOP_K")->capture_default_str();
+  identify_cmd->add_option("--bank-tau", ident.bank_tau, "prompt-bank: softmax temperature")
+      ->envname("GMI_INTERROGATE_BANK_TAU")->capture_default_str();
+  identify_cmd->add_option("--captioner", ident.captioner, "captioner: the captioning module's card")
+      ->envname("GMI_INTERROGATE_CAPTIONER");
   identify_cmd->add_option("--prompt", ident.prompt, "use this text as the query's prompt (skips the interrogator)");
   identify_cmd->add_flag("--json", ident.json_out, "print JSON: {\"results\": [{\"rank\", \"model\", \"score\"}]}");
   add_common(identify_cmd, common);

@@ -96,6 +96,9 @@ BrokerOptions broker_options(const Config& c) {
   o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s", 1, 86400));
   o.max_message_bytes = c.get_int("broker.max_message_bytes", 1024, 1ll << 34);
   o.score_shards = static_cast<int>(c.get_int("score.shards", 1, 4096));
+  o.query_route = split_route(c.get_string("routes.query"));
+  o.upload_route = split_route(c.get_string("routes.upload"));
+  o.interrogator = c.get_string("interrogate.interrogator");
   Curve cv = load_curve(c, true);
   o.curve = cv.enabled;
   o.curve_server = cv.server;

@@ -25,8 +25,15 @@ using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-const std::vector<std::string> kQueryRoute{"decode", "embed", "interrogate", "score"};
-const std::vector<std::string> kUploadRoute{"decode", "embed", "spec"};
+// Stage names a stored route may name (a record from another version could hold others).
+bool known_stages(const Route& route) {
+  static const std::set<std::string> known{"decode", "interrogate", "embed", "score", "spec"};
+  if (route.empty()) return false;
+  for (const auto& s : route) {
+    if (known.count(s) == 0) return false;
+  }
+  return true;
+}
 
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -44,10 +51,10 @@ struct Job {
   json params;
   std::int64_t created_ms = 0;
   Clock::time_point accepted = Clock::now();
-  const std::vector<std::string>* route = nullptr;
+  Route route;                       // the stages it was accepted for, stored with it
   std::size_t stage = 0;
-  json meta = json::object();        // input of the current stage
-  std::vector<std::string> frames;   // input of the current stage
+  json meta = json::object();        // what the stages so far wrote (merged)
+  wire::Slots slots;                 // the slots the stages so far wrote, and the input
   int attempts = 0;                  // failed tries at the current stage
   int dispatches = 0;                // makes every task id unique
   std::string last_error;
@@ -62,7 +69,7 @@ struct Job {
   std::optional<json> unsaved_end;
   bool unsaved_dead_letter = false;
 
-  const std::string& stage_name() const { return (*route)[stage]; }
+  const std::string& stage_name() const { return route[stage]; }
 };
 
 struct Pending {
@@ -84,7 +91,9 @@ struct Worker {
   std::string stage;
   int shard = 0;
   int shards = 1;
-  int credit = 0;
+  int credit = 0;                  // in tasks, or in frames of credit_slot
+  std::string credit_slot;         // "" : credit counts tasks
+  std::optional<std::vector<std::string>> reads;  // the slots its stage reads (none said: all)
   Clock::time_point last_heard = Clock::now();
   Clock::time_point last_sent = Clock::now();
   Clock::time_point last_dispatch{};
@@ -112,6 +121,9 @@ struct Broker::Impl {
   std::unordered_map<std::string, Flight> flights;
   std::unordered_map<std::string, Worker> workers;
   std::set<std::string> unsaved;  // job ids whose end awaits Redis
+  // The slots each stage reads, as its workers said; a slot no later stage of a job's route
+  // reads is dropped from the job once every such stage has said.
+  std::map<std::string, std::set<std::string>> stage_reads;
   bool recovered = false;
   Clock::time_point next_recovery{};
   Clock::time_point next_unsaved_retry{};
@@ -135,6 +147,8 @@ struct Broker::Impl {
     if (opt.liveness < 2) throw InputError("broker.liveness must be >= 2");
     if (opt.max_attempts < 1) throw InputError("broker.max_attempts must be >= 1");
     if (opt.score_shards < 1) throw InputError("score.shards must be >= 1");
+    validate_route("routes.query", "query", opt.query_route, opt.interrogator);
+    validate_route("routes.upload", "upload", opt.upload_route, opt.interrogator);
     redis_location = parse_redis_uri(opt.redis_uri);
     for (auto* s : {&frontend, &backend}) {
       s->set(zmq::sockopt::linger, 0);
@@ -194,6 +208,11 @@ struct Broker::Impl {
           continue;
         }
         Job& job = insert_job(std::move(*stored));
+        if (!known_stages(job.route)) {
+          fail(job, "the job's stored route \"" + join_route(job.route) + "\" names a stage this broker does not know",
+               false);
+          continue;
+        }
         enqueue(job);
         ++resumed;
       }
@@ -212,8 +231,10 @@ struct Broker::Impl {
     job.kind = stored.kind;
     job.params = std::move(stored.params);
     job.created_ms = stored.created_ms;
-    job.route = job.kind == "upload" ? &kUploadRoute : &kQueryRoute;
-    job.frames = std::move(stored.frames);
+    // A record from before routes were stored runs on the configured route.
+    job.route = !stored.route.empty() ? std::move(stored.route)
+                                      : (job.kind == "upload" ? opt.upload_route : opt.query_route);
+    job.slots = std::move(stored.input);
     job.meta = json::object();
     auto [it, inserted] = jobs.emplace(job.id, std::move(job));
     return it->second;
@@ -236,53 +257,74 @@ struct Broker::Impl {
     if (draining) return;
     for (auto& [key, queue] : queues) {
       while (!queue.empty()) {
-        Worker* w = pick_worker(key, queue.front().isolate);
+        drop_ended(queue);
+        if (queue.empty()) break;
+        Worker* w = pick_worker(key, queue.front());
         if (w == nullptr) break;
-        send_tasks(*w, queue);
+        if (send_tasks(*w, queue) == 0) break;
       }
     }
   }
 
-  Worker* pick_worker(const std::string& key, bool isolate) {
+  // Pops queue entries whose job ended meanwhile.
+  void drop_ended(std::deque<Pending>& queue) {
+    while (!queue.empty()) {
+      auto it = jobs.find(queue.front().job_id);
+      if (it != jobs.end() && !it->second.unsaved_end &&
+          it->second.shard_results.size() > static_cast<std::size_t>(queue.front().shard)) {
+        return;
+      }
+      queue.pop_front();
+    }
+  }
+
+  int cost_of(const Job& job, const Worker& w) const { return wire::task_cost(job.slots, w.credit_slot); }
+
+  Worker* pick_worker(const std::string& key, const Pending& head) {
+    const Job& job = jobs.at(head.job_id);
     Worker* best = nullptr;
     for (auto& [id, w] : workers) {
       if (w.credit <= 0 || queue_key(w.stage, w.shard) != key) continue;
       if (w.tasks.empty()) w.exclusive = false;
       // A suspect goes to an idle worker and is the only task it holds, so that if it
       // kills the worker it takes nothing else down with it.
-      if (w.exclusive || (isolate && !w.tasks.empty())) continue;
+      if (w.exclusive || (head.isolate && !w.tasks.empty())) continue;
+      if (wire::credit_charge(cost_of(job, w), w.credit, w.tasks.empty()) == 0) continue;
       if (best == nullptr || w.last_dispatch < best->last_dispatch) best = &w;
     }
     return best;
   }
 
-  void send_tasks(Worker& w, std::deque<Pending>& queue) {
+  // Sends `w` the tasks from the front of `queue` that its credit covers; returns how many.
+  std::size_t send_tasks(Worker& w, std::deque<Pending>& queue) {
     json tasks = json::array();
     std::vector<std::string> frames;
     std::vector<std::string> ids;
-    while (!queue.empty() && static_cast<int>(ids.size()) < w.credit) {
+    int charged = 0;
+    while (!queue.empty()) {
+      drop_ended(queue);
+      if (queue.empty()) break;
       Pending p = queue.front();
-      auto it = jobs.find(p.job_id);
-      if (it == jobs.end() || it->second.unsaved_end ||
-          it->second.shard_results.size() <= static_cast<std::size_t>(p.shard)) {
-        queue.pop_front();  // the job ended meanwhile
-        continue;
-      }
       if (p.isolate && !ids.empty()) break;  // a suspect goes alone
+      Job& job = jobs.at(p.job_id);
+      const int charge = wire::credit_charge(cost_of(job, w), w.credit - charged, w.tasks.empty() && ids.empty());
+      if (charge == 0) break;
       queue.pop_front();
-      Job& job = it->second;
+      charged += charge;
       job.state = "running";
       const std::string task = job.id + ":" + std::to_string(job.stage) + ":" +
                                std::to_string(p.shard) + ":" + std::to_string(++job.dispatches);
+      const wire::Slots sent = job.slots.only(w.reads ? &*w.reads : nullptr);
       tasks.push_back({{"task", task},
                        {"job_id", job.id},
                        {"kind", job.kind},
                        {"stage", job.stage_name()},
                        {"attempt", job.attempts + 1},
+                       {"credit", charge},
                        {"params", job.params},
                        {"meta", job.meta},
-                       {"frames", job.frames.size()}});
-      frames.insert(frames.end(), job.frames.begin(), job.frames.end());
+                       {"slots", sent.describe()}});
+      sent.append_frames(frames);
       flights[task] = Flight{job.id, p.shard, w.id,
                              Clock::now() + std::chrono::seconds(opt.task_timeout_s)};
       w.tasks.insert(task);
@@ -292,14 +334,14 @@ struct Broker::Impl {
         break;
       }
     }
-    if (ids.empty()) return;
+    if (ids.empty()) return 0;
     json h = wire::header("tasks");
     h["tasks"] = std::move(tasks);
-    w.credit -= static_cast<int>(ids.size());
+    w.credit -= charged;
     w.last_dispatch = Clock::now();
     metrics.batch_size.Add({{"stage", w.stage}}, Metrics::size_buckets())
-        .Observe(static_cast<double>(ids.size()));
-    if (send_worker(w.id, h, frames)) return;
+        .Observe(static_cast<double>(charged));
+    if (send_worker(w.id, h, frames)) return ids.size();
     // These tasks never reached the worker: back to the front of the queue, no attempt
     // spent. Tasks it received earlier are another matter (worker_lost counts those).
     for (auto it = ids.rbegin(); it != ids.rend(); ++it) {
@@ -310,6 +352,7 @@ struct Broker::Impl {
       w.tasks.erase(*it);
     }
     worker_lost(w.id, "unreachable");
+    return ids.size();
   }
 
   bool send_worker(const std::string& id, const json& h, const std::vector<std::string>& frames = {}) {
@@ -384,6 +427,13 @@ struct Broker::Impl {
       w.shards = shards;
       log::info("worker joined", {{"worker", w.name}, {"stage", stage}, {"shard", shard}});
     }
+    w.credit_slot = h.value("credit_slot", "");
+    if (h.contains("reads")) {
+      w.reads = h["reads"].get<std::vector<std::string>>();
+      stage_reads[stage].insert(w.reads->begin(), w.reads->end());
+    } else {
+      w.reads.reset();
+    }
     w.credit += h["credit"].get<int>();
     w.last_heard = Clock::now();
   }
@@ -393,9 +443,15 @@ struct Broker::Impl {
     std::size_t frame = 0;
     for (const auto& r : results) {
       const std::string task = r["task"].get<std::string>();
-      const std::size_t nframes = r["frames"].get<std::size_t>();
-      std::vector<std::string> frames(std::make_move_iterator(msg.frames.begin() + frame),
-                                      std::make_move_iterator(msg.frames.begin() + frame + nframes));
+      const json entries = r.value("slots", json::array());
+      const std::size_t nframes = wire::Slots::frames_in(entries);
+      std::optional<wire::Slots> slots;
+      std::string slot_error;
+      try {
+        slots = wire::Slots::read(entries, msg.frames, frame);
+      } catch (const wire::SlotError& e) {
+        slot_error = e.what();
+      }
       frame += nframes;
       w.tasks.erase(task);
       auto f = flights.find(task);
@@ -407,11 +463,16 @@ struct Broker::Impl {
       Job& job = j->second;
       const double compute = r.value("compute_s", 0.0);
       metrics.stage_seconds.Add({{"stage", w.stage}}, Metrics::latency_buckets()).Observe(compute);
-      if (r["ok"].get<bool>()) {
+      if (r["ok"].get<bool>() && !slot_error.empty()) {
+        // A worker that writes a malformed slot has a bug another try will not fix.
+        metrics.jobs_total.Add({{"stage", w.stage}, {"outcome", "error"}}).Increment();
+        log::error("a worker returned a bad slot", {{"worker", w.name}, {"error", slot_error}});
+        fail(job, w.stage + " returned a bad result: " + slot_error, false);
+      } else if (r["ok"].get<bool>()) {
         metrics.jobs_total.Add({{"stage", w.stage}, {"outcome", "ok"}}).Increment();
         job.compute_s += compute;
         job.stage_seconds[w.stage] = job.stage_seconds.value(w.stage, 0.0) + compute;
-        advance(job, flight.shard, r.value("meta", json::object()), std::move(frames));
+        advance(job, flight.shard, r.value("meta", json::object()), std::move(*slots));
       } else if (r.value("retryable", false)) {
         metrics.jobs_total.Add({{"stage", w.stage}, {"outcome", "retry"}}).Increment();
         retry(job, flight.shard, r["error"].get<std::string>(), "error", false);
@@ -481,7 +542,7 @@ struct Broker::Impl {
 
   // ---------------------------------------------------------------- job progress
 
-  void advance(Job& job, int shard, json meta, std::vector<std::string> frames) {
+  void advance(Job& job, int shard, json meta, wire::Slots slots) {
     if (job.shards > 1) {
       job.shard_results[static_cast<std::size_t>(shard)] = std::move(meta);
       for (const auto& r : job.shard_results) {
@@ -490,13 +551,30 @@ struct Broker::Impl {
       meta = merge_shards(job);
     }
     job.stage += 1;
-    job.meta = std::move(meta);
-    job.frames = std::move(frames);
-    if (job.stage == job.route->size()) {
+    for (auto& [k, v] : meta.items()) job.meta[k] = std::move(v);
+    job.slots.merge(std::move(slots));
+    if (job.stage == job.route.size()) {
       finish(job);
       return;
     }
+    prune_slots(job);
     enqueue(job);
+  }
+
+  // Drops the slots no remaining stage of the job's route reads (an upload's image bytes and
+  // pixels once embedded), when every remaining stage's workers have said what they read.
+  void prune_slots(Job& job) {
+    std::set<std::string> needed;
+    for (std::size_t s = job.stage; s < job.route.size(); ++s) {
+      auto it = stage_reads.find(job.route[s]);
+      if (it == stage_reads.end()) return;  // not known yet: keep everything
+      needed.insert(it->second.begin(), it->second.end());
+    }
+    std::vector<std::string> drop;
+    for (const auto& slot : job.slots.all()) {
+      if (needed.count(slot.name) == 0) drop.push_back(slot.name);
+    }
+    for (const auto& name : drop) job.slots.erase(name);
   }
 
   // Each shard ranked its own models; scores are comparable, so the merge is exact.
@@ -546,8 +624,9 @@ struct Broker::Impl {
            {"state", job.state},
            {"created_ms", job.created_ms},
            {"attempts", job.attempts}};
-    if (job.state != "finished" && job.state != "failed" && job.route) {
-      j["stage"] = job.stage < job.route->size() ? job.stage_name() : "";
+    j["route"] = job.route;
+    if (job.state != "finished" && job.state != "failed") {
+      j["stage"] = job.stage < job.route.size() ? job.stage_name() : "";
     }
     if (job.kind == "upload") j["model_id"] = job.params.value("model_id", "");
     return j;
@@ -567,6 +646,8 @@ struct Broker::Impl {
       j["result"] = {{"results", job.meta.value("results", json::array())},
                      {"scorer", job.meta.value("scorer", "")},
                      {"models", job.meta.value("models", 0)}};
+      if (job.meta.contains("interrogator")) j["result"]["interrogator"] = job.meta["interrogator"];
+      if (job.meta.contains("captions")) j["result"]["captions"] = job.meta["captions"];
     } else {
       j["result"] = {{"model", job.params.value("model_id", "")},
                      {"spec", job.meta.value("spec", json::object())},
@@ -581,7 +662,7 @@ struct Broker::Impl {
     json j = job_object(job);
     j["finished_ms"] = now_ms();
     j["error"] = error;
-    j["failed_stage"] = job.stage < job.route->size() ? job.stage_name() : "";
+    j["failed_stage"] = job.stage < job.route.size() ? job.stage_name() : "";
     j["dead_letter"] = dead_letter;
     j["timings"] = timings(job);
     log::info(dead_letter ? "job dead-lettered" : "job failed",
@@ -731,6 +812,7 @@ struct Broker::Impl {
       }
       if (h.contains("prompt")) job.params["prompt"] = h["prompt"];
       if (msg.frames[0].empty()) throw InputError("the query image is empty (0 bytes)");
+      job.route = opt.query_route;
     } else {
       job.kind = "upload";
       const std::string model = h["model_id"].get<std::string>();
@@ -738,8 +820,9 @@ struct Broker::Impl {
       job.params = {{"model_id", model}, {"prompts", h["prompts"]}};
       if (h.contains("downloads")) job.params["downloads"] = h["downloads"];
       if (h.contains("card")) job.params["card"] = h["card"];
+      job.route = opt.upload_route;
     }
-    job.frames = std::move(msg.frames);
+    job.input.put(wire::Slot{wire::slot::kImages, wire::SlotKind::kImageBytes, json::object(), std::move(msg.frames)});
     const std::string idem = h.value("idempotency_key", "");
     try {
       try_connect_store();

@@ -32,17 +32,22 @@ void JobStore::create(const StoredJob& job, const std::string& idempotency_key) 
   const std::string jk = job_key(job.id), ik = input_key(job.id);
   const std::string params = job.params.dump(-1, ' ', false, json::error_handler_t::replace);
   const std::string created = std::to_string(job.created_ms);
-  const std::string nframes = std::to_string(job.frames.size());
-  RedisConnection::Args input{"HSET", ik, "frames", nframes};
+  std::vector<std::string> frames;
+  job.input.append_frames(frames);
+  const std::string nframes = std::to_string(frames.size());
+  // Args holds views: every string it names must outlive the transaction.
+  const std::string slots = job.input.describe().dump();
+  const std::string route = join_route(job.route);
   std::vector<std::string> names;
-  names.reserve(job.frames.size());
-  for (std::size_t i = 0; i < job.frames.size(); ++i) names.push_back("f" + std::to_string(i));
-  for (std::size_t i = 0; i < job.frames.size(); ++i) {
+  names.reserve(frames.size());
+  for (std::size_t i = 0; i < frames.size(); ++i) names.push_back("f" + std::to_string(i));
+  RedisConnection::Args input{"HSET", ik, "frames", nframes, "slots", slots};
+  for (std::size_t i = 0; i < frames.size(); ++i) {
     input.push_back(names[i]);
-    input.push_back(job.frames[i]);
+    input.push_back(frames[i]);
   }
-  std::vector<RedisConnection::Args> cmds{{"HSET", jk, "kind", job.kind, "state", "queued", "params",
-                                           params, "created_ms", created, "attempts", "0"},
+  std::vector<RedisConnection::Args> cmds{{"HSET", jk, "kind", job.kind, "state", "queued", "params", params,
+                                           "route", route, "created_ms", created, "attempts", "0"},
                                           input,
                                           {"SADD", active_key_, job.id}};
   const std::string idem_key = redis_.key("idem:" + idempotency_key);
@@ -59,11 +64,11 @@ std::vector<std::string> JobStore::active_ids() {
 
 std::optional<StoredJob> JobStore::load(const std::string& id) {
   const std::string jk = job_key(id), ik = input_key(id);
-  auto replies = redis_.pipeline({{"HMGET", jk, "kind", "params", "created_ms"},
-                                  {"HGET", ik, "frames"}});
+  auto replies = redis_.pipeline({{"HMGET", jk, "kind", "params", "created_ms", "route"},
+                                  {"HMGET", ik, "frames", "slots"}});
   auto fields = RedisConnection::as_string_array(replies[0].get(), "HMGET " + jk);
-  auto count = RedisConnection::as_optional_string(replies[1].get(), "HGET " + ik);
-  if (fields.size() != 3 || fields[0].empty() || !count) return std::nullopt;
+  auto input = RedisConnection::as_string_array(replies[1].get(), "HMGET " + ik);
+  if (fields.size() != 4 || fields[0].empty() || input.size() != 2 || input[0].empty()) return std::nullopt;
   StoredJob job;
   job.id = id;
   job.kind = fields[0];
@@ -74,23 +79,35 @@ std::optional<StoredJob> JobStore::load(const std::string& id) {
   } catch (...) {
     job.created_ms = now_ms();
   }
+  if (!fields[3].empty()) job.route = split_route(fields[3]);
   std::size_t n = 0;
   try {
-    n = std::stoul(*count);
+    n = std::stoul(input[0]);
   } catch (...) {
     return std::nullopt;
   }
+  std::vector<std::string> frames;
   if (n > 0) {
     RedisConnection::Args get{"HMGET", ik};
     std::vector<std::string> names;
+    names.reserve(n);
     for (std::size_t i = 0; i < n; ++i) names.push_back("f" + std::to_string(i));
     for (const auto& name : names) get.push_back(name);
     RedisReply r = redis_.command(get);
     if (r->type != REDIS_REPLY_ARRAY || r->elements != n) return std::nullopt;
     for (std::size_t i = 0; i < n; ++i) {
       if (r->element[i]->type != REDIS_REPLY_STRING) return std::nullopt;
-      job.frames.emplace_back(r->element[i]->str, r->element[i]->len);
+      frames.emplace_back(r->element[i]->str, r->element[i]->len);
     }
+  }
+  // A record from before slots holds its image frames alone.
+  json slots = input[1].empty() ? json::array({{{"name", wire::slot::kImages}, {"kind", "image_bytes"}, {"frames", n}}})
+                                : json::parse(input[1], nullptr, false);
+  if (slots.is_discarded() || wire::Slots::frames_in(slots) != n) return std::nullopt;
+  try {
+    job.input = wire::Slots::read(slots, frames, 0);
+  } catch (const wire::SlotError&) {
+    return std::nullopt;
   }
   return job;
 }
@@ -137,10 +154,11 @@ std::optional<json> JobStore::ended(const std::string& id) {
 
 std::optional<json> JobStore::record(const std::string& id) {
   const std::string jk = job_key(id);
-  RedisReply r = redis_.command({"HMGET", jk, "kind", "state", "created_ms", "attempts"});
+  RedisReply r = redis_.command({"HMGET", jk, "kind", "state", "created_ms", "attempts", "route"});
   auto f = RedisConnection::as_string_array(r.get(), "HMGET " + jk);
-  if (f.size() != 4 || f[0].empty()) return std::nullopt;
+  if (f.size() != 5 || f[0].empty()) return std::nullopt;
   json j{{"job_id", id}, {"kind", f[0]}, {"state", f[1].empty() ? "queued" : f[1]}};
+  if (!f[4].empty()) j["route"] = split_route(f[4]);
   try {
     j["created_ms"] = std::stoll(f[2]);
   } catch (...) {

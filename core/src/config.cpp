@@ -199,7 +199,16 @@ const std::vector<ConfigKey>& Config::schema() {
       {"encoder.text", "auto", "prompt encoder: auto (the built-in hashed one), builtin, a name or a card"},
       {"encoder.dir", "", "folder of installed encoders (empty: $GMI_ENCODER_DIR or ~/.local/share/gmi/encoders)"},
 
-      {"interrogate.interrogator", "neighbour", "how prompts are guessed for images: neighbour"},
+      {"routes.query", "decode,embed,interrogate,score",
+       "stages a query job runs through, in order (with the captioner: decode,interrogate,embed,score)"},
+      {"routes.upload", "decode,embed,spec", "stages an upload (spec build) job runs through, in order"},
+
+      {"interrogate.interrogator", "neighbour",
+       "how prompts are guessed for images: neighbour, ridge, prompt-bank or captioner"},
+      {"interrogate.prompt_bank", "", "prompt-bank: file of prompts, one per line (platform prompts, style words)"},
+      {"interrogate.bank_tau", "0.01", "prompt-bank: softmax temperature over the cosine similarities"},
+      {"interrogate.top_k", "8", "prompt-bank: how many of the nearest bank prompts are mixed"},
+      {"interrogate.captioner", "", "captioner: the captioning module's card (a path or an installed name)"},
       {"interrogate.max_batch", "64", "most images an interrogate worker takes at once"},
       {"interrogate.max_wait_ms", "0",
        "how long an interrogate worker waits to fill a batch (0: batches form while it computes)"},

@@ -1,6 +1,10 @@
 #include "gmi/interrogator.hpp"
 
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <fstream>
 #include <numeric>
 #include <random>
 
@@ -114,6 +118,103 @@ class RidgeInterrogator final : public Interrogator {
 };
 
 }  // namespace
+
+namespace {
+
+/// The bank's prompts ranked by cosine to the image; a softmax mix of the best.
+class PromptBankInterrogator final : public Interrogator {
+ public:
+  PromptBankInterrogator(RowMatrix bank, int top_k, double tau) : bank_(std::move(bank)), top_k_(top_k), tau_(tau) {
+    prompt_bank_pseudo_prompts(RowMatrix::Zero(0, bank_.cols()), bank_, top_k_, tau_);  // checks the options
+  }
+  std::string name() const override { return "prompt-bank"; }
+  RowMatrix pseudo_prompts(const RowMatrix& xs) const override {
+    return prompt_bank_pseudo_prompts(xs, bank_, top_k_, tau_);
+  }
+
+ private:
+  RowMatrix bank_;
+  int top_k_;
+  double tau_;
+};
+
+}  // namespace
+
+RowMatrix prompt_bank_pseudo_prompts(const RowMatrix& xs, const RowMatrix& bank, int top_k, double tau) {
+  if (top_k < 1) throw InputError("interrogate.top_k must be >= 1, got " + std::to_string(top_k));
+  if (!(tau > 0) || !std::isfinite(tau)) throw InputError("interrogate.bank_tau must be > 0");
+  if (bank.rows() == 0) throw InputError("the prompt bank is empty");
+  if (xs.cols() != bank.cols()) {
+    throw InputError("the prompt bank's embeddings have " + std::to_string(bank.cols()) +
+                     " dims but the image embeddings " + std::to_string(xs.cols()) +
+                     "; prompt-bank needs image and text encoders that share one space");
+  }
+  RowMatrix out = RowMatrix::Zero(xs.rows(), bank.cols());
+  if (xs.rows() == 0) return out;
+  const Eigen::VectorXf bank_norm = bank.rowwise().norm();
+  const Eigen::MatrixXf dots = bank * xs.transpose();  // P x B
+  const Eigen::Index p = bank.rows();
+  const int k = static_cast<int>(std::min<Eigen::Index>(top_k, p));
+  std::vector<std::pair<double, Eigen::Index>> s(static_cast<std::size_t>(p));
+  for (Eigen::Index q = 0; q < xs.rows(); ++q) {
+    const double xn = xs.row(q).norm();
+    for (Eigen::Index j = 0; j < p; ++j) {
+      const double denom = xn * bank_norm[j];
+      s[static_cast<std::size_t>(j)] = {denom > 0 ? dots(j, q) / denom : 0.0, j};
+    }
+    // Highest cosine first; ties by bank order, so the result does not depend on the sort.
+    std::partial_sort(s.begin(), s.begin() + k, s.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    const double top = s[0].first;
+    double z = 0;
+    for (int i = 0; i < k; ++i) z += std::exp((s[static_cast<std::size_t>(i)].first - top) / tau);
+    Eigen::RowVectorXd mix = Eigen::RowVectorXd::Zero(bank.cols());
+    for (int i = 0; i < k; ++i) {
+      const auto& [sim, j] = s[static_cast<std::size_t>(i)];
+      mix += (std::exp((sim - top) / tau) / z) * bank.row(j).cast<double>();
+    }
+    const double n = mix.norm();
+    if (n > 0) out.row(q) = (mix / n).cast<float>();
+  }
+  return out;
+}
+
+std::unique_ptr<Interrogator> make_prompt_bank_interrogator(RowMatrix bank, int top_k, double tau) {
+  return std::make_unique<PromptBankInterrogator>(std::move(bank), top_k, tau);
+}
+
+std::vector<std::string> read_prompt_bank(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw IoError("cannot read the prompt bank " + path + ": " + std::strerror(errno));
+  std::vector<std::string> out;
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto b = line.find_first_not_of(" \t\r");
+    if (b == std::string::npos || line[b] == '#') continue;
+    const auto e = line.find_last_not_of(" \t\r");
+    out.push_back(line.substr(b, e - b + 1));
+  }
+  if (out.empty()) throw InputError("the prompt bank " + path + " holds no prompts (one per line)");
+  return out;
+}
+
+const std::vector<std::string>& interrogator_names() {
+  static const std::vector<std::string> names{"neighbour", "ridge", "prompt-bank", "captioner"};
+  return names;
+}
+
+InterrogatorInput interrogator_input(const std::string& name) {
+  if (name == "captioner") return InterrogatorInput::kImage;
+  if (name == "neighbour" || name == "neighbor" || name == "ridge" || name == "prompt-bank") {
+    return InterrogatorInput::kImageEmbedding;
+  }
+  throw InputError("unknown interrogator '" + name + "' (available: neighbour, ridge, prompt-bank, captioner)");
+}
+
+bool hub_learned_interrogator(const std::string& name) {
+  return name == "neighbour" || name == "neighbor" || name == "ridge";
+}
 
 std::unique_ptr<Interrogator> make_neighbour_interrogator(const SpecIndex& index, int k) {
   return std::make_unique<NeighbourInterrogator>(index, k);

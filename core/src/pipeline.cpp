@@ -84,7 +84,13 @@ Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, E
                                text_encoder_.str());
   }
   if (index_.size() > 0) index_.check_compatible(image_encoder_, text_encoder_);
-  interrogator_ = make_interrogator(options_.interrogator, index_);
+  if (options_.interrogator_instance) {
+    interrogator_ = options_.interrogator_instance;
+  } else if (hub_learned_interrogator(options_.interrogator)) {
+    interrogator_ = make_interrogator(options_.interrogator, index_);
+  } else {
+    interrogator_input(options_.interrogator);  // InputError for an unknown name
+  }
 }
 
 RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
@@ -92,7 +98,6 @@ RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
   if (options_.score.scorer != Scorer::kWeighted || index_.size() == 0 || xs.rows() == 0) {
     return RowMatrix::Zero(xs.rows(), text_encoder_.dim);
   }
-  RowMatrix ts = interrogator_->pseudo_prompts(xs);
   std::vector<std::string> given;
   std::vector<Eigen::Index> rows;
   for (size_t i = 0; i < prompts.size() && i < static_cast<size_t>(xs.rows()); ++i)
@@ -100,6 +105,11 @@ RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
       given.push_back(prompts[i]);
       rows.push_back(static_cast<Eigen::Index>(i));
     }
+  if (!interrogator_ && given.size() != static_cast<size_t>(xs.rows())) {
+    throw InputError("the " + options_.interrogator +
+                     " interrogator does not work from image embeddings; give every query a prompt");
+  }
+  RowMatrix ts = interrogator_ ? interrogator_->pseudo_prompts(xs) : RowMatrix::Zero(xs.rows(), text_encoder_.dim);
   if (!given.empty()) {
     if (!prompt_encoder_) throw InputError("this process embeds no prompts (it has no text encoder)");
     RowMatrix pt = prompt_encoder_->encode(given);

@@ -100,12 +100,21 @@ const std::vector<std::string>& stage_names() {
   return names;
 }
 
-// Sum of a list's "frames" fields, checked against the frames that came.
-std::size_t sum_frames(const json& list, const std::string& list_name) {
+// Structural checks of a task's or result's "slots" (names, kinds, frame counts); what each
+// kind needs is checked per task (Slots::read), so that one bad slot fails its task alone.
+// Returns the number of frames the slots announce.
+std::size_t check_slots(const json& item, const std::string& where) {
+  auto it = item.find("slots");
+  if (it == item.end()) return 0;
   std::size_t total = 0;
-  for (std::size_t i = 0; i < list.size(); ++i) {
-    total += list[i]["frames"].get<std::size_t>();
-    (void)list_name;
+  for (std::size_t i = 0; i < it->size(); ++i) {
+    const std::string at = where + "slots[" + std::to_string(i) + "]";
+    if (!(*it)[i].is_object()) bad("field \"" + at + "\" must be an object");
+    check_fields((*it)[i], {{"name", Kind::kString, true, 0, 64},
+                            {"kind", Kind::kString, true, 0, 32},
+                            {"frames", Kind::kInt, true, 0, 1 << 20}},
+                 at + ".");
+    total += (*it)[i]["frames"].get<std::size_t>();
   }
   return total;
 }
@@ -187,14 +196,22 @@ void validate_worker_to_broker(const json& h, const std::string& type, std::size
                      {"worker", Kind::kString, true, 0, 256},
                      {"credit", Kind::kInt, true, 1, 4096},
                      {"shard", Kind::kInt, false, 0, 4095},
-                     {"shards", Kind::kInt, false, 1, 4096}},
+                     {"shards", Kind::kInt, false, 1, 4096},
+                     {"reads", Kind::kArray, false},
+                     {"credit_slot", Kind::kString, false, 0, 64}},
                  "");
     check_stage(h, "");
+    if (h.contains("reads")) {
+      for (std::size_t i = 0; i < h["reads"].size(); ++i) {
+        if (!h["reads"][i].is_string()) bad("field \"reads[" + std::to_string(i) + "]\" must be a string");
+      }
+    }
     if (h.value("shard", 0) >= h.value("shards", 1)) bad("field \"shard\" must be below \"shards\"");
     expect_frames(frames, 0, type);
   } else if (type == "results") {
     check_fields(h, {{"results", Kind::kArray, true}, {"credit", Kind::kInt, false, 0, 4096}}, "");
     const auto& results = h["results"];
+    std::size_t total = 0;
     for (std::size_t i = 0; i < results.size(); ++i) {
       const std::string where = "results[" + std::to_string(i) + "].";
       if (!results[i].is_object()) bad("field \"" + where.substr(0, where.size() - 1) + "\" must be an object");
@@ -204,13 +221,14 @@ void validate_worker_to_broker(const json& h, const std::string& type, std::size
                                 {"retryable", Kind::kBool, false},
                                 {"compute_s", Kind::kNumber, false, 0, 0},
                                 {"meta", Kind::kObject, false},
-                                {"frames", Kind::kInt, true, 0, 1 << 20}},
+                                {"slots", Kind::kArray, false}},
                    where);
       if (!results[i]["ok"].get<bool>() && !results[i].contains("error")) {
         bad("field \"" + where + "error\" is required when ok is false");
       }
+      total += check_slots(results[i], where);
     }
-    expect_frames(frames, sum_frames(results, "results"), type);
+    expect_frames(frames, total, type);
   } else if (type == "heartbeat" || type == "bye") {
     expect_frames(frames, 0, type);
   } else {
@@ -222,6 +240,7 @@ void validate_broker_to_worker(const json& h, const std::string& type, std::size
   if (type == "tasks") {
     check_fields(h, {{"tasks", Kind::kArray, true}}, "");
     const auto& tasks = h["tasks"];
+    std::size_t total = 0;
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       const std::string where = "tasks[" + std::to_string(i) + "].";
       if (!tasks[i].is_object()) bad("field \"" + where.substr(0, where.size() - 1) + "\" must be an object");
@@ -232,11 +251,13 @@ void validate_broker_to_worker(const json& h, const std::string& type, std::size
                               {"attempt", Kind::kInt, true, 1, 1000},
                               {"params", Kind::kObject, true},
                               {"meta", Kind::kObject, true},
-                              {"frames", Kind::kInt, true, 0, 1 << 20}},
+                              {"slots", Kind::kArray, true},
+                              {"credit", Kind::kInt, false, 1, 4096}},
                    where);
       check_stage(tasks[i], where);
+      total += check_slots(tasks[i], where);
     }
-    expect_frames(frames, sum_frames(tasks, "tasks"), type);
+    expect_frames(frames, total, type);
   } else if (type == "heartbeat" || type == "reconnect") {
     expect_frames(frames, 0, type);
   } else {

@@ -16,6 +16,7 @@
 #include <zmq.hpp>
 
 #include "gmi/broker_client.hpp"
+#include "gmi/encoder_registry.hpp"
 #include "gmi/image.hpp"
 #include "gmi/wire.hpp"
 #include "synthetic_images.hpp"
@@ -36,6 +37,33 @@ using testing::styled;
 using testing::write_file;
 
 std::string as_string(const std::vector<std::uint8_t>& v) { return std::string(v.begin(), v.end()); }
+
+/// The value of the first sample line of Prometheus text that starts with `series`; -1 if none.
+double metric(const std::string& text, const std::string& series) {
+  std::size_t at = 0;
+  while ((at = text.find(series, at)) != std::string::npos) {
+    if (at == 0 || text[at - 1] == '\n') {
+      const std::size_t space = text.find(' ', at + series.size());
+      if (space != std::string::npos && space == at + series.size()) return std::stod(text.substr(space + 1));
+    }
+    at += series.size();
+  }
+  return -1;
+}
+
+/// A tiny random CLIP (image + text towers, 32 dims) and a tiny captioner, exported once per
+/// test process by scripts/export_clip.py (python3-torch).
+const fs::path& tiny_clip() {
+  static const testing::TempDir dir;
+  static const bool made = [] {
+    auto r = testing::run_process({"/usr/bin/python3", std::string(GMI_SOURCE_DIR) + "/scripts/export_clip.py",
+                                   "--random-init", "--tiny", "--captioner-tiny", "--out", dir.path().string()});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.exit_code == 0;
+  }();
+  (void)made;
+  return dir.path();
+}
 
 std::string read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -93,6 +121,16 @@ class Cluster {
     return *workers_.back();
   }
   BackgroundProcess& worker(const std::string& stage) { return *by_stage_.at(stage); }
+
+  /// A field of a job's record in Redis (P:job:ID), "" when absent.
+  std::string job_field(const std::string& id, const std::string& field) {
+    redisContext* c = redisConnect("127.0.0.1", redis_.port());
+    auto* r = static_cast<redisReply*>(redisCommand(c, "HGET gmi:job:%s %s", id.c_str(), field.c_str()));
+    std::string out = r != nullptr && r->type == REDIS_REPLY_STRING ? std::string(r->str, r->len) : "";
+    if (r != nullptr) freeReplyObject(r);
+    redisFree(c);
+    return out;
+  }
 
   void start_all() {
     start_broker();
@@ -314,20 +352,20 @@ TEST_F(PipelineTest, BadInputGetsClearErrorsAndEveryProcessStaysUp) {
   json r = exchange({"not json at all"});
   EXPECT_EQ(r["code"], "bad_request");
   EXPECT_NE(r["error"].get<std::string>().find("not valid JSON"), std::string::npos);
-  r = exchange({R"({"v":2,"type":"submit_query","req":"x"})", "img"});
+  r = exchange({R"({"v":1,"type":"submit_query","req":"x"})", "img"});
   EXPECT_EQ(r["code"], "bad_request");
   EXPECT_EQ(r["req"], "x");
-  EXPECT_NE(r["error"].get<std::string>().find("version"), std::string::npos);
-  r = exchange({R"({"v":1,"type":"launch_rockets"})"});
+  EXPECT_NE(r["error"].get<std::string>().find("version 1 (this side speaks 2)"), std::string::npos) << r.dump();
+  r = exchange({R"({"v":2,"type":"launch_rockets"})"});
   EXPECT_NE(r["error"].get<std::string>().find("unknown message type"), std::string::npos);
-  r = exchange({R"({"v":1,"type":"submit_query","top":0})", "img"});
+  r = exchange({R"({"v":2,"type":"submit_query","top":0})", "img"});
   EXPECT_NE(r["error"].get<std::string>().find("\"top\""), std::string::npos);
-  r = exchange({R"({"v":1,"type":"submit_upload","model_id":"../etc","prompts":["a"]})", "img"});
+  r = exchange({R"({"v":2,"type":"submit_upload","model_id":"../etc","prompts":["a"]})", "img"});
   EXPECT_EQ(r["code"], "bad_request");
-  r = exchange({R"({"v":1,"type":"submit_query","top":null})", "img"});
+  r = exchange({R"({"v":2,"type":"submit_query","top":null})", "img"});
   EXPECT_EQ(r["code"], "bad_request");
   EXPECT_NE(r["error"].get<std::string>().find("\"top\" must be an integer"), std::string::npos);
-  r = exchange({R"({"v":1,"type":"get_job","job_id":"0123456789abcdef0123456789abcdef"})"});
+  r = exchange({R"({"v":2,"type":"get_job","job_id":"0123456789abcdef0123456789abcdef"})"});
   EXPECT_EQ(r["code"], "not_found");
 
   // Bad images are accepted (the gateway does not decode) and fail with the decoder's reason.
@@ -457,6 +495,227 @@ TEST_F(PipelineTest, BrokerKilledWithJobsInFlightResumesAfterRestart) {
   EXPECT_EQ(results - results_before, static_cast<long long>(ids.size()))
       << "every job has exactly one result";
   EXPECT_EQ(active, 0);
+}
+
+TEST_F(PipelineTest, JobsResumeOnTheRouteTheyWereAcceptedWithAfterARestartWithAnotherRoute) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  const json default_route = {"decode", "embed", "interrogate", "score"};
+  // Accepted on the default route; held at a frozen score worker while the broker dies.
+  c.worker("score").signal(SIGSTOP);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(c.job_field(ids[0], "route"), "decode,embed,interrogate,score");
+  auto shown = testing::run_process({testing::gmi_binary(), "job", ids[0], "--wait-ms", "0", "--json"}, c.env());
+  ASSERT_EQ(shown.exit_code, 0) << shown.err;
+  EXPECT_EQ(json::parse(shown.out)["route"], default_route) << shown.out;
+  c.broker().signal(SIGKILL);
+  ASSERT_TRUE(c.broker().wait(5s).has_value());
+  // The new broker routes new queries without interrogate: the weighted scorer then has no
+  // pseudo-prompts. The jobs accepted before must still run on their stored route.
+  c.start_broker({"GMI_ROUTES_QUERY=decode,embed,score"});
+  c.worker("score").signal(SIGCONT);
+  for (const auto& id : ids) {
+    json j = c.await(id);
+    ASSERT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+    EXPECT_EQ(j["route"], default_route);
+    EXPECT_TRUE(j["timings"]["stages"].contains("interrogate")) << j.dump();
+    EXPECT_EQ(j["result"]["results"].size(), static_cast<std::size_t>(Hub::kModels));
+  }
+  // New jobs take the new route: a weighted query fails naming the slot it lacks, the score
+  // worker stays up, and a scorer that needs no prompts finishes on it.
+  json weighted = c.await(c.query(hub().queries[0]));
+  EXPECT_EQ(weighted.value("state", ""), "failed") << weighted.dump();
+  EXPECT_EQ(weighted["route"], json({"decode", "embed", "score"}));
+  EXPECT_NE(weighted.value("error", "").find("slot \"pseudo_prompts\" is missing"), std::string::npos)
+      << weighted.dump();
+  json mean = c.await(c.query(hub().queries[1], 3, "mean"));
+  ASSERT_EQ(mean.value("state", ""), "finished") << mean.dump() << c.logs();
+  EXPECT_EQ(mean["route"], json({"decode", "embed", "score"}));
+  EXPECT_FALSE(mean["timings"]["stages"].contains("interrogate"));
+  EXPECT_TRUE(c.worker("score").running());
+  EXPECT_EQ(c.redis_counts().second, 0);
+}
+
+TEST_F(PipelineTest, BrokerRefusesRoutesThatBreakTheRulesNamingTheKey) {
+  START_CLUSTER(c);
+  auto r = testing::run_process({testing::gmi_binary(), "broker"},
+                                [&] {
+                                  auto e = c.env();
+                                  e.push_back("GMI_ROUTES_QUERY=decode,interrogate,embed,score");
+                                  return e;
+                                }());
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("routes.query"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("after embed"), std::string::npos) << r.err;
+  r = testing::run_process({testing::gmi_binary(), "broker"}, [&] {
+    auto e = c.env();
+    e.push_back("GMI_ROUTES_UPLOAD=decode,embed,score");
+    return e;
+  }());
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("routes.upload"), std::string::npos) << r.err;
+}
+
+TEST_F(PipelineTest, EmbedBatchesCountImagesAcrossJobs) {
+  // embed.max_batch = 4 images: an 8-image upload is charged 4 credit (all of it) and
+  // encoded in passes of at most 4 images; single-image queries share batches.
+  START_CLUSTER(c, true, {"GMI_EMBED_MAX_BATCH=4"});
+  c.start_broker();
+  const int embed_ops = testing::free_port();
+  for (const char* s : {"decode", "interrogate", "score", "spec"}) c.start_worker(s);
+  c.start_worker("embed", {"GMI_WORKER_OPS_PORT=" + std::to_string(embed_ops)});
+  upload_hub(c);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+  for (const auto& id : ids) EXPECT_EQ(c.await(id).value("state", ""), "finished");
+  httplib::Client http("127.0.0.1", embed_ops);
+  auto res = http.Get("/metrics");
+  ASSERT_TRUE(res);
+  const std::string& m = res->body;
+  const double passes = metric(m, "gmi_embed_pass_images_count");
+  ASSERT_GT(passes, 0) << m;
+  // Every pass held at most 4 images...
+  EXPECT_EQ(metric(m, "gmi_embed_pass_images_bucket{le=\"4\"}"), passes) << m;
+  // ...and the uploads' 3 x 8 images needed passes of 4 (never one pass of 8).
+  EXPECT_GE(metric(m, "gmi_embed_pass_images_sum"), 3 * 8 + 6);
+  EXPECT_EQ(metric(m, "gmi_embed_pass_images_bucket{le=\"2\"}") < passes, true) << m;
+  // The runtime's batches are in images too: none above max_batch.
+  const double batches = metric(m, "gmi_worker_batch_size_count{stage=\"embed\"}");
+  EXPECT_EQ(metric(m, "gmi_worker_batch_size_bucket{stage=\"embed\",le=\"4\"}"), batches) << m;
+}
+
+// The captioner's route: decode -> interrogate (captions the pixels) -> embed (embeds the
+// images and the captions) -> score, with a tiny CLIP text tower and a tiny captioner.
+TEST_F(PipelineTest, CaptionerRouteCaptionsBeforeEmbedAndSurvivesABrokerRestart) {
+  if (!torch_available()) GTEST_SKIP() << "this gmi is built without LibTorch (-DGMI_TORCH=OFF)";
+  const fs::path clip = tiny_clip();
+  ASSERT_TRUE(fs::exists(clip / "captioner.card.json"));
+  START_CLUSTER(c, true,
+                {"GMI_ENCODER_IMAGE=" + (clip / "image.card.json").string(),
+                 "GMI_ENCODER_TEXT=" + (clip / "text.card.json").string(),
+                 "GMI_INTERROGATE_INTERROGATOR=captioner",
+                 "GMI_INTERROGATE_CAPTIONER=" + (clip / "captioner.card.json").string(),
+                 "GMI_ROUTES_QUERY=decode,interrogate,embed,score"});
+  c.start_all();
+  upload_hub(c);
+  const json caption_route = {"decode", "interrogate", "embed", "score"};
+  json one = c.await(c.query(hub().queries[0]));
+  ASSERT_EQ(one.value("state", ""), "finished") << one.dump() << c.logs();
+  EXPECT_EQ(one["route"], caption_route);
+  EXPECT_EQ(one["result"]["results"].size(), static_cast<std::size_t>(Hub::kModels));
+  EXPECT_TRUE(one["timings"]["stages"].contains("interrogate"));
+  EXPECT_EQ(one["result"]["interrogator"], "captioner") << one.dump();
+  ASSERT_EQ(one["result"]["captions"].size(), 1u) << one.dump();  // one caption per query image
+
+  // Accepted on the caption route, the broker killed while score holds them; a new broker
+  // resumes them on it.
+  c.worker("score").signal(SIGSTOP);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i)]));
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(c.job_field(ids[0], "route"), "decode,interrogate,embed,score");
+  c.broker().signal(SIGKILL);
+  ASSERT_TRUE(c.broker().wait(5s).has_value());
+  c.start_broker();
+  c.worker("score").signal(SIGCONT);
+  for (const auto& id : ids) {
+    json j = c.await(id);
+    ASSERT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+    EXPECT_EQ(j["route"], caption_route);
+  }
+  for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) EXPECT_TRUE(c.worker(s).running()) << s;
+}
+
+TEST_F(PipelineTest, PromptBankInterrogatesInTheSharedSpaceAndRefusesUnsharedEncoders) {
+  if (!torch_available()) GTEST_SKIP() << "this gmi is built without LibTorch (-DGMI_TORCH=OFF)";
+  const fs::path clip = tiny_clip();
+  testing::TempDir dir;
+  const fs::path bank = dir.path() / "bank.txt";
+  std::ofstream(bank) << "# platform prompts\npattern number 1\npattern number 2\nwatercolour\nanime\n";
+  START_CLUSTER(c, true,
+                {"GMI_ENCODER_IMAGE=" + (clip / "image.card.json").string(),
+                 "GMI_ENCODER_TEXT=" + (clip / "text.card.json").string(),
+                 "GMI_INTERROGATE_INTERROGATOR=prompt-bank", "GMI_INTERROGATE_PROMPT_BANK=" + bank.string(),
+                 "GMI_INTERROGATE_TOP_K=2"});
+  c.start_all();
+  upload_hub(c);
+  json j = c.await(c.query(hub().queries[1]));
+  ASSERT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+  EXPECT_EQ(j["route"], json({"decode", "embed", "interrogate", "score"}));
+  EXPECT_EQ(j["result"]["interrogator"], "prompt-bank") << j.dump();
+  // Image and text encoders of different dims share no space: the stage refuses to start.
+  auto refused = testing::run_process({testing::gmi_binary(), "worker", "--stage", "interrogate"},
+                                      [&] {
+                                        auto e = c.env();
+                                        e.push_back("GMI_ENCODER_IMAGE=builtin");
+                                        e.push_back("GMI_ENCODER_TEXT=builtin");
+                                        return e;
+                                      }());
+  EXPECT_EQ(refused.exit_code, 2) << refused.err;
+  EXPECT_NE(refused.err.find("share one (CLIP) space"), std::string::npos) << refused.err;
+}
+
+// A real worker process against a broker socket driven by the test: tasks whose slots are
+// bad fail alone with a reason naming the slot, and the worker keeps serving.
+TEST_F(PipelineTest, BadSlotsFailTheirTaskNamingTheSlotAndTheWorkerStaysUp) {
+  testing::TempDir dir;
+  zmq::context_t ctx;
+  zmq::socket_t backend(ctx, zmq::socket_type::router);
+  backend.set(zmq::sockopt::linger, 0);
+  const std::string endpoint = "tcp://127.0.0.1:" + std::to_string(testing::free_port());
+  backend.bind(endpoint);
+  BackgroundProcess worker({testing::gmi_binary(), "worker", "--stage", "decode"},
+                           {"GMI_WORKER_BROKER=" + endpoint, "GMI_WORKER_OPS_PORT=-1", "GMI_ENCODER_IMAGE=builtin",
+                            "GMI_LOG_FORMAT=text", "GMI_BROKER_LIVENESS=1000"},
+                           dir.path() / "worker.log");
+  auto receive = [&](const std::string& type) -> std::optional<wire::Message> {
+    for (int i = 0; i < 200; ++i) {
+      zmq::pollitem_t item{backend.handle(), 0, ZMQ_POLLIN, 0};
+      if (zmq::poll(&item, 1, std::chrono::milliseconds(100)) == 0) continue;
+      auto raw = wire::recv_raw(backend, true, true);
+      if (!raw) continue;
+      wire::Message m = wire::decode(*raw, wire::Channel::kWorkerToBroker);
+      m.header["routing"] = raw->routing;
+      if (m.type() == type) return m;
+    }
+    return std::nullopt;
+  };
+  auto ready = receive("ready");
+  ASSERT_TRUE(ready) << worker.log();
+  EXPECT_EQ(ready->header["reads"], json({"images"}));
+  const std::string routing = ready->header["routing"];
+  auto task = [](const std::string& id, json slots) {
+    return json{{"task", id}, {"job_id", "3f2a9c0d4e5b6a7f8091a2b3c4d5e6f7"}, {"kind", "query"}, {"stage", "decode"},
+                {"attempt", 1}, {"params", json::object()}, {"meta", json::object()}, {"slots", std::move(slots)}};
+  };
+  json h = wire::header("tasks");
+  h["tasks"] = {task("unknown-kind", {{{"name", "images"}, {"kind", "voxels"}, {"frames", 1}}}),
+                task("missing", json::array()),
+                task("good", {{{"name", "images"}, {"kind", "image_bytes"}, {"frames", 1}}})};
+  wire::send(backend, routing, h, {"x", hub().queries[0]});
+  std::map<std::string, json> results;
+  for (int i = 0; i < 3 && results.size() < 3; ++i) {
+    auto r = receive("results");
+    ASSERT_TRUE(r) << worker.log();
+    for (const auto& item : r->header["results"]) results[item["task"]] = item;
+  }
+  ASSERT_EQ(results.size(), 3u) << worker.log();
+  EXPECT_FALSE(results["unknown-kind"]["ok"].get<bool>());
+  EXPECT_FALSE(results["unknown-kind"]["retryable"].get<bool>());
+  EXPECT_NE(results["unknown-kind"]["error"].get<std::string>().find("slot \"images\": unknown kind \"voxels\""),
+            std::string::npos) << results["unknown-kind"].dump();
+  EXPECT_FALSE(results["missing"]["ok"].get<bool>());
+  EXPECT_NE(results["missing"]["error"].get<std::string>().find("slot \"images\" is missing"), std::string::npos)
+      << results["missing"].dump();
+  ASSERT_TRUE(results["good"]["ok"].get<bool>()) << results["good"].dump();
+  EXPECT_EQ(results["good"]["slots"][0]["name"], "pixels");
+  EXPECT_EQ(results["good"]["slots"][0]["kind"], "pixels");
+  EXPECT_TRUE(worker.running());
+  worker.signal(SIGTERM);
+  EXPECT_EQ(worker.wait(10s), std::optional<int>(0)) << worker.log();
 }
 
 TEST_F(PipelineTest, RedisRestartLosesNoAcceptedJob) {

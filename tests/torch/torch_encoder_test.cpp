@@ -25,7 +25,7 @@ class TorchEncoder : public ::testing::Test {
                                    "--out", (dir_->path() / "tiny").string()});
     ASSERT_EQ(r.exit_code, 0) << "python3-torch is needed for these tests: " << r.err;
     r = testing::run_process({"/usr/bin/python3", GMI_SOURCE_DIR "/scripts/export_clip.py", "--random-init",
-                              "--tiny", "--out", (dir_->path() / "clip").string()});
+                              "--tiny", "--captioner-tiny", "--out", (dir_->path() / "clip").string()});
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
   static void TearDownTestSuite() {
@@ -197,6 +197,57 @@ TEST_F(TorchEncoder, ClipTextRowsEqualTheExportedModuleRunFromPython) {
   for (std::size_t i = 0; i < prompts.size(); ++i)
     for (Eigen::Index j = 0; j < t.cols(); ++j)
       EXPECT_NEAR(t(static_cast<Eigen::Index>(i), j), rows[i][j].get<double>(), 1e-5) << prompts[i];
+}
+
+TEST_F(TorchEncoder, CaptionerCaptionsEqualTheModuleRunFromPython) {
+  auto captioner = make_captioner(clip("captioner.card.json").string());
+  EXPECT_EQ(captioner->identity().name, "clip-tiny-random-captioner");
+  EXPECT_EQ(captioner->input_min_side(), 224);
+  // Images at the module's size, so both sides see the same pixels.
+  std::vector<Image> ims;
+  std::vector<std::string> paths;
+  for (const Image& small : images()) {
+    ims.push_back(resize(small, 224, 224));
+    paths.push_back((dir_->path() / ("cap" + std::to_string(paths.size()) + ".png")).string());
+    const auto png = encode_png(ims.back());
+    std::ofstream(paths.back(), std::ios::binary).write(reinterpret_cast<const char*>(png.data()), png.size());
+  }
+  const std::vector<std::string> caps = captioner->caption(ims);
+  ASSERT_EQ(caps.size(), 3u);
+  std::vector<std::string> argv = {
+      "/usr/bin/python3", "-c",
+      "import json, sys, torch, numpy as np\n"
+      "from PIL import Image\n"
+      "sys.path.insert(0, sys.argv[1])\n"
+      "import clip_tokenizer_ref as ref\n"
+      "tok = ref.Tokenizer(ref.read_merges(sys.argv[2]))\n"
+      "m = torch.jit.load(sys.argv[3])\n"
+      "card = json.load(open(sys.argv[4]))['input']\n"
+      "start, end = len(tok.vocab) - 2, len(tok.vocab) - 1\n"
+      "out = []\n"
+      "for path in sys.argv[5:]:\n"
+      "    x = torch.from_numpy(np.asarray(Image.open(path).convert('RGB')).copy()).permute(2, 0, 1)[None]\n"
+      "    x = x.float() / card['scale']\n"
+      "    x = (x - torch.tensor(card['mean']).view(1, 3, 1, 1)) / torch.tensor(card['std']).view(1, 3, 1, 1)\n"
+      "    toks = []\n"
+      "    for i in m(x)[0].tolist():\n"
+      "        if i == end: break\n"
+      "        if 0 < i < start: toks.append(tok.vocab[i])\n"
+      "    raw = bytes(tok.char_to_byte[c] for c in ''.join(toks))\n"
+      "    out.append(raw.decode('utf-8', errors='replace').replace('</w>', ' ').rstrip(' '))\n"
+      "print(json.dumps(out))\n",
+      GMI_SOURCE_DIR "/tests/reference", clip("bpe_tiny_vocab.txt.gz").string(), clip("captioner.pt").string(),
+      clip("captioner.card.json").string()};
+  for (const auto& p : paths) argv.push_back(p);
+  const auto r = testing::run_process(argv);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json raw = json::parse(r.out);
+  for (std::size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(caps[i], raw[i].get<std::string>()) << "image " << i;
+  }
+  EXPECT_FALSE(caps[0].empty());
+  EXPECT_THROW(make_captioner(clip("image.card.json").string()), InputError);
+  EXPECT_THROW(make_captioner("auto"), InputError);
 }
 
 }  // namespace

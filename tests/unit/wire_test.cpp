@@ -51,13 +51,16 @@ TEST(Wire, HeaderHasVersionAndType) {
 }
 
 TEST(Wire, RejectsWrongVersionNamingBoth) {
+  EXPECT_EQ(wire::kVersion, 2);
   json h = wire::header("ping");
-  h["v"] = 2;
+  h["v"] = 1;  // the positional-frames protocol this side no longer speaks
   const std::string msg = wire_error(h, Channel::kClientToBroker, 0);
-  EXPECT_TRUE(contains(msg, "version 2"));
-  EXPECT_TRUE(contains(msg, "speaks 1"));
+  EXPECT_TRUE(contains(msg, "version 1"));
+  EXPECT_TRUE(contains(msg, "speaks 2"));
   // Through the byte-level parser as well, and on every channel.
-  EXPECT_THROW(wire::parse_header(R"({"v":2,"type":"pong"})", Channel::kBrokerToClient, 0),
+  EXPECT_THROW(wire::parse_header(R"({"v":1,"type":"pong"})", Channel::kBrokerToClient, 0),
+               wire::WireError);
+  EXPECT_THROW(wire::parse_header(R"({"v":3,"type":"tasks","tasks":[]})", Channel::kBrokerToWorker, 0),
                wire::WireError);
   EXPECT_THROW(wire::parse_header(R"({"v":0,"type":"heartbeat"})", Channel::kWorkerToBroker, 0),
                wire::WireError);
@@ -88,10 +91,11 @@ TEST(Wire, RejectsFrameCountMismatch) {
   u["prompts"] = json::array();
   EXPECT_TRUE(contains(wire_error(u, Channel::kClientToBroker, 0), "at least one image"));
 
-  // Frames a worker's results announce must all be there.
+  // Frames a worker's results announce (through their slots) must all be there.
   json r = wire::header("results");
-  r["results"] = {{{"task", "t1"}, {"ok", true}, {"frames", 2}},
-                  {{"task", "t2"}, {"ok", false}, {"error", "bad"}, {"frames", 0}}};
+  r["results"] = {{{"task", "t1"}, {"ok", true},
+                   {"slots", {{{"name", "captions"}, {"kind", "text"}, {"frames", 2}}}}},
+                  {{"task", "t2"}, {"ok", false}, {"error", "bad"}}};
   EXPECT_NO_THROW(wire::validate_header(r, Channel::kWorkerToBroker, 2));
   EXPECT_FALSE(wire_error(r, Channel::kWorkerToBroker, 1).empty());
   EXPECT_FALSE(wire_error(r, Channel::kWorkerToBroker, 3).empty());
@@ -106,7 +110,7 @@ TEST(Wire, RejectsUnknownType) {
   EXPECT_TRUE(contains(wire_error(wire::header("ping"), Channel::kBrokerToClient, 0),
                        "unknown message type"));
   EXPECT_FALSE(wire_error(wire::header("tasks"), Channel::kWorkerToBroker, 0).empty());
-  EXPECT_TRUE(contains(wire_error(json{{"v", 1}}, Channel::kClientToBroker, 0), "\"type\""));
+  EXPECT_TRUE(contains(wire_error(json{{"v", 2}}, Channel::kClientToBroker, 0), "\"type\""));
 }
 
 TEST(Wire, RejectsMissingWrongTypedAndOutOfRangeFields) {

@@ -1,6 +1,8 @@
-// decode: image bytes -> RGB pixels at the encoder's input size (JPEG DCT-scaled).
+// decode: the "images" slot (image bytes) -> the "pixels" slot (RGB8 at the encoder's input
+// size, JPEG DCT-scaled).
 // A query's bad image fails its job with the decoder's reason; an upload keeps the images
 // that decode and lists the others in meta.skipped.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <span>
@@ -27,6 +29,13 @@ class DecodeStage final : public Stage {
     // The encoder's card alone says how small an image may be decoded; no weights load here.
     options_.target_min_side =
         image_encoder_info(config.get_string("encoder.image"), encoder_runtime(config)).min_side;
+    // A captioner sees the decoded pixels too: keep what its card asks for as well.
+    if (config.get_string("interrogate.interrogator") == "captioner") {
+      const EncoderRuntime rt = encoder_runtime(config);
+      const EncoderCard card =
+          load_encoder_card(resolve_encoder(config.get_string("interrogate.captioner"), rt, "captioner"));
+      options_.target_min_side = std::max(options_.target_min_side, card.input.min_side);
+    }
     // Fault injection for the crash tests: a worker that meets this byte string dies
     // (abort), as a decoder bug would make it. Unset in production.
     if (const char* m = std::getenv("GMI_FAULT_ABORT_ON"); m != nullptr && *m != '\0') abort_on_ = m;
@@ -34,6 +43,7 @@ class DecodeStage final : public Stage {
 
   std::string name() const override { return "decode"; }
   BatchPolicy batch_policy() const override { return policy_; }
+  std::vector<std::string> reads() const override { return {wire::slot::kImages}; }
 
   std::vector<StageResult> process(std::vector<StageTask>& batch) override {
     std::vector<StageResult> out;
@@ -44,32 +54,39 @@ class DecodeStage final : public Stage {
 
  private:
   StageResult decode_task(const StageTask& task) {
+    const wire::Slot* input = nullptr;
+    try {
+      input = &task.slots.get(wire::slot::kImages, wire::SlotKind::kImageBytes);
+    } catch (const InputError& e) {
+      return StageResult::failure(std::string("decode: ") + e.what(), false);
+    }
     StageResult r;
-    json images = json::array(), skipped = json::array();
+    PixelsWriter pixels;
+    json skipped = json::array();
     std::string first_error;
-    for (std::size_t i = 0; i < task.frames.size(); ++i) {
-      const std::string& bytes = task.frames[i];
+    for (std::size_t i = 0; i < input->frames.size(); ++i) {
+      const std::string& bytes = input->frames[i];
       maybe_abort(bytes);
       try {
         Image im = decode_image(std::span(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()),
                                 options_);
-        images.push_back(image_meta(im, i));
-        r.frames.push_back(image_frame(im));
+        pixels.add(im, i);
       } catch (const DecodeError& e) {
         const std::string why = std::string(to_string(e.failure())) + ": " + e.what();
         if (first_error.empty()) first_error = why;
         skipped.push_back({{"index", i}, {"error", why}});
       }
     }
-    if (task.kind == "query" && images.empty()) {
+    if (task.kind == "query" && pixels.slot.frames.empty()) {
       return StageResult::failure("the query image cannot be decoded (" + first_error + ")", false);
     }
-    if (images.empty()) {
-      return StageResult::failure("none of the " + std::to_string(task.frames.size()) +
+    if (pixels.slot.frames.empty()) {
+      return StageResult::failure("none of the " + std::to_string(input->frames.size()) +
                                       " images could be decoded; the first: " + first_error,
                                   false);
     }
-    r.meta = {{"images", std::move(images)}, {"skipped", std::move(skipped)}};
+    r.meta = {{"skipped", std::move(skipped)}};
+    r.slots.put(std::move(pixels.slot));
     return r;
   }
 

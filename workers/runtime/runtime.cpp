@@ -15,6 +15,7 @@
 #include "gmi/error.hpp"
 #include "gmi/log.hpp"
 #include "gmi/ops.hpp"
+#include "gmi/workers/batching.hpp"
 
 namespace gmi::workers {
 namespace {
@@ -54,8 +55,8 @@ struct StageWorker::Impl {
   // Socket-thread state.
   std::deque<StageTask> pending;
   Clock::time_point first_pending{};
-  int computing = 0;
-  int granted = 0;  // credit the broker still holds for us
+  int computing = 0;  // units (tasks, or images) in the batch being computed
+  int granted = 0;    // credit the broker still holds for us
   Clock::time_point last_heard = Clock::now();
   Clock::time_point last_sent = Clock::now();
   bool stopping = false;
@@ -76,7 +77,7 @@ struct StageWorker::Impl {
                             .Add({{"stage", s.name()}}, Metrics::latency_buckets())),
         batch_sizes(prometheus::BuildHistogram()
                         .Name("gmi_worker_batch_size")
-                        .Help("Tasks per batch a worker computed")
+                        .Help("Work units per batch a worker computed (tasks; images for embed)")
                         .Register(Metrics::instance().registry())
                         .Add({{"stage", s.name()}}, Metrics::size_buckets())) {
     if (policy.max_batch < 1) throw InputError(stage.name() + ".max_batch must be >= 1");
@@ -170,6 +171,9 @@ struct StageWorker::Impl {
     h["credit"] = credit;
     h["shard"] = stage.shard();
     h["shards"] = stage.shards();
+    const auto reads = stage.reads();
+    if (!reads.empty()) h["reads"] = reads;
+    if (!policy.credit_slot.empty()) h["credit_slot"] = policy.credit_slot;
     send(h);
     granted += credit;
   }
@@ -203,37 +207,69 @@ struct StageWorker::Impl {
       grant(policy.max_batch - computing);
     } else if (type == "tasks") {
       std::size_t frame = 0;
+      json rejected = json::array();
+      int rejected_credit = 0;
       for (const auto& t : msg.header["tasks"]) {
         StageTask task;
         task.id = t["task"].get<std::string>();
         task.job_id = t["job_id"].get<std::string>();
         task.kind = t["kind"].get<std::string>();
         task.attempt = t["attempt"].get<int>();
+        task.credit = t.value("credit", 1);
         task.params = t["params"];
         task.meta = t["meta"];
-        const std::size_t n = t["frames"].get<std::size_t>();
-        for (std::size_t i = 0; i < n; ++i) task.frames.push_back(std::move(msg.frames[frame + i]));
+        const std::size_t n = wire::Slots::frames_in(t["slots"]);
+        granted -= task.credit;
+        try {
+          task.slots = wire::Slots::read(t["slots"], msg.frames, frame);
+        } catch (const wire::SlotError& e) {
+          // A bad slot fails its task alone, at once; the stage never sees it.
+          log::warn("task with a bad slot", {{"task", task.id}, {"error", e.what()}});
+          rejected.push_back({{"task", task.id}, {"ok", false}, {"retryable", false},
+                              {"error", stage.name() + ": " + e.what()}});
+          rejected_credit += task.credit;
+          frame += n;
+          continue;
+        }
         frame += n;
         if (pending.empty()) first_pending = Clock::now();
         pending.push_back(std::move(task));
-        granted -= 1;
+      }
+      if (!rejected.empty()) {
+        json h = wire::header("results");
+        h["results"] = std::move(rejected);
+        const int credit = stopping ? 0 : rejected_credit;
+        h["credit"] = credit;
+        send(h);
+        granted += credit;
       }
     }
   }
 
+  int pending_units() const {
+    int units = 0;
+    for (const auto& t : pending) units += std::max(t.credit, 1);
+    return units;
+  }
+
   void maybe_start_batch() {
     if (computing > 0 || pending.empty()) return;
-    const bool full = static_cast<int>(pending.size()) >= policy.max_batch;
+    const bool full = pending_units() >= policy.max_batch;
     const bool waited = Clock::now() - first_pending >= milliseconds(policy.max_wait_ms);
     // Nothing more can come when the broker holds no credit for us.
     if (!full && !waited && !stopping && granted > 0) return;
+    std::vector<int> charges;
+    for (const auto& t : pending) charges.push_back(t.credit);
+    const std::size_t take = tasks_for_batch(charges, policy.max_batch);
     std::vector<StageTask> tasks;
-    while (!pending.empty() && static_cast<int>(tasks.size()) < policy.max_batch) {
+    int units = 0;
+    for (std::size_t i = 0; i < take; ++i) {
+      units += std::max(pending.front().credit, 1);
       tasks.push_back(std::move(pending.front()));
       pending.pop_front();
     }
     if (!pending.empty()) first_pending = Clock::now();
-    computing = static_cast<int>(tasks.size());
+    computing = units;
     {
       std::lock_guard lock(mutex);
       batch_in = std::move(tasks);
@@ -255,27 +291,29 @@ struct StageWorker::Impl {
     if (!done) return;
     auto& [tasks, results] = *done;
     compute_seconds.Observe(seconds);
-    batch_sizes.Observe(static_cast<double>(tasks.size()));
+    batch_sizes.Observe(static_cast<double>(computing));
     const double per_task = tasks.empty() ? 0 : seconds / static_cast<double>(tasks.size());
     json list = json::array();
     std::vector<std::string> frames;
     for (std::size_t i = 0; i < tasks.size(); ++i) {
       StageResult& r = results[i];
-      json item{{"task", tasks[i].id}, {"ok", r.ok}, {"compute_s", per_task},
-                {"frames", r.ok ? r.frames.size() : 0}};
+      json item{{"task", tasks[i].id}, {"ok", r.ok}, {"compute_s", per_task}};
       if (r.ok) {
         item["meta"] = std::move(r.meta);
-        for (auto& f : r.frames) frames.push_back(std::move(f));
+        item["slots"] = r.slots.describe();
+        r.slots.move_frames(frames);
       } else {
         item["error"] = r.error;
         item["retryable"] = r.retryable;
       }
       list.push_back(std::move(item));
     }
+    int charged = 0;
+    for (const auto& t : tasks) charged += t.credit;
     computing = 0;
     json h = wire::header("results");
     h["results"] = std::move(list);
-    const int credit = stopping ? 0 : static_cast<int>(tasks.size());
+    const int credit = stopping ? 0 : charged;
     h["credit"] = credit;
     send(h, frames);
     if (credit > 0) granted += credit;

@@ -1,4 +1,5 @@
-// score: (x, t^) -> the ranked models of this worker's shard. All queries of a batch that
+// score: the "image_embeddings" and "pseudo_prompts" slots -> the ranked models of this
+// worker's shard (a scorer that ignores prompts needs no pseudo_prompts). All queries of a batch that
 // share scorer and top are ranked with one rank_batch (a GEMM over the packed specs).
 #include <map>
 
@@ -26,6 +27,9 @@ class ScoreStage final : public Stage {
   std::string not_ready_reason() const override { return hub_->not_ready_reason(); }
   int shard() const override { return hub_->options().shard; }
   int shards() const override { return hub_->options().shards; }
+  std::vector<std::string> reads() const override {
+    return {wire::slot::kImageEmbeddings, wire::slot::kPseudoPrompts};
+  }
 
   std::vector<StageResult> process(std::vector<StageTask>& batch) override {
     std::vector<StageResult> out(batch.size());
@@ -46,12 +50,20 @@ class ScoreStage final : public Stage {
                                   : default_scorer_;
         const int top = task.params.value("top", 10);
         if (index.size() > 0) {
-          index.check_compatible(encoder_from_json(task.meta.value("image_encoder", json()), "image_encoder"),
-                                 encoder_from_json(task.meta.value("text_encoder", json()), "text_encoder"));
-          xs[i] = rows_from(task.frames, 0, 1, static_cast<std::size_t>(index.image_encoder().dim),
-                            "image embedding");
-          ts[i] = rows_from(task.frames, 1, 1, static_cast<std::size_t>(index.text_encoder().dim),
-                            "pseudo-prompt");
+          const bool prompts = scorer == Scorer::kWeighted;
+          const EncoderIdentity ie = encoder_of(task.slots, wire::slot::kImageEmbeddings);
+          const EncoderIdentity te =
+              prompts ? encoder_of(task.slots, wire::slot::kPseudoPrompts) : index.text_encoder();
+          index.check_compatible(ie, te);
+          xs[i] = rows_of(task.slots, wire::slot::kImageEmbeddings);
+          ts[i] = prompts ? rows_of(task.slots, wire::slot::kPseudoPrompts)
+                          : RowMatrix::Zero(1, index.text_encoder().dim);
+          if (xs[i].rows() != 1 || xs[i].cols() != index.image_encoder().dim || ts[i].rows() != 1 ||
+              ts[i].cols() != index.text_encoder().dim) {
+            throw wire::SlotError("slots \"image_embeddings\" / \"pseudo_prompts\" must hold one row each of " +
+                                  std::to_string(index.image_encoder().dim) + " / " +
+                                  std::to_string(index.text_encoder().dim) + " values");
+          }
         }
         groups[{static_cast<int>(scorer), top}].push_back(i);
       } catch (const InputError& e) {

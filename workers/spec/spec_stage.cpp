@@ -21,6 +21,9 @@ class SpecStage final : public Stage {
 
   std::string name() const override { return "spec"; }
   BatchPolicy batch_policy() const override { return policy_; }
+  std::vector<std::string> reads() const override {
+    return {wire::slot::kImageEmbeddings, wire::slot::kPromptEmbeddings};
+  }
 
   std::vector<StageResult> process(std::vector<StageTask>& batch) override {
     std::vector<StageResult> out;
@@ -32,11 +35,17 @@ class SpecStage final : public Stage {
   StageResult build(const StageTask& task) {
     Spec spec;
     try {
-      const EncoderIdentity ie = encoder_from_json(task.meta.value("image_encoder", json()), "image_encoder");
-      const EncoderIdentity te = encoder_from_json(task.meta.value("text_encoder", json()), "text_encoder");
-      const std::size_t n = task.meta.value("rows", std::size_t{0});
-      const RowMatrix x = rows_from(task.frames, 0, n, static_cast<std::size_t>(ie.dim), "image embedding");
-      const RowMatrix t = rows_from(task.frames, 1, n, static_cast<std::size_t>(te.dim), "prompt embedding");
+      const EncoderIdentity ie = encoder_of(task.slots, wire::slot::kImageEmbeddings);
+      const EncoderIdentity te = encoder_of(task.slots, wire::slot::kPromptEmbeddings);
+      const RowMatrix x = rows_of(task.slots, wire::slot::kImageEmbeddings);
+      const RowMatrix t = rows_of(task.slots, wire::slot::kPromptEmbeddings);
+      if (x.cols() != ie.dim || t.cols() != te.dim || t.rows() != x.rows()) {
+        throw wire::SlotError("slots \"image_embeddings\" (" + std::to_string(x.rows()) + " x " +
+                              std::to_string(x.cols()) + ") and \"prompt_embeddings\" (" +
+                              std::to_string(t.rows()) + " x " + std::to_string(t.cols()) +
+                              ") do not fit their encoders or each other");
+      }
+      const std::size_t n = static_cast<std::size_t>(x.rows());
       SpecBuildOptions options;
       options.min_samples = min_samples_;
       options.downloads = task.params.value("downloads", 0.0);

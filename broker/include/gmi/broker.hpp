@@ -2,8 +2,14 @@
 /// The broker: takes jobs from clients, routes each through its stages, balances the work
 /// over the workers that ask for it, and keeps every accepted job in Redis until it ends.
 ///
+/// Routes are data (routes.query, routes.upload; gmi/routes.hpp), checked at start:
 ///   query:  decode -> embed -> interrogate -> score   (result: the ranked models)
+///           decode -> interrogate -> embed -> score   (with the captioner)
 ///   upload: decode -> embed -> spec                    (result: the stored spec's metadata)
+/// Each job is stored with its route and resumed on it. Stages exchange named slots
+/// (gmi/slots.hpp): the broker keeps the slots a job accumulates and sends each worker the
+/// ones its stage reads (its "ready" says which); a worker's credit counts tasks, or the
+/// frames of one slot (embed: images), and a task larger than a whole batch goes alone.
 ///
 /// Guarantees (see schemas/README.md for the protocol):
 ///   - "accepted" is sent only after the job and its input are in Redis; at start the broker
@@ -24,6 +30,7 @@
 #include <zmq.hpp>
 
 #include "gmi/job_store.hpp"
+#include "gmi/routes.hpp"
 #include "gmi/wire.hpp"
 
 namespace gmi {
@@ -42,6 +49,9 @@ struct BrokerOptions {
   int task_timeout_s = 300;
   std::int64_t max_message_bytes = 256ll << 20;
   int score_shards = 1;
+  Route query_route{"decode", "embed", "interrogate", "score"};  ///< routes.query, for new jobs
+  Route upload_route{"decode", "embed", "spec"};                 ///< routes.upload, for new jobs
+  std::string interrogator = "neighbour";  ///< interrogate.interrogator: fixes where interrogate may sit
   int drain_timeout_ms = 30000;
   bool curve = false;
   wire::CurveKeys curve_server;

@@ -2,10 +2,11 @@
 /// Job records, inputs and results in Redis: what makes a broker restart lose nothing.
 ///
 /// Keys (prefix P from the Redis URI, default "gmi"):
-///   P:job:ID          HASH    kind, state, stage, attempts, params (JSON), error,
-///                             created_ms, finished_ms, dead_letter; TTL once ended
-///   P:job:ID:input    HASH    meta (JSON) and f0..fN (the input frames); deleted when the
-///                             job finishes, kept with the dead-letter TTL when it dies
+///   P:job:ID          HASH    kind, state, route ("decode,embed,..."), attempts, params
+///                             (JSON), error, created_ms, finished_ms, dead_letter; TTL once ended
+///   P:job:ID:input    HASH    slots (JSON: the input slots' entries), frames (their count)
+///                             and f0..fN (the frames); deleted when the job finishes, kept with
+///                             the dead-letter TTL when it dies
 ///   P:result:ID       STRING  the job object as JSON (state finished or failed), TTL
 ///   P:jobs:active     SET     ids of jobs accepted and not yet ended (resumed at start)
 ///   P:dead-letters    ZSET    ids of jobs that kept failing, scored by time (ms)
@@ -21,6 +22,8 @@
 #include <nlohmann/json.hpp>
 
 #include "gmi/redis.hpp"
+#include "gmi/routes.hpp"
+#include "gmi/slots.hpp"
 
 namespace gmi {
 
@@ -34,7 +37,8 @@ struct StoredJob {
   std::string id;
   std::string kind;        ///< "query" | "upload"
   nlohmann::json params;   ///< the request's fields (top, scorer, prompt / model_id, prompts...)
-  std::vector<std::string> frames;
+  Route route;             ///< the stages it was accepted for (empty: a record from before routes)
+  wire::Slots input;       ///< the input slots ("images")
   std::int64_t created_ms = 0;
 };
 

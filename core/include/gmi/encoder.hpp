@@ -45,6 +45,18 @@ class TextEncoder {
   virtual RowMatrix encode(const std::vector<std::string>& texts) const = 0;
 };
 
+/// An image-to-text interrogator network: one caption per image (a captioning module's
+/// token ids, decoded by its tokenizer). The caption is then embedded by the text encoder.
+class Captioner {
+ public:
+  virtual ~Captioner() = default;
+  virtual const EncoderIdentity& identity() const = 0;  ///< dim is 0
+  /// The shorter side the captioner wants; decoders may DCT-scale toward it.
+  virtual int input_min_side() const = 0;
+  /// One caption per image, in order (possibly empty).
+  virtual std::vector<std::string> caption(const std::vector<Image>& images) const = 0;
+};
+
 /// The built-in, deterministic, CPU-only style descriptor (no weights needed).
 std::unique_ptr<ImageEncoder> make_builtin_image_encoder();
 /// The built-in hashed word / character n-gram prompt embedding.

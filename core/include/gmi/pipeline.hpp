@@ -43,7 +43,11 @@ double default_lambda(double gamma);
 
 struct IdentifyOptions {
   ScoreOptions score;
+  /// A hub-learned interrogator (neighbour, ridge), built from the specs. Other names
+  /// (prompt-bank, captioner) need `interrogator_instance`, or prompts for every query.
   std::string interrogator = "neighbour";
+  /// Used instead of `interrogator` when set (e.g. a prompt-bank interrogator).
+  std::shared_ptr<const Interrogator> interrogator_instance;
 };
 
 /// One query's answer.
@@ -82,7 +86,7 @@ class Identifier {
   std::shared_ptr<const TextEncoder> prompt_encoder_;
   IdentifyOptions options_;
   SpecIndex index_;
-  std::unique_ptr<Interrogator> interrogator_;
+  std::shared_ptr<const Interrogator> interrogator_;  ///< null: queries must bring prompts
 };
 
 }  // namespace gmi

@@ -3,7 +3,8 @@
 ///
 /// A message is one multipart ZeroMQ message: [routing id (ROUTER side only)], a header
 /// frame (a UTF-8 JSON object with "v" and "type"), then binary frames (image bytes,
-/// float32 arrays) that the header refers to by count. Binary data never travels inside
+/// float32 arrays) that the header refers to by count, or (tasks, results) through named
+/// slots (gmi/slots.hpp). Binary data never travels inside
 /// JSON. Every header is validated on receipt; a bad one becomes a WireError naming the
 /// problem, which the receiver answers with an "error" message and survives.
 /// Thread-safety: functions are reentrant; a zmq socket must stay with one thread.
@@ -23,7 +24,8 @@
 
 namespace gmi::wire {
 
-inline constexpr int kVersion = 1;
+/// 2: tasks and results carry named slots (gmi/slots.hpp) instead of positional frames.
+inline constexpr int kVersion = 2;
 
 /// A malformed, unknown or wrong-version message. Not retryable.
 class WireError : public InputError {

@@ -20,6 +20,7 @@ fs::path default_encoder_dir() {
   return fs::path(home != nullptr && *home != '\0' ? home : "/tmp") / ".local" / "share" / "gmi" / "encoders";
 }
 
+#ifndef GMI_ENCODERS_ONLY
 EncoderRuntime encoder_runtime(const Config& config) {
   EncoderRuntime rt;
   rt.encoder_dir = config.get_string("encoder.dir");
@@ -31,6 +32,7 @@ EncoderRuntime encoder_runtime(const Config& config) {
   }
   return rt;
 }
+#endif
 
 bool torch_available() {
 #ifdef GMI_HAVE_TORCH
@@ -183,6 +185,16 @@ std::unique_ptr<TextEncoder> make_text_encoder(const std::string& name, const En
   return load_torchscript_text_encoder(card, torch_options(runtime));
 #else
   throw InputError("encoder card " + card.path.string() + " needs LibTorch, and this gmi is built without it");
+#endif
+}
+
+std::unique_ptr<Captioner> make_captioner(const std::string& name, const EncoderRuntime& runtime) {
+  if (name == "auto" || is_builtin(name)) throw InputError("there is no built-in captioner; give a captioner card");
+  const std::string source = resolve_encoder(name, runtime, "captioner");
+#ifdef GMI_HAVE_TORCH
+  return load_torchscript_captioner(load_encoder_card(source), torch_options(runtime));
+#else
+  throw InputError("captioner card " + source + " needs LibTorch, and this gmi is built without it");
 #endif
 }
 

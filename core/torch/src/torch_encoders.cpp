@@ -5,11 +5,13 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <chrono>
 #include <cmath>
 #include <mutex>
 
 #include "gmi/clip_tokenizer.hpp"
 #include "gmi/error.hpp"
+#include "gmi/parallel.hpp"
 
 namespace gmi {
 namespace {
@@ -90,6 +92,47 @@ RowMatrix to_rows(const torch::Tensor& t) {
   return out;
 }
 
+// Images [n] from `first`, prepared as the card says, in one uint8 NHWC host tensor (pinned
+// when it goes to a CUDA device, so the copy overlaps the previous batch's compute).
+torch::Tensor host_pixels(const std::vector<Image>& images, std::size_t first, std::size_t n, const InputGeometry& g,
+                          const torch::Device& device) {
+  const int s = g.size;
+  torch::Tensor host = torch::empty({static_cast<long>(n), s, s, 3}, torch::kUInt8);
+  if (device.is_cuda()) host = host.pin_memory();
+  auto* dst = host.data_ptr<std::uint8_t>();
+  // Images already at the card's geometry (the decode stage prepares them) are a copy.
+  std::mutex failed_mutex;
+  std::exception_ptr failed;
+  parallel_for(n, n >= 16 ? 0 : 1, [&](std::size_t i) {
+    try {
+      const Image& im = images[first + i];
+      if (im.rgb.size() != static_cast<std::size_t>(im.width) * im.height * 3 || im.width <= 0) {
+        throw InputError("image " + std::to_string(first + i) + " of the batch is empty or malformed");
+      }
+      const Image prepared = (im.width == s && im.height == s) ? Image{} : prepare_image(im, g);
+      const Image& p = prepared.width > 0 ? prepared : im;
+      std::memcpy(dst + i * static_cast<std::size_t>(s) * s * 3, p.rgb.data(), p.rgb.size());
+    } catch (...) {
+      std::lock_guard lock(failed_mutex);
+      if (!failed) failed = std::current_exception();
+    }
+  });
+  if (failed) std::rethrow_exception(failed);
+  return host;
+}
+
+// uint8 NHWC on the host -> the module's float NCHW input on the device.
+torch::Tensor normalised(const torch::Tensor& host_u8, const InputGeometry& g, const torch::Device& device, bool half,
+                         const torch::Tensor& mean, const torch::Tensor& inv_std) {
+  torch::Tensor x = host_u8.to(device, /*non_blocking=*/true).permute({0, 3, 1, 2});
+  x = x.to(torch::kFloat).div_(g.scale).sub_(mean).mul_(inv_std);
+  return half ? x.to(torch::kHalf) : x;
+}
+
+torch::Tensor channel_tensor(const float v[3], const torch::Device& device) {
+  return torch::tensor({v[0], v[1], v[2]}).view({1, 3, 1, 1}).to(device);
+}
+
 class TorchImageEncoder final : public ImageEncoder {
  public:
   TorchImageEncoder(EncoderCard card, const TorchOptions& options)
@@ -100,8 +143,8 @@ class TorchImageEncoder final : public ImageEncoder {
     module_ = load_module(card_, device_);
     if (half_) module_.to(torch::kHalf);
     const auto& g = card_.input;
-    mean_ = torch::tensor({g.mean[0], g.mean[1], g.mean[2]}).view({1, 3, 1, 1}).to(device_);
-    inv_std_ = (1.0 / torch::tensor({g.std[0], g.std[1], g.std[2]})).view({1, 3, 1, 1}).to(device_);
+    mean_ = channel_tensor(g.mean, device_);
+    inv_std_ = 1.0 / channel_tensor(g.std, device_);
     double total = 0;
     for (const auto& o : card_.outputs) total += o.weight;
     for (const auto& o : card_.outputs) scale_.push_back(total > 0 ? std::sqrt(o.weight / total) : 0.0);
@@ -115,29 +158,28 @@ class TorchImageEncoder final : public ImageEncoder {
     std::lock_guard lock(mutex_);
     RowMatrix out(static_cast<Eigen::Index>(images.size()), identity_.dim);
     c10::InferenceMode guard;
-    const int s = card_.input.size;
     std::size_t done = 0;
     int batch = options_.max_batch;
-    // Two host buffers alternate: the next batch is prepared (and, on CUDA, copied from
-    // pinned memory) while the device still computes the previous one.
+    auto pack = [&](std::size_t first) {
+      const std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(batch), images.size() - first);
+      return host_pixels(images, first, n, card_.input, device_);
+    };
+    // Two batches in flight: while the device computes batch k (its launches are
+    // asynchronous on CUDA, its input copied from pinned memory), the host prepares k + 1.
+    torch::Tensor host = images.empty() ? torch::Tensor() : pack(0);
     while (done < images.size()) {
-      const std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(batch), images.size() - done);
-      torch::Tensor host = torch::empty({static_cast<long>(n), s, s, 3}, torch::kUInt8);
-      if (device_.is_cuda()) host = host.pin_memory();
-      auto* dst = host.data_ptr<std::uint8_t>();
-      for (std::size_t i = 0; i < n; ++i) {
-        const Image& im = images[done + i];
-        const Image prepared = (im.width == s && im.height == s) ? Image{} : prepare_image(im, card_.input);
-        const Image& p = prepared.width > 0 ? prepared : im;
-        std::memcpy(dst + i * static_cast<std::size_t>(s) * s * 3, p.rgb.data(), p.rgb.size());
-      }
+      const auto n = static_cast<std::size_t>(host.size(0));
       try {
         const torch::Tensor rows = forward(host);
+        torch::Tensor next;
+        if (done + n < images.size()) next = pack(done + n);
         out.middleRows(static_cast<Eigen::Index>(done), static_cast<Eigen::Index>(n)) = to_rows(rows);
         done += n;
+        host = next;
       } catch (const c10::Error& e) {
-        if (device_.is_cuda() && is_oom(e) && batch > 1) {
-          batch = std::max(1, batch / 2);  // retry this part with half the batch
+        if (device_.is_cuda() && is_oom(e) && n > 1) {
+          batch = std::max(1, static_cast<int>(n) / 2);  // retry this part with half the batch
+          host = pack(done);
           continue;
         }
         throw Error("encoder " + identity_.str() + ": forward failed: " + torch_message(e));
@@ -148,10 +190,7 @@ class TorchImageEncoder final : public ImageEncoder {
 
  private:
   torch::Tensor forward(const torch::Tensor& host_u8) const {
-    torch::Tensor x = host_u8.to(device_, /*non_blocking=*/true).permute({0, 3, 1, 2});
-    x = x.to(torch::kFloat).div_(card_.input.scale).sub_(mean_).mul_(inv_std_);
-    if (half_) x = x.to(torch::kHalf);
-    std::vector<c10::IValue> inputs{x};
+    std::vector<c10::IValue> inputs{normalised(host_u8, card_.input, device_, half_, mean_, inv_std_)};
     const auto outputs = as_tensors(const_cast<torch::jit::Module&>(module_).forward(inputs),
                                     card_.file("module").path.string());
     std::vector<torch::Tensor> parts;
@@ -323,6 +362,71 @@ class TorchTextEncoder final : public TextEncoder {
   mutable std::mutex mutex_;
 };
 
+class TorchCaptioner final : public Captioner {
+ public:
+  TorchCaptioner(EncoderCard card, const TorchOptions& options)
+      : card_(std::move(card)), options_(options), device_(parse_device(options.device)) {
+    module_ = load_module(card_, device_);
+    tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_file(card_.file("vocab").path.string()));
+    half_ = device_.is_cuda() && options_.fp16;
+    if (half_) module_.to(torch::kHalf);
+    mean_ = channel_tensor(card_.input.mean, device_);
+    inv_std_ = 1.0 / channel_tensor(card_.input.std, device_);
+    identity_ = card_.identity();
+    Image probe;
+    probe.width = probe.height = card_.input.size;
+    probe.rgb.assign(static_cast<std::size_t>(probe.width) * probe.height * 3, 127);
+    try {
+      caption({probe});
+    } catch (const c10::Error& e) {
+      throw InputError("TorchScript captioner " + card_.file("module").path.string() + " fails on a probe image: " +
+                       torch_message(e));
+    }
+  }
+
+  const EncoderIdentity& identity() const override { return identity_; }
+  int input_min_side() const override { return card_.input.min_side; }
+
+  std::vector<std::string> caption(const std::vector<Image>& images) const override {
+    std::lock_guard lock(mutex_);
+    c10::InferenceMode guard;
+    std::vector<std::string> out;
+    const std::size_t step = static_cast<std::size_t>(std::max(1, options_.max_batch));
+    for (std::size_t at = 0; at < images.size(); at += step) {
+      const std::size_t n = std::min(step, images.size() - at);
+      std::vector<c10::IValue> inputs{
+          normalised(host_pixels(images, at, n, card_.input, device_), card_.input, device_, half_, mean_, inv_std_)};
+      const c10::IValue y = module_.forward(inputs);
+      if (!y.isTensor() || y.toTensor().dim() != 2 || y.toTensor().size(0) != static_cast<long>(n)) {
+        throw InputError("TorchScript captioner " + card_.file("module").path.string() +
+                         " must return token ids [N, L]");
+      }
+      const torch::Tensor ids = y.toTensor().to(torch::kCPU, torch::kLong).contiguous();
+      for (long i = 0; i < ids.size(0); ++i) {
+        std::vector<int> row;
+        for (long j = 0; j < ids.size(1); ++j) {
+          const long id = ids[i][j].item<long>();
+          if (id == tokenizer_->end_id()) break;
+          if (id > 0 && id < tokenizer_->vocab_size()) row.push_back(static_cast<int>(id));
+        }
+        out.push_back(tokenizer_->decode(row));
+      }
+    }
+    return out;
+  }
+
+ private:
+  EncoderCard card_;
+  TorchOptions options_;
+  torch::Device device_;
+  bool half_ = false;
+  mutable torch::jit::Module module_;
+  std::unique_ptr<ClipTokenizer> tokenizer_;
+  torch::Tensor mean_, inv_std_;
+  EncoderIdentity identity_;
+  mutable std::mutex mutex_;
+};
+
 }  // namespace
 
 std::unique_ptr<ImageEncoder> load_torchscript_image_encoder(const EncoderCard& card, const TorchOptions& options) {
@@ -337,6 +441,39 @@ std::unique_ptr<TextEncoder> load_torchscript_text_encoder(const EncoderCard& ca
     throw InputError("encoder card " + card.path.string() + " is not a torchscript text card");
   }
   return std::make_unique<TorchTextEncoder>(card, options);
+}
+
+double bare_forward_images_per_s(const EncoderCard& card, const TorchOptions& options, int batch, double seconds) {
+  const torch::Device device = parse_device(options.device);
+  torch::jit::Module m = load_module(card, device);
+  const bool half = device.is_cuda() && options.fp16;
+  if (half) m.to(torch::kHalf);
+  c10::InferenceMode guard;
+  torch::Tensor x = torch::rand({batch, 3, card.input.size, card.input.size}, torch::TensorOptions().device(device));
+  if (half) x = x.to(torch::kHalf);
+  std::vector<c10::IValue> inputs{x};
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? -1 : device.index());
+  };
+  for (int i = 0; i < 3; ++i) m.forward(inputs);  // warm-up (cuDNN autotuning, allocator)
+  sync();
+  const auto t0 = std::chrono::steady_clock::now();
+  long images = 0;
+  double elapsed = 0;
+  do {
+    m.forward(inputs);
+    images += batch;
+    sync();
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } while (elapsed < seconds);
+  return images / elapsed;
+}
+
+std::unique_ptr<Captioner> load_torchscript_captioner(const EncoderCard& card, const TorchOptions& options) {
+  if (card.modality != "captioner" || card.backend != "torchscript") {
+    throw InputError("encoder card " + card.path.string() + " is not a torchscript captioner card");
+  }
+  return std::make_unique<TorchCaptioner>(card, options);
 }
 
 std::string torch_runtime_description() {

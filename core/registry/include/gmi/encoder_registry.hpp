@@ -60,4 +60,8 @@ EncoderIdentity text_encoder_identity(const std::string& name, const EncoderRunt
 std::unique_ptr<ImageEncoder> make_image_encoder(const std::string& name, const EncoderRuntime& runtime = {});
 std::unique_ptr<TextEncoder> make_text_encoder(const std::string& name, const EncoderRuntime& runtime = {});
 
+/// A captioner from its card (modality "captioner": a TorchScript module image -> token
+/// ids, and the tokenizer's merges file). Throws InputError as make_image_encoder does.
+std::unique_ptr<Captioner> make_captioner(const std::string& name, const EncoderRuntime& runtime = {});
+
 }  // namespace gmi

@@ -24,6 +24,11 @@ struct TorchOptions {
 /// file on any mismatch.
 std::unique_ptr<ImageEncoder> load_torchscript_image_encoder(const EncoderCard& card, const TorchOptions& options);
 std::unique_ptr<TextEncoder> load_torchscript_text_encoder(const EncoderCard& card, const TorchOptions& options);
+std::unique_ptr<Captioner> load_torchscript_captioner(const EncoderCard& card, const TorchOptions& options);
+
+/// The bare model's throughput, for benchmarks: forward() alone on a batch already on the
+/// device (fp16 on CUDA when options.fp16), in inference mode, for about `seconds`.
+double bare_forward_images_per_s(const EncoderCard& card, const TorchOptions& options, int batch, double seconds);
 
 /// "LibTorch 1.13.1, CUDA available: no".
 std::string torch_runtime_description();

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "gmi/config.hpp"
+#include "gmi/slots.hpp"
 
 namespace gmi::workers {
 
@@ -22,17 +23,18 @@ struct StageTask {
   std::string job_id;
   std::string kind;  ///< "query" | "upload"
   int attempt = 1;
+  int credit = 1;         ///< what the broker charged this task (tasks, or images for embed)
   nlohmann::json params;  ///< the job's request fields
-  nlohmann::json meta;    ///< the previous stage's output metadata
-  std::vector<std::string> frames;
+  nlohmann::json meta;    ///< the metadata the stages before wrote (accumulated)
+  wire::Slots slots;      ///< the named payloads the stages before wrote (those this stage reads)
 };
 
 struct StageResult {
   bool ok = true;
   std::string error;       ///< when !ok: what went wrong, for people
   bool retryable = false;  ///< when !ok: may another try succeed (I/O) or not (bad input)?
-  nlohmann::json meta = nlohmann::json::object();
-  std::vector<std::string> frames;
+  nlohmann::json meta = nlohmann::json::object();  ///< merged into the job's meta
+  wire::Slots slots;  ///< put into the job's slots (same names replaced)
 
   static StageResult failure(std::string error, bool retryable) {
     StageResult r;
@@ -45,8 +47,11 @@ struct StageResult {
 
 /// How the runtime should batch for a stage.
 struct BatchPolicy {
-  int max_batch = 16;   ///< tasks per process() call (and credit asked from the broker)
+  int max_batch = 16;   ///< work units per process() call (and credit asked from the broker)
   int max_wait_ms = 0;  ///< wait up to this long for a batch to fill; 0: run what is there
+  /// What a unit is: "" = one task; a slot name = one frame of that slot ("pixels": credit
+  /// and batches count images, so a 1000-image upload and a 1-image query weigh what they hold).
+  std::string credit_slot;
 };
 
 class Stage {
@@ -57,6 +62,8 @@ class Stage {
   /// One result per task, in order. Should not throw; if it does, the runtime fails every
   /// task of the batch as retryable and the broker retries them one by one.
   virtual std::vector<StageResult> process(std::vector<StageTask>& batch) = 0;
+  /// The slots this stage reads (the broker sends only these); empty: every slot.
+  virtual std::vector<std::string> reads() const { return {}; }
   /// "" when the stage can take work; else why not (e.g. specs still loading).
   virtual std::string not_ready_reason() const { return {}; }
   /// The shard this worker serves (score); 0 of 1 elsewhere.
