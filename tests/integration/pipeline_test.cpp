@@ -851,7 +851,10 @@ TEST_F(PipelineTest, GatewayServesQueriesUploadsAndModelsOverHttp) {
                             c.dir() / "gateway.log");
   httplib::Client http("127.0.0.1", port);
   http.set_default_headers({{"X-API-Key", "sesame"}});
-  for (int i = 0; i < 100 && !http.Get("/healthz"); ++i) std::this_thread::sleep_for(50ms);
+  // Generous: under a sanitizer on a loaded machine the gateway takes seconds to start, and
+  // the upload waits for the embed worker's first (model-loading) batch.
+  http.set_read_timeout(60, 0);
+  for (int i = 0; i < 600 && !http.Get("/healthz"); ++i) std::this_thread::sleep_for(50ms);
 
   // Upload one model as multipart: a manifest plus its images.
   const auto& u = hub().uploads[0];

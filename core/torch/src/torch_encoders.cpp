@@ -133,15 +133,29 @@ torch::Tensor channel_tensor(const float v[3], const torch::Device& device) {
   return torch::tensor({v[0], v[1], v[2]}).view({1, 3, 1, 1}).to(device);
 }
 
-class TorchImageEncoder final : public ImageEncoder {
+// A card's module loaded on its device (half precision on CUDA when asked), with the
+// lock that serialises its batches: what every TorchScript encoder holds.
+struct LoadedModule {
+  LoadedModule(EncoderCard card, const TorchOptions& options)
+      : card_(std::move(card)), options_(options), device_(parse_device(options.device)) {
+    module_ = load_module(card_, device_);
+    half_ = device_.is_cuda() && options_.fp16;
+    if (half_) module_.to(torch::kHalf);
+  }
+  EncoderCard card_;
+  TorchOptions options_;
+  torch::Device device_;
+  bool half_ = false;
+  mutable torch::jit::Module module_;
+  mutable std::mutex mutex_;
+};
+
+class TorchImageEncoder final : public ImageEncoder, private LoadedModule {
  public:
   TorchImageEncoder(EncoderCard card, const TorchOptions& options)
-      : card_(std::move(card)), options_(options), device_(parse_device(options.device)) {
+      : LoadedModule(std::move(card), options) {
     if (options_.max_batch < 1) throw InputError("max_batch must be >= 1");
     if (options_.threads > 0) torch::set_num_threads(options_.threads);
-    half_ = device_.is_cuda() && options_.fp16;
-    module_ = load_module(card_, device_);
-    if (half_) module_.to(torch::kHalf);
     const auto& g = card_.input;
     mean_ = channel_tensor(g.mean, device_);
     inv_std_ = 1.0 / channel_tensor(g.std, device_);
@@ -274,26 +288,17 @@ class TorchImageEncoder final : public ImageEncoder {
     return s + "]";
   }
 
-  EncoderCard card_;
-  TorchOptions options_;
-  torch::Device device_;
-  bool half_ = false;
-  mutable torch::jit::Module module_;
   torch::Tensor mean_, inv_std_;
   std::vector<double> scale_;
   EncoderIdentity identity_;
-  mutable std::mutex mutex_;
 };
 
-class TorchTextEncoder final : public TextEncoder {
+class TorchTextEncoder final : public TextEncoder, private LoadedModule {
  public:
   TorchTextEncoder(EncoderCard card, const TorchOptions& options)
-      : card_(std::move(card)), options_(options), device_(parse_device(options.device)) {
-    module_ = load_module(card_, device_);
+      : LoadedModule(std::move(card), options) {
     const auto& vocab = card_.file("vocab");
     tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_file(vocab.path.string()));
-    half_ = device_.is_cuda() && options_.fp16;
-    if (half_) module_.to(torch::kHalf);
     identity_ = card_.identity();
     // Probe: one text must give one row of the card's dim.
     const std::string file = card_.file("module").path.string();
@@ -352,24 +357,15 @@ class TorchTextEncoder final : public TextEncoder {
     return module_.forward(inputs).toTensor();
   }
 
-  EncoderCard card_;
-  TorchOptions options_;
-  torch::Device device_;
-  bool half_ = false;
-  mutable torch::jit::Module module_;
   std::unique_ptr<ClipTokenizer> tokenizer_;
   EncoderIdentity identity_;
-  mutable std::mutex mutex_;
 };
 
-class TorchCaptioner final : public Captioner {
+class TorchCaptioner final : public Captioner, private LoadedModule {
  public:
   TorchCaptioner(EncoderCard card, const TorchOptions& options)
-      : card_(std::move(card)), options_(options), device_(parse_device(options.device)) {
-    module_ = load_module(card_, device_);
+      : LoadedModule(std::move(card), options) {
     tokenizer_ = std::make_unique<ClipTokenizer>(ClipTokenizer::from_file(card_.file("vocab").path.string()));
-    half_ = device_.is_cuda() && options_.fp16;
-    if (half_) module_.to(torch::kHalf);
     mean_ = channel_tensor(card_.input.mean, device_);
     inv_std_ = 1.0 / channel_tensor(card_.input.std, device_);
     identity_ = card_.identity();
@@ -416,15 +412,9 @@ class TorchCaptioner final : public Captioner {
   }
 
  private:
-  EncoderCard card_;
-  TorchOptions options_;
-  torch::Device device_;
-  bool half_ = false;
-  mutable torch::jit::Module module_;
   std::unique_ptr<ClipTokenizer> tokenizer_;
   torch::Tensor mean_, inv_std_;
   EncoderIdentity identity_;
-  mutable std::mutex mutex_;
 };
 
 }  // namespace
