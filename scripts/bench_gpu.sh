@@ -40,7 +40,10 @@ if [ "$prepare" = 1 ]; then
   rm -rf "$gpu" && mkdir -p "$gpu/debs" "$gpu/deps" "$gpu/encoders"
   (cd "$gpu/debs" && apt-get download "${pkgs[@]}" >/dev/null)
   for deb in "$gpu"/debs/*.deb; do dpkg -x "$deb" "$gpu/deps"; done
-  rm -rf "$gpu/debs" "$gpu/deps/usr/share/doc" "$gpu/deps/usr/share/man"
+  # What a build needs: headers, CMake/pkg-config files, shared libraries (run carries 64 MiB).
+  rm -rf "$gpu/debs" "$gpu/deps/usr/share/doc" "$gpu/deps/usr/share/man" "$gpu/deps/usr/bin" "$gpu/deps/usr/sbin" \
+    "$gpu/deps/usr/share/icu" "$gpu/deps/usr/lib/x86_64-linux-gnu/icu"
+  find "$gpu/deps" \( -name '*.a' -o -name 'libicuio*' -o -name 'libicutest*' -o -name 'libicutu*' -o -name 'libicui18n*' \) -delete
   enc=${GMI_ENCODER_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/gmi/encoders}
   if [ -f "$enc/gmi-mnv2-style/card.json" ]; then
     cp -r "$enc/gmi-mnv2-style" "$gpu/encoders/"
