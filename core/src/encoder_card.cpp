@@ -7,6 +7,9 @@
 #include <cmath>
 #include <fstream>
 #include <memory>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "gmi/error.hpp"
@@ -242,15 +245,27 @@ std::string sha256_file(const fs::path& path) {
 }
 
 void verify_card_files(const EncoderCard& card) {
+  // Resolving "auto", a composite's parts and the module load all verify the same files:
+  // a file already seen to match, unchanged since (size and mtime), is not hashed again.
+  static std::mutex mutex;
+  static std::set<std::tuple<std::string, std::string, std::uintmax_t, std::int64_t>> verified;
   for (const auto& f : card.files) {
     if (!fs::is_regular_file(f.path)) {
       throw InputError("encoder card " + card.path.string() + ": file " + f.path.string() + " is missing");
+    }
+    const auto key = std::make_tuple(f.path.string(), f.sha256, fs::file_size(f.path),
+                                     static_cast<std::int64_t>(fs::last_write_time(f.path).time_since_epoch().count()));
+    {
+      std::lock_guard lock(mutex);
+      if (verified.count(key) != 0) continue;
     }
     const std::string got = sha256_file(f.path);
     if (got != f.sha256) {
       throw InputError("encoder card " + card.path.string() + ": file " + f.path.string() +
                        ": sha256 mismatch (card says " + f.sha256 + ", file has " + got + ")");
     }
+    std::lock_guard lock(mutex);
+    verified.insert(key);
   }
 }
 

@@ -66,8 +66,7 @@ class CliTest : public ::testing::Test {
   static fs::path specs() { return dir_->path() / "specs"; }
   static std::string model(int style) { return "style-" + std::to_string(style); }
   static ProcessResult gmi(std::vector<std::string> args, std::vector<std::string> env = {}) {
-    args.insert(args.begin(), testing::gmi_binary());
-    return run_process(args, env);
+    return testing::run_gmi(std::move(args), env);
   }
   static testing::TempDir* dir_;
   static std::string setup_error_;

@@ -18,8 +18,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 testing::ProcessResult gmi(std::vector<std::string> args, std::vector<std::string> env = {}) {
-  args.insert(args.begin(), testing::gmi_binary());
-  return testing::run_process(args, env);
+  return testing::run_gmi(std::move(args), env);
 }
 
 // A composite of the built-in encoder with itself: a real composite card that needs no

@@ -191,10 +191,7 @@ class TokenizeCli : public ::testing::Test {
 
   static fs::path root() { return dir_->path(); }
   static std::string merges(bool gz = true) { return (root() / (gz ? "merges.txt.gz" : "merges.txt")).string(); }
-  static ProcessResult gmi(std::vector<std::string> args) {
-    args.insert(args.begin(), testing::gmi_binary());
-    return run_process(args);
-  }
+  static ProcessResult gmi(std::vector<std::string> args) { return testing::run_gmi(std::move(args)); }
   static ProcessResult python(std::vector<std::string> args, const std::string& stdin_data = "") {
     const char* py = std::getenv("GMI_PYTHON");
     args.insert(args.begin(), std::string(GMI_SOURCE_DIR) + "/tests/reference/clip_tokenizer_ref.py");

@@ -209,6 +209,11 @@ std::string gmi_binary() {
 #endif
 }
 
+ProcessResult run_gmi(std::vector<std::string> args, const std::vector<std::string>& extra_env) {
+  args.insert(args.begin(), gmi_binary());
+  return run_process(args, extra_env);
+}
+
 ProcessResult run_process(const std::vector<std::string>& argv,
                           const std::vector<std::string>& extra_env,
                           const std::string& stdin_data) {

@@ -82,6 +82,9 @@ ProcessResult run_process(const std::vector<std::string>& argv,
                           const std::vector<std::string>& extra_env = {},
                           const std::string& stdin_data = "");
 
+/// Runs the gmi binary under test with `args`.
+ProcessResult run_gmi(std::vector<std::string> args, const std::vector<std::string>& extra_env = {});
+
 /// A free TCP port on 127.0.0.1.
 int free_port();
 
