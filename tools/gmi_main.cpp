@@ -5,6 +5,7 @@
 //   gmi spec remove  --store dir:SPECDIR MODEL
 //   gmi identify     --store dir:SPECDIR --top K [--scorer ...] [--json] IMAGE
 //   gmi identify     --store dir:SPECDIR --top K --batch QUERIES.jsonl
+//   gmi hub learn-metric --store dir:SPECDIR       (the hub-learned metric; identify uses it)
 //
 // Exit codes: 0 success, 1 environment failure (I/O, Redis), 2 bad input or usage.
 #include <cstdio>
@@ -232,7 +233,23 @@ struct IdentifyArgs {
   int top = 4;
   double tau = 0;
   bool json_out = false;
+  std::string metric = "auto";
+  gmi::MetricOptions metric_options;
 };
+
+json metric_json(const std::shared_ptr<const gmi::Metric>& m) {
+  if (!m) return nullptr;
+  return {{"version", m->version}, {"checksum", m->checksum()}, {"dim", m->dim_out()}};
+}
+
+void add_metric_options(CLI::App* cmd, gmi::MetricOptions& o) {
+  cmd->add_option("--metric-dims", o.dims, "metric: mapped dimension k (0: all d, plain whitening)")
+      ->envname("GMI_METRIC_DIMS")->capture_default_str();
+  cmd->add_option("--metric-shrinkage", o.shrinkage, "metric: shrinkage of the within-model scatter")
+      ->envname("GMI_METRIC_SHRINKAGE")->capture_default_str();
+  cmd->add_option("--metric-gamma-scale", o.gamma_scale, "metric: gamma = scale / median squared distance")
+      ->envname("GMI_METRIC_GAMMA_SCALE")->capture_default_str();
+}
 
 // The captioner's caption of each usable query (row order of `b`), decoded at its own size.
 std::vector<std::string> caption_queries(const CommonOptions& c, const IdentifyArgs& a,
@@ -268,6 +285,17 @@ std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const I
   }
   bar.finish();
   if (specs.empty()) throw gmi::InputError("no specs in " + store->describe() + " (run `gmi spec build` first)");
+  const gmi::MetricMode mode = gmi::parse_metric_mode(a.metric);
+  std::optional<gmi::Metric> stored;
+  if (mode == gmi::MetricMode::kAuto || mode == gmi::MetricMode::kStored) stored = store->get_metric();
+  const bool had_stored = stored.has_value();
+  auto metric = gmi::choose_metric(mode, std::move(stored), specs, a.metric_options);
+  if (!metric)
+    std::fprintf(stderr, "gmi: metric: none (the encoder's raw space)\n");
+  else
+    std::fprintf(stderr, "gmi: metric: %s%s, %d -> %d dims, learnt from %d models\n", metric->label().c_str(),
+                 had_stored && mode != gmi::MetricMode::kLearn ? " (stored)" : " (learnt on the fly)",
+                 metric->dim_in(), metric->dim_out(), metric->models);
   gmi::IdentifyOptions opt;
   opt.score.scorer = gmi::parse_scorer(a.scorer);
   opt.score.top_k = a.top;
@@ -285,7 +313,7 @@ std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const I
     opt.interrogator_instance =
         gmi::make_prompt_bank_interrogator(te->encode(gmi::read_prompt_bank(a.prompt_bank)), a.bank_top_k, a.bank_tau);
   }
-  return std::make_unique<gmi::Identifier>(std::move(specs), image_encoder, te->identity(), te, opt);
+  return std::make_unique<gmi::Identifier>(std::move(specs), image_encoder, te->identity(), te, opt, metric);
 }
 
 int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
@@ -302,7 +330,11 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
     auto id = identifier->identify(b.x, {prompt});
     const auto& ranked = id[0].results;
     if (a.json_out) {
-      std::cout << json{{"results", results_json(ranked)}, {"scorer", a.scorer}}.dump() << "\n";
+      std::cout << json{{"results", results_json(ranked)},
+                        {"scorer", a.scorer},
+                        {"metric", metric_json(identifier->metric())}}
+                       .dump()
+                << "\n";
     } else {
       std::printf("%4s  %-32s %12s\n", "rank", "model", a.scorer == "weighted" || a.scorer == "rkme"
                                                             ? "MMD^2" : "score");
@@ -343,11 +375,63 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
       ++failed;
     } else {
       line["results"] = results_json(ids[static_cast<size_t>(b.row_of[i])].results);
+      line["metric"] = metric_json(identifier->metric());
     }
     out[man.entries[i].line] = std::move(line);
   }
   for (auto& [line, j] : out) std::cout << j.dump() << "\n";
   std::fprintf(stderr, "gmi: %zu queries answered, %d failed\n", out.size() - failed, failed);
+  return 0;
+}
+
+// ------------------------------------------------------------------ hub learn-metric / metric
+
+struct HubArgs {
+  gmi::MetricOptions options;
+  bool json_out = false;
+};
+
+void print_metric(const gmi::Metric& m, const std::string& where, bool json_out) {
+  json j = m.describe();
+  j["store"] = where;
+  if (json_out) {
+    std::cout << j.dump() << "\n";
+    return;
+  }
+  for (auto it = j.begin(); it != j.end(); ++it)
+    std::printf("%-14s %s\n", it.key().c_str(),
+                it.value().is_string() ? it.value().get<std::string>().c_str() : it.value().dump().c_str());
+}
+
+int run_learn_metric(const CommonOptions& c, const HubArgs& a) {
+  auto store = gmi::open_spec_store(c.store);
+  const gmi::EncoderIdentity encoder = gmi::image_encoder_info(c.image_encoder, c.encoders()).identity;
+  std::unique_ptr<ProgressBar> bar;
+  const auto report = gmi::learn_store_metric(*store, encoder, a.options, [&](std::size_t done, std::size_t total) {
+    if (!bar) bar = std::make_unique<ProgressBar>("learning", total);
+    bar->tick();
+    (void)done;
+  });
+  if (bar) bar->finish();
+  if (!a.json_out)
+    std::printf("stored metric %s in %s: %d -> %d dims from %d models (%zu specs skipped) in %.2f s\n",
+                report.metric.label().c_str(), store->describe().c_str(), report.metric.dim_in(),
+                report.metric.dim_out(), report.metric.models, report.skipped, report.seconds);
+  else {
+    json j = report.metric.describe();
+    j["store"] = store->describe();
+    j["skipped"] = report.skipped;
+    j["seconds"] = report.seconds;
+    std::cout << j.dump() << "\n";
+  }
+  return 0;
+}
+
+int run_show_metric(const CommonOptions& c, const HubArgs& a) {
+  auto store = gmi::open_spec_store(c.store);
+  auto m = store->get_metric();
+  if (!m) throw gmi::NotFoundError("no metric in " + store->describe() + " (gmi hub learn-metric)");
+  print_metric(*m, store->describe(), a.json_out);
   return 0;
 }
 
@@ -451,6 +535,10 @@ int main(int argc, char** argv) {
       ->envname("GMI_INTERROGATE_CAPTIONER");
   identify_cmd->add_option("--prompt", ident.prompt, "use this text as the query's prompt (skips the interrogator)");
   identify_cmd->add_flag("--json", ident.json_out, "print JSON: {\"results\": [{\"rank\", \"model\", \"score\"}]}");
+  identify_cmd->add_option("--metric", ident.metric,
+                           "auto (the store's metric, else one learnt from the loaded specs) | none | stored | learn")
+      ->envname("GMI_METRIC")->capture_default_str();
+  add_metric_options(identify_cmd, ident.metric_options);
   add_common(identify_cmd, common);
   add_encoder_options(identify_cmd, common);
 
@@ -463,6 +551,21 @@ int main(int argc, char** argv) {
   show_cmd->add_flag("--json", show_json, "print JSON");
   show_cmd->add_flag("--load", common.load_encoder, "also load the weights and run one probe image");
   add_encoder_options(show_cmd, common);
+
+  auto* hub_cmd = app.add_subcommand("hub", "hub-wide artefacts: the learnt metric");
+  hub_cmd->require_subcommand(1);
+  HubArgs hub;
+  auto* learn_cmd = hub_cmd->add_subcommand(
+      "learn-metric", "learn the hub's metric from every spec in the store and store it as the next version");
+  add_metric_options(learn_cmd, hub.options);
+  learn_cmd->add_flag("--json", hub.json_out, "print JSON");
+  add_common(learn_cmd, common);
+  add_encoder_options(learn_cmd, common);
+  auto* metric_cmd = hub_cmd->add_subcommand("metric", "show the store's metric");
+  metric_cmd->add_flag("--json", hub.json_out, "print JSON");
+  add_common(metric_cmd, common);
+  auto* unmetric_cmd = hub_cmd->add_subcommand("remove-metric", "remove the store's metric");
+  add_common(unmetric_cmd, common);
 
   gmi::cli::ServiceCommands service(app);
   gmi::cli::TextCommands text(app);
@@ -480,6 +583,14 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (identify_cmd->parsed()) return run_identify(common, ident);
+    if (learn_cmd->parsed()) return run_learn_metric(common, hub);
+    if (metric_cmd->parsed()) return run_show_metric(common, hub);
+    if (unmetric_cmd->parsed()) {
+      auto store = gmi::open_spec_store(common.store);
+      if (!store->remove_metric()) throw gmi::NotFoundError("no metric in " + store->describe());
+      std::printf("removed the metric of %s\n", store->describe().c_str());
+      return 0;
+    }
     if (show_cmd->parsed()) return run_encoder_show(common, show_name, show_json);
   } catch (const gmi::InputError& e) {
     std::fprintf(stderr, "gmi: error: %s\n", e.what());

@@ -41,7 +41,8 @@ class NeighbourInterrogator final : public Interrogator {
   }
   std::string name() const override { return "neighbour"; }
 
-  RowMatrix pseudo_prompts(const RowMatrix& xs) const override {
+  RowMatrix pseudo_prompts(const RowMatrix& raw) const override {
+    const RowMatrix xs = index_.map_queries(raw);  // the index's space (a metric's, if any)
     const RowMatrix& zx = index_.all_zx();
     RowMatrix out = RowMatrix::Zero(xs.rows(), zt_unit_.cols());
     const Eigen::Index p = zx.rows();
@@ -77,7 +78,7 @@ class NeighbourInterrogator final : public Interrogator {
 class RidgeInterrogator final : public Interrogator {
  public:
   static constexpr Eigen::Index kMaxPoints = 20000;
-  RidgeInterrogator(const SpecIndex& index, double alpha) {
+  RidgeInterrogator(const SpecIndex& index, double alpha) : index_(index) {
     const RowMatrix& zx = index.all_zx();
     RowMatrix zt = unit_rows(index.all_zt());
     std::vector<Eigen::Index> rows(static_cast<size_t>(zx.rows()));
@@ -105,8 +106,9 @@ class RidgeInterrogator final : public Interrogator {
   }
   std::string name() const override { return "ridge"; }
 
-  RowMatrix pseudo_prompts(const RowMatrix& xs) const override {
-    if (w_.rows() == 0) return RowMatrix::Zero(xs.rows(), 0);
+  RowMatrix pseudo_prompts(const RowMatrix& raw) const override {
+    if (w_.rows() == 0) return RowMatrix::Zero(raw.rows(), 0);
+    const RowMatrix xs = index_.map_queries(raw);
     RowMatrix out = xs * w_.topRows(xs.cols());
     out.rowwise() += w_.row(w_.rows() - 1);
     normalise_rows(out);
@@ -114,6 +116,7 @@ class RidgeInterrogator final : public Interrogator {
   }
 
  private:
+  const SpecIndex& index_;
   RowMatrix w_;  // (d + 1) x dt
 };
 

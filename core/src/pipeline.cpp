@@ -72,13 +72,53 @@ Spec build_spec(const std::string& model_id, const std::vector<Image>& images,
                                     progress);
 }
 
+MetricMode parse_metric_mode(std::string_view name) {
+  for (MetricMode m : {MetricMode::kAuto, MetricMode::kNone, MetricMode::kStored, MetricMode::kLearn})
+    if (name == to_string(m)) return m;
+  throw InputError("unknown metric mode '" + std::string(name) + "' (expected auto, none, stored or learn)");
+}
+
+const char* to_string(MetricMode mode) {
+  switch (mode) {
+    case MetricMode::kAuto:
+      return "auto";
+    case MetricMode::kNone:
+      return "none";
+    case MetricMode::kStored:
+      return "stored";
+    case MetricMode::kLearn:
+      return "learn";
+  }
+  return "unknown";
+}
+
+std::shared_ptr<const Metric> choose_metric(MetricMode mode, std::optional<Metric> stored,
+                                            const std::vector<Spec>& specs, const MetricOptions& options) {
+  if (mode == MetricMode::kNone || specs.empty()) return nullptr;
+  if (mode != MetricMode::kLearn && stored) {
+    check_metric_encoder(*stored, specs.front().image_encoder);
+    return std::make_shared<const Metric>(std::move(*stored));
+  }
+  if (mode == MetricMode::kStored)
+    throw InputError("the store has no metric (learn one: gmi hub learn-metric, or use --metric auto)");
+  if (mode == MetricMode::kLearn) return std::make_shared<const Metric>(learn_metric(specs, options));
+  try {
+    return std::make_shared<const Metric>(learn_metric(specs, options));
+  } catch (const EncoderMismatchError&) {
+    throw;
+  } catch (const InputError&) {
+    return nullptr;  // auto: too few usable models to learn from; rank in the raw space
+  }
+}
+
 Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
-                       std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options)
+                       std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options,
+                       std::shared_ptr<const Metric> metric)
     : image_encoder_(std::move(image_encoder)),
       text_encoder_(std::move(text_encoder)),
       prompt_encoder_(std::move(prompt_encoder)),
       options_(std::move(options)),
-      index_(std::move(specs)) {
+      index_(std::move(specs), std::move(metric)) {
   if (prompt_encoder_ && !(prompt_encoder_->identity() == text_encoder_)) {
     throw EncoderMismatchError("the prompt encoder is " + prompt_encoder_->identity().str() + ", not " +
                                text_encoder_.str());

@@ -12,6 +12,7 @@
 
 #include "gmi/error.hpp"
 #include "gmi/parallel.hpp"
+#include "gmi/rkme.hpp"
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -120,13 +121,16 @@ struct SpecIndex::QueryTerms {
   bool weighted = false;  // a usable pseudo-prompt: otherwise the weighted scorer uses beta
 };
 
-SpecIndex::SpecIndex(std::vector<Spec> specs) {
+SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric)
+    : metric_(std::move(metric)) {
   const std::size_t models = specs.size();
   offsets_.assign(1, 0);
   if (models == 0) return;
   image_encoder_ = specs.front().image_encoder;
   text_encoder_ = specs.front().text_encoder;
   const Index d = image_encoder_.dim, dt = text_encoder_.dim;
+  if (metric_) check_metric_encoder(*metric_, image_encoder_);
+  const Index dm = metric_ ? metric_->dim_out() : d;  // the space the index scores in
 
   // Pass 1: everything checkable without copying, before the big allocations.
   offsets_.resize(models + 1);
@@ -176,7 +180,7 @@ SpecIndex::SpecIndex(std::vector<Spec> specs) {
   // and their memory is handed back as we go, so the packed matrices (allocated but not yet
   // touched) grow while the specs shrink: the peak stays near one copy, not two.
   const auto points = static_cast<Index>(offsets_.back());
-  zx_.resize(points, d);
+  zx_.resize(points, dm);
   zt_.resize(points, dt);
   zx_sqnorm_.resize(points);
   zt_inv_norm_.resize(points);
@@ -185,7 +189,7 @@ SpecIndex::SpecIndex(std::vector<Spec> specs) {
   grams_.resize(gram_total);
   beta_k_beta_.resize(static_cast<Index>(models));
   gamma_.resize(static_cast<Index>(models));
-  mean_unit_.resize(static_cast<Index>(models), d);
+  mean_unit_.resize(static_cast<Index>(models), dm);
   downloads_.resize(static_cast<Index>(models));
   model_ids_.resize(models);
   std::size_t freed = 0;
@@ -196,6 +200,13 @@ SpecIndex::SpecIndex(std::vector<Spec> specs) {
     const auto mi = static_cast<Index>(m);
     if (!s.zx.allFinite() || !s.zt.allFinite() || !s.gram_x.allFinite() || !s.mean_x.allFinite())
       throw SpecFormatError("spec " + in_quotes(s.model_id) + ": non-finite values");
+    if (metric_) {
+      // In the mapped space: the metric's gamma, and the Gram matrix recomputed there.
+      s.zx = metric_->map(s.zx);
+      s.gamma = metric_->gamma;
+      s.gram_x = gaussian_gram(s.zx, s.gamma);
+      if (s.mean_x.size()) s.mean_x = metric_->p * s.mean_x;
+    }
     zx_.middleRows(p, r) = s.zx;
     zt_.middleRows(p, r) = s.zt;
     zx_sqnorm_.segment(p, r) = s.zx.cast<double>().rowwise().squaredNorm().cast<float>();
@@ -234,6 +245,13 @@ void SpecIndex::check_compatible(const EncoderIdentity& image, const EncoderIden
     throw EncoderMismatchError("query embedded by text encoder " + identity_text(text) +
                                ", the index's specs were made with " +
                                identity_text(text_encoder_));
+}
+
+RowMatrix SpecIndex::map_queries(const RowMatrix& xs) const {
+  if (xs.cols() != image_encoder_.dim && size() > 0)
+    throw InputError("score: query image embedding has dimension " + std::to_string(xs.cols()) +
+                     ", the index has " + std::to_string(image_encoder_.dim));
+  return metric_ ? metric_->map(xs) : xs;
 }
 
 void SpecIndex::check_query(const float* x, Index x_size, const float* t, Index t_size,
@@ -411,9 +429,13 @@ RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
   if (have_t && ts.rows() != queries)
     throw InputError("score: " + std::to_string(queries) + " query images but " +
                      std::to_string(ts.rows()) + " pseudo-prompts");
+  // With a metric, queries are mapped first (a non-finite query stays non-finite).
+  RowMatrix mapped;
+  if (metric_) mapped = map_queries(xs);
+  const RowMatrix& qx = metric_ ? mapped : xs;
   std::vector<QueryTerms> terms(static_cast<std::size_t>(queries));
   for (Index q = 0; q < queries; ++q)
-    check_query(xs.row(q).data(), xs.cols(), have_t ? ts.row(q).data() : nullptr,
+    check_query(qx.row(q).data(), qx.cols(), have_t ? ts.row(q).data() : nullptr,
                 have_t ? ts.cols() : 0, weighted, terms[static_cast<std::size_t>(q)]);
 
   switch (options.scorer) {
@@ -421,7 +443,7 @@ RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
       out.rowwise() = downloads_.transpose();
       return out;
     case Scorer::kMean: {
-      out = (xs * mean_unit_.transpose()).cast<double>();
+      out = (qx * mean_unit_.transpose()).cast<double>();
       for (Index q = 0; q < queries; ++q)
         out.row(q) *= terms[static_cast<std::size_t>(q)].inv_x_norm;
       return out;
@@ -434,7 +456,7 @@ RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
   const RowMatrix no_prompts;
   const RowMatrix& prompts = have_t ? ts : no_prompts;
   for_model_ranges(offsets_, work, [&](std::size_t m_begin, std::size_t m_end) {
-    score_range(m_begin, m_end, xs, prompts, terms.data(), options, out.data(),
+    score_range(m_begin, m_end, qx, prompts, terms.data(), options, out.data(),
                 static_cast<std::size_t>(models));
   });
   return out;

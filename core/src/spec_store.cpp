@@ -7,6 +7,9 @@
 //                             every remove that removed something; absent means 0
 //   PATH/.lock                flock()ed while the counter is bumped, so that two writers
 //                             never both turn N into N+1
+//   PATH/hub.gmimetric        the hub's metric (gmi/metric.hpp), replaced atomically under
+//                             PATH/.metric-lock, which makes put_metric's version check and
+//                             write one step
 // Readers need no lock. Files copied into PATH by hand are listed and read, but they do not
 // bump the generation; a cache notices them at the next put/remove.
 //
@@ -17,6 +20,8 @@
 //   {prefix}:generation       STRING  integer, INCR'd on every put and every effective remove
 //   {prefix}:spec-changes     STREAM  one entry {model: ID} per put/remove, trimmed to ~100k,
 //                                     so that caches fetch only what changed
+//   {prefix}:metric           HASH    {version: N, models: M, blob: gmimetric bytes}, the hub's metric,
+//                                     replaced by one Lua script that checks the version
 // put and remove change all four in one MULTI/EXEC transaction, so a reader never sees a
 // spec without its id in the set, or a change without a new generation.
 #include "unique_fd.hpp"
@@ -32,6 +37,7 @@
 #include <cctype>
 #include <cerrno>
 #include <charconv>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -216,9 +222,84 @@ class DirSpecStore final : public SpecStore {
 
   std::uint64_t generation() override { return read_generation(); }
 
+  std::optional<Metric> get_metric() override {
+    auto bytes = read_file(metric_path());
+    if (!bytes) return std::nullopt;
+    try {
+      return parse_metric(*bytes);
+    } catch (const SpecFormatError& e) {
+      throw SpecFormatError("stored metric " + metric_path().string() + " is damaged: " + e.what());
+    }
+  }
+
+  MetricStamp metric_stamp() override {
+    const fs::path path = metric_path();
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) {
+      if (errno == ENOENT) return {};
+      throw_io("cannot open", path, errno);
+    }
+    // Only the header and the metadata: P may be tens of megabytes.
+    std::vector<std::uint8_t> head(kMetricHeaderBytes);
+    if (!read_exact(fd.get(), head.data(), head.size())) damaged_metric();
+    const std::uint32_t json_len = static_cast<std::uint32_t>(head[12]) | static_cast<std::uint32_t>(head[13]) << 8 |
+                                   static_cast<std::uint32_t>(head[14]) << 16 |
+                                   static_cast<std::uint32_t>(head[15]) << 24;
+    if (json_len > (1u << 20)) damaged_metric();
+    head.resize(kMetricHeaderBytes + json_len);
+    if (!read_exact(fd.get(), head.data() + kMetricHeaderBytes, json_len)) damaged_metric();
+    auto v = peek_metric_stamp(head.data(), head.size());
+    if (!v) damaged_metric();
+    return *v;
+  }
+
+  std::uint64_t put_metric(const Metric& metric, std::uint64_t expected_version) override {
+    const fs::path lock_path = dir_ / ".metric-lock";
+    Fd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666));
+    if (lock.get() < 0) throw_io("cannot open lock file", lock_path, errno);
+    while (::flock(lock.get(), LOCK_EX) != 0) {
+      if (errno != EINTR) throw_io("cannot lock", lock_path, errno);
+    }
+    const std::uint64_t current = metric_version();
+    if (current != expected_version)
+      throw MetricConflictError("the metric of " + describe() + " is at version " + std::to_string(current) +
+                                ", not " + std::to_string(expected_version) + " (another learner stored one)");
+    Metric stored = metric;
+    stored.version = expected_version + 1;
+    const auto bytes = serialize_metric(stored);
+    write_file_atomically(metric_path(), bytes.data(), bytes.size());
+    return stored.version;
+  }
+
+  bool remove_metric() override {
+    if (::unlink(metric_path().c_str()) != 0) {
+      if (errno == ENOENT) return false;
+      throw_io("cannot remove", metric_path(), errno);
+    }
+    fsync_dir(dir_);
+    return true;
+  }
+
   std::string describe() const override { return "dir:" + dir_.string(); }
 
  private:
+  fs::path metric_path() const { return dir_ / "hub.gmimetric"; }
+
+  [[noreturn]] void damaged_metric() const {
+    throw SpecFormatError("stored metric " + metric_path().string() + " is damaged (bad header)");
+  }
+
+  static bool read_exact(int fd, std::uint8_t* data, std::size_t size) {
+    while (size > 0) {
+      ssize_t n = ::read(fd, data, size);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      data += n;
+      size -= static_cast<std::size_t>(n);
+    }
+    return true;
+  }
+
   fs::path spec_path(const std::string& model_id) const {
     return dir_ / (model_id + kSpecExtension);
   }
@@ -264,7 +345,8 @@ class RedisSpecStore final : public SpecStore {
         spec_prefix_(redis_.key("spec:")),
         models_key_(redis_.key("models")),
         generation_key_(redis_.key("generation")),
-        changes_key_(redis_.key("spec-changes")) {}
+        changes_key_(redis_.key("spec-changes")),
+        metric_key_(redis_.key("metric")) {}
 
   void put(const Spec& spec) override {
     const auto bytes = serialize_spec(spec);  // validates, model id included
@@ -332,13 +414,7 @@ class RedisSpecStore final : public SpecStore {
     RedisReply r = redis_.command({"GET", generation_key_});
     auto text = RedisConnection::as_optional_string(r.get(), "GET " + generation_key_);
     if (!text) return 0;
-    std::uint64_t value = 0;
-    auto [end, err] = std::from_chars(text->data(), text->data() + text->size(), value);
-    if (err != std::errc() || end != text->data() + text->size() || text->empty()) {
-      throw IoError("redis at " + redis_.location().endpoint() + ": " + generation_key_ +
-                    " does not hold a non-negative integer");
-    }
-    return value;
+    return parse_counter(*text, generation_key_);
   }
 
   SpecChanges changes_since(const std::string& cursor) override {
@@ -367,10 +443,73 @@ class RedisSpecStore final : public SpecStore {
     return out;
   }
 
+  std::optional<Metric> get_metric() override {
+    RedisReply r = redis_.command({"HGET", metric_key_, "blob"});
+    auto blob = RedisConnection::as_optional_string(r.get(), "HGET " + metric_key_);
+    if (!blob) return std::nullopt;
+    std::vector<std::uint8_t> bytes(blob->begin(), blob->end());
+    try {
+      return parse_metric(bytes);
+    } catch (const SpecFormatError& e) {
+      throw SpecFormatError("stored metric (Redis key " + metric_key_ + " at " + redis_.location().endpoint() +
+                            ") is damaged: " + e.what());
+    }
+  }
+
+  MetricStamp metric_stamp() override {
+    RedisReply r = redis_.command({"HMGET", metric_key_, "version", "models"});
+    auto fields = RedisConnection::as_string_array(r.get(), "HMGET " + metric_key_);
+    MetricStamp stamp;
+    if (fields.size() != 2 || fields[0].empty()) return stamp;
+    stamp.version = parse_counter(fields[0], metric_key_ + " version");
+    if (!fields[1].empty()) stamp.models = static_cast<int>(parse_counter(fields[1], metric_key_ + " models"));
+    return stamp;
+  }
+
+  std::size_t count() override {
+    RedisReply r = redis_.command({"SCARD", models_key_});
+    return static_cast<std::size_t>(RedisConnection::as_integer(r.get(), "SCARD " + models_key_));
+  }
+
+  std::uint64_t put_metric(const Metric& metric, std::uint64_t expected_version) override {
+    // Check and replace in one script: two learners cannot both store version N + 1.
+    static constexpr const char* kScript =
+        "local v = redis.call('HGET', KEYS[1], 'version') "
+        "if (v or '0') ~= ARGV[1] then return -1 end "
+        "redis.call('HSET', KEYS[1], 'version', ARGV[2], 'models', ARGV[4], 'blob', ARGV[3]) "
+        "return tonumber(ARGV[2])";
+    Metric stored = metric;
+    stored.version = expected_version + 1;
+    const auto bytes = serialize_metric(stored);
+    const std::string expected = std::to_string(expected_version), next = std::to_string(stored.version);
+    std::string_view blob(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    const std::string models = std::to_string(stored.models);
+    RedisReply r = redis_.command({"EVAL", kScript, "1", metric_key_, expected, next, blob, models});
+    if (RedisConnection::as_integer(r.get(), "EVAL put_metric") < 0)
+      throw MetricConflictError("the metric at " + redis_.location().endpoint() + " is no longer at version " +
+                                expected + " (another learner stored one)");
+    return stored.version;
+  }
+
+  bool remove_metric() override {
+    RedisReply r = redis_.command({"DEL", metric_key_});
+    return RedisConnection::as_integer(r.get(), "DEL " + metric_key_) > 0;
+  }
+
   std::string describe() const override { return redis_.location().uri(); }
 
  private:
   static constexpr const char* kChangeLogLength = "100000";
+
+  std::uint64_t parse_counter(const std::string& text, const std::string& what) const {
+    std::uint64_t value = 0;
+    auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (err != std::errc() || end != text.data() + text.size() || text.empty()) {
+      throw IoError("redis at " + redis_.location().endpoint() + ": " + what +
+                    " does not hold a non-negative integer");
+    }
+    return value;
+  }
 
   std::string spec_key(const std::string& model_id) const { return spec_prefix_ + model_id; }
 
@@ -414,6 +553,7 @@ class RedisSpecStore final : public SpecStore {
   std::string models_key_;
   std::string generation_key_;
   std::string changes_key_;
+  std::string metric_key_;
 };
 
 }  // namespace
@@ -442,6 +582,34 @@ std::unique_ptr<SpecStore> open_spec_store(const std::string& uri) {
   }
   if (uri.empty()) throw InputError("empty spec store location");
   return std::make_unique<DirSpecStore>(uri);
+}
+
+MetricLearnReport learn_store_metric(SpecStore& store, const EncoderIdentity& image_encoder,
+                                     const MetricOptions& options,
+                                     const std::function<void(std::size_t, std::size_t)>& progress) {
+  const auto start = std::chrono::steady_clock::now();
+  // Read the version first: a metric stored by someone else meanwhile wins, not ours.
+  const std::uint64_t expected = store.metric_version();
+  MetricLearner learner(image_encoder, options);
+  MetricLearnReport report;
+  const auto ids = store.list();
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    try {
+      auto spec = store.get(ids[i]);
+      if (spec && spec->image_encoder == image_encoder) {
+        learner.add(*spec);
+      } else {
+        ++report.skipped;
+      }
+    } catch (const SpecFormatError&) {
+      ++report.skipped;
+    }
+    if (progress) progress(i + 1, ids.size());
+  }
+  report.metric = learner.finish();
+  report.metric.version = store.put_metric(report.metric, expected);
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
 }
 
 }  // namespace gmi

@@ -136,6 +136,32 @@ TEST_F(RedisStoreTest, StoresGetsListsReplacesAndRemoves) {
   testing::check_store_behaviour(*store);
 }
 
+TEST_F(RedisStoreTest, StoresTheHubMetricInOneKeyWithIncreasingVersions) {
+  START_REDIS(server);
+  auto store = open_spec_store(server.uri());
+  testing::check_metric_store_behaviour(*store);
+  const Metric m = testing::make_test_metric(4);
+  ASSERT_EQ(store->put_metric(m, 0), 1u);
+  RawRedis raw(server.port());
+  Reply version = raw.cmd({"HGET", "gmi:metric", "version"});
+  ASSERT_EQ(version->type, REDIS_REPLY_STRING);
+  EXPECT_EQ(std::string(version->str, version->len), "1");
+  Reply blob = raw.cmd({"HGET", "gmi:metric", "blob"});
+  ASSERT_EQ(blob->type, REDIS_REPLY_STRING);
+  const std::vector<std::uint8_t> bytes(blob->str, blob->str + blob->len);
+  EXPECT_EQ(parse_metric(bytes).checksum(), m.checksum());
+  // Damaged bytes are an error naming the key, not a wrong metric.
+  std::string damaged(blob->str, blob->len);
+  damaged[damaged.size() / 2] ^= 0x40;
+  raw.cmd({"HSET", "gmi:metric", "blob", damaged});
+  try {
+    store->get_metric();
+    FAIL() << "a damaged metric was read";
+  } catch (const SpecFormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("gmi:metric"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(RedisStoreTest, KeyLayoutIsAsDocumented) {
   START_REDIS(server);
   RawRedis raw(server.port());

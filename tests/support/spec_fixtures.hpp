@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gmi/error.hpp"
+#include "gmi/metric.hpp"
 #include "gmi/spec.hpp"
 #include "gmi/spec_store.hpp"
 
@@ -135,6 +136,55 @@ inline void check_store_behaviour(SpecStore& store) {
   EXPECT_THROW(store.put(bad_id), SpecFormatError);
   EXPECT_EQ(store.generation(), g4);
   EXPECT_EQ(store.list(), (std::vector<std::string>{"model-b"}));
+}
+
+/// A small valid metric for the encoder of make_random_spec (d = 8 by default).
+inline Metric make_test_metric(unsigned seed = 1, int k = 5, int d = 8) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Metric m;
+  m.image_encoder = make_random_spec("x", 1, 4, d).image_encoder;
+  m.models = 10 + static_cast<int>(seed);
+  m.points = 40 + seed;
+  m.shrinkage = 0.3;
+  m.gamma = 0.05 * seed;
+  m.gamma_scale = 0.1;
+  m.discriminant = k < d ? "lda" : "none";
+  m.created_at = "2026-12-01T10:00:00Z";
+  m.p.resize(k, d);
+  for (Eigen::Index i = 0; i < m.p.size(); ++i) m.p.data()[i] = normal(rng);
+  return m;
+}
+
+/// The metric behaviour every backend must show, starting from a store without one:
+/// versions increase from 1, a stale expected version is refused, removal works.
+inline void check_metric_store_behaviour(SpecStore& store) {
+  EXPECT_EQ(store.metric_version(), 0u);
+  EXPECT_FALSE(store.get_metric().has_value());
+  const auto generation = store.generation();
+  const Metric m1 = make_test_metric(1);
+  EXPECT_EQ(store.put_metric(m1, 0), 1u);
+  EXPECT_EQ(store.metric_version(), 1u);
+  auto got = store.get_metric();
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->version, 1u);
+  EXPECT_EQ(got->checksum(), m1.checksum());
+  EXPECT_EQ(got->models, m1.models);
+  expect_bit_exact(got->p, m1.p, "P");
+  // A learner that read version 0 lost the race to the one that stored version 1.
+  const Metric m2 = make_test_metric(2, 8);
+  EXPECT_THROW(store.put_metric(m2, 0), MetricConflictError);
+  EXPECT_EQ(store.get_metric()->checksum(), m1.checksum());
+  EXPECT_EQ(store.put_metric(m2, 1), 2u);
+  EXPECT_EQ(store.metric_version(), 2u);
+  EXPECT_EQ(store.get_metric()->dim_out(), 8);
+  // A metric is not a spec: the specs' generation and listing do not move.
+  EXPECT_EQ(store.generation(), generation);
+  EXPECT_TRUE(store.list().empty());
+  EXPECT_TRUE(store.remove_metric());
+  EXPECT_FALSE(store.remove_metric());
+  EXPECT_EQ(store.metric_version(), 0u);
+  EXPECT_FALSE(store.get_metric().has_value());
 }
 
 }  // namespace gmi::testing

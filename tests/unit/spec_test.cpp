@@ -492,6 +492,33 @@ TEST(DirSpecStore, StoresGetsListsReplacesAndRemoves) {
   testing::check_store_behaviour(*store);
 }
 
+TEST(DirSpecStore, StoresTheHubMetricWithIncreasingVersions) {
+  testing::TempDir tmp;
+  auto store = open_spec_store("dir:" + (tmp.path() / "specs").string());
+  testing::check_metric_store_behaviour(*store);
+}
+
+TEST(DirSpecStore, ADamagedMetricFileIsAFormatErrorNamingIt) {
+  testing::TempDir tmp;
+  auto store = open_spec_store("dir:" + tmp.path().string());
+  store->put_metric(testing::make_test_metric(3), 0);
+  const auto path = tmp.path() / "hub.gmimetric";
+  ASSERT_TRUE(std::filesystem::exists(path));
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-9, std::ios::end);
+    f.put('\x5a');
+  }
+  try {
+    store->get_metric();
+    FAIL() << "a damaged metric was read";
+  } catch (const SpecFormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("hub.gmimetric"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("checksum"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(store->list().empty()) << "the metric file is never listed as a spec";
+}
+
 TEST(DirSpecStore, WritesOneFilePerModelAndNoTempFilesRemain) {
   testing::TempDir tmp;
   auto store = open_spec_store(tmp.path().string());

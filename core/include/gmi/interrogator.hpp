@@ -26,6 +26,7 @@ class Interrogator {
 std::unique_ptr<Interrogator> make_neighbour_interrogator(const SpecIndex& index, int k = 16);
 
 /// Ridge regression from zx to zt over all reduced points (beta-weighted).
+/// Holds a reference to `index`: keep it alive.
 std::unique_ptr<Interrogator> make_ridge_interrogator(const SpecIndex& index, double alpha = 1e-2);
 
 /// "neighbour" | "ridge"; throws InputError otherwise.

@@ -8,10 +8,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "gmi/encoder.hpp"
 #include "gmi/interrogator.hpp"
+#include "gmi/metric.hpp"
 #include "gmi/rkme.hpp"
 #include "gmi/scoring.hpp"
 #include "gmi/spec.hpp"
@@ -41,6 +43,21 @@ Spec build_spec_from_embeddings(const std::string& model_id, const RowMatrix& x,
 /// unrelated prompts (||t - t'||^2 = 2) scale the kernel by exp(-1/2) (see README).
 double default_lambda(double gamma);
 
+/// Which metric a ranking uses. auto: the store's metric when it has one, else one learnt
+/// on the fly from the loaded specs (when there are enough of them), else none.
+enum class MetricMode { kAuto, kNone, kStored, kLearn };
+/// "auto" | "none" | "stored" | "learn"; InputError otherwise.
+MetricMode parse_metric_mode(std::string_view name);
+const char* to_string(MetricMode mode);
+
+/// The metric for `specs` under `mode`. `stored` is the store's metric (nullopt: none).
+/// Throws EncoderMismatchError when a stored metric is of another image encoder than the
+/// specs, InputError when `stored` mode finds none or `learn` mode has too few specs.
+/// Returns null for the raw space (none, or auto with too few specs to learn from).
+std::shared_ptr<const Metric> choose_metric(MetricMode mode, std::optional<Metric> stored,
+                                            const std::vector<Spec>& specs,
+                                            const MetricOptions& options = {});
+
 struct IdentifyOptions {
   ScoreOptions score;
   /// A hub-learned interrogator (neighbour, ridge), built from the specs. Other names
@@ -58,13 +75,18 @@ struct Identification {
 /// A hub loaded for identification: specs packed, interrogator built, encoders checked.
 class Identifier {
  public:
-  /// Throws EncoderMismatchError when the specs were made by other encoders than these.
-  /// Only the encoders' identities are needed (queries come embedded); the text encoder,
-  /// when given, embeds prompts given in place of the interrogator's.
+  /// Throws EncoderMismatchError when the specs were made by other encoders than these,
+  /// or the metric was learnt for another image encoder. Only the encoders' identities are
+  /// needed (queries come embedded); the text encoder, when given, embeds prompts given in
+  /// place of the interrogator's. With a metric, scoring and the hub-learned interrogators
+  /// work in its mapped space.
   Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
-             std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options);
+             std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options,
+             std::shared_ptr<const Metric> metric = nullptr);
 
   const SpecIndex& index() const { return index_; }
+  /// The metric in use, null for the raw space.
+  const std::shared_ptr<const Metric>& metric() const { return index_.metric(); }
   const IdentifyOptions& options() const { return options_; }
 
   /// Ranks models for each row of `xs` (image embeddings). `prompts[i]`, when given and

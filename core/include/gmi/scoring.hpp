@@ -3,11 +3,13 @@
 /// contiguous matrices: a query is one GEMV over all reduced points plus elementwise
 /// passes; a batch of queries is one GEMM. See shared METHOD.md, "Identification".
 /// Thread-safety: a built SpecIndex is immutable; rank*/score* are const and reentrant.
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "gmi/linalg.hpp"
+#include "gmi/metric.hpp"
 #include "gmi/spec.hpp"
 
 namespace gmi {
@@ -39,10 +41,14 @@ struct RankedModel {
 
 /// All specs of one hub, packed. Specs must share encoder identities (else
 /// EncoderMismatchError naming the offending model). r may differ between models.
+/// With a metric, everything is packed in the metric's mapped space (k dims): reduced
+/// points and sample means mapped, every model's gamma replaced by the metric's and the
+/// Gram matrices recomputed; queries (raw d-dim embeddings) are mapped as they come.
 class SpecIndex {
  public:
   SpecIndex() = default;
-  explicit SpecIndex(std::vector<Spec> specs);
+  /// Throws EncoderMismatchError when `metric` was learnt for another image encoder.
+  explicit SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric = nullptr);
 
   std::size_t size() const { return model_ids_.size(); }
   std::size_t points() const { return static_cast<std::size_t>(zx_.rows()); }
@@ -69,7 +75,13 @@ class SpecIndex {
   std::vector<std::vector<RankedModel>> rank_batch(const RowMatrix& xs, const RowMatrix& ts,
                                                    const ScoreOptions& options) const;
 
-  /// Packed reduced points, for interrogators that learn from the hub itself.
+  /// The metric the index scores with (null: the encoder's raw space).
+  const std::shared_ptr<const Metric>& metric() const { return metric_; }
+  /// Raw query embeddings (B x d) in the space the index scores in (B x k with a metric).
+  RowMatrix map_queries(const RowMatrix& xs) const;
+
+  /// Packed reduced points, for interrogators that learn from the hub itself; in the
+  /// mapped space when the index has a metric (map queries with map_queries first).
   const RowMatrix& all_zx() const { return zx_; }
   const RowMatrix& all_zt() const { return zt_; }
   const Eigen::VectorXf& all_beta() const { return beta_; }
@@ -79,6 +91,7 @@ class SpecIndex {
  private:
   std::vector<std::string> model_ids_;
   EncoderIdentity image_encoder_, text_encoder_;
+  std::shared_ptr<const Metric> metric_;
   std::vector<std::size_t> offsets_;   // M + 1
   RowMatrix zx_;                       // P x d, all reduced points
   RowMatrix zt_;                       // P x dt

@@ -5,11 +5,16 @@
 /// The Redis password is never taken from the URI (it would show in argv): it comes from
 /// GMI_REDIS_PASSWORD or the file named by GMI_REDIS_PASSWORD_FILE.
 /// Thread-safety: a store instance is NOT thread-safe; use one per thread.
+#include <cstddef>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "gmi/error.hpp"
+
+#include "gmi/metric.hpp"
 #include "gmi/spec.hpp"
 
 namespace gmi {
@@ -19,6 +24,12 @@ struct SpecChanges {
   std::string cursor;               ///< pass back next time
   std::vector<std::string> models;  ///< put or removed since the old cursor (may repeat)
   bool complete = false;            ///< false: the log does not reach back; reload everything
+};
+
+/// put_metric lost a race: the stored version moved on since the caller read it.
+class MetricConflictError : public Error {
+ public:
+  using Error::Error;
 };
 
 class SpecStore {
@@ -40,10 +51,39 @@ class SpecStore {
     c.cursor = cursor.empty() ? "0" : cursor;
     return c;
   }
+  /// The hub's metric (one per store), or nullopt. Throws SpecFormatError when damaged.
+  virtual std::optional<Metric> get_metric() = 0;
+  /// The stored metric's version and model count ({0, 0} when there is none), read without
+  /// P: cheap, for caches to poll and for deciding when to learn a new one.
+  virtual MetricStamp metric_stamp() = 0;
+  std::uint64_t metric_version() { return metric_stamp().version; }
+  /// How many specs the store holds (list().size(), cheaper where the backend can).
+  virtual std::size_t count() { return list().size(); }
+  /// Stores `metric` as version expected_version + 1 (its own version field is ignored),
+  /// atomically and only if the stored version is still expected_version; otherwise
+  /// throws MetricConflictError (another learner won). Returns the new version.
+  virtual std::uint64_t put_metric(const Metric& metric, std::uint64_t expected_version) = 0;
+  /// Removes the metric; false when there was none.
+  virtual bool remove_metric() = 0;
   /// Human-readable location, for messages.
   virtual std::string describe() const = 0;
 };
 
 std::unique_ptr<SpecStore> open_spec_store(const std::string& uri);
+
+/// What learn_store_metric did.
+struct MetricLearnReport {
+  Metric metric;             ///< as stored (its version set)
+  std::size_t skipped = 0;   ///< specs of other encoders, damaged or vanished while read
+  double seconds = 0;
+};
+
+/// The metric job: learns the hub's metric from every spec in `store` made by
+/// `image_encoder` (one spec in memory at a time; others are skipped and counted) and
+/// stores it as the next version. Throws MetricConflictError when another learner stored
+/// a version meanwhile, InputError when too few models can be learnt from.
+MetricLearnReport learn_store_metric(SpecStore& store, const EncoderIdentity& image_encoder,
+                                     const MetricOptions& options,
+                                     const std::function<void(std::size_t done, std::size_t total)>& progress = {});
 
 }  // namespace gmi
