@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The evaluation benchmark: builds a reproducible hub (scripts/make_hub.py), builds every
-# model's spec with `gmi spec build`, runs `gmi identify --batch` once per scorer and
-# prints top-1..top-4 accuracy.
+# model's spec with `gmi spec build`, runs `gmi identify --batch` once per scorer with the
+# defaults (the hub-learned metric, learnt on the fly from the specs) and once per scorer
+# with --metric none (the encoder's raw space), and prints top-1..top-4 accuracy.
 #
 # usage: scripts/eval_hub.sh [--out DIR] [--gmi PATH] [--skip-hub] [make_hub.py options...]
 set -euo pipefail
@@ -42,6 +43,11 @@ for scorer in weighted rkme mean nearest popularity; do
   "$gmi" identify --store "dir:$specs" --top 0 --scorer "$scorer" --batch "$hub/queries.jsonl" \
     >"$out/results-$scorer.jsonl" 2>"$out/identify-$scorer.log"
   runs+=("$scorer=$out/results-$scorer.jsonl")
+done
+for scorer in weighted rkme mean nearest; do
+  "$gmi" identify --store "dir:$specs" --top 0 --scorer "$scorer" --metric none --batch "$hub/queries.jsonl" \
+    >"$out/results-$scorer-raw.jsonl" 2>"$out/identify-$scorer-raw.log"
+  runs+=("$scorer/raw=$out/results-$scorer-raw.jsonl")
 done
 /usr/bin/python3 "$root/scripts/accuracy.py" --models "$count" --json "$out/accuracy.json" \
   --png "$out/accuracy.png" "${runs[@]}"

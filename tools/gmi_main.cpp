@@ -237,11 +237,6 @@ struct IdentifyArgs {
   gmi::MetricOptions metric_options;
 };
 
-json metric_json(const std::shared_ptr<const gmi::Metric>& m) {
-  if (!m) return nullptr;
-  return {{"version", m->version}, {"checksum", m->checksum()}, {"dim", m->dim_out()}};
-}
-
 void add_metric_options(CLI::App* cmd, gmi::MetricOptions& o) {
   cmd->add_option("--metric-dims", o.dims, "metric: mapped dimension k (0: all d, plain whitening)")
       ->envname("GMI_METRIC_DIMS")->capture_default_str();
@@ -332,7 +327,7 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
     if (a.json_out) {
       std::cout << json{{"results", results_json(ranked)},
                         {"scorer", a.scorer},
-                        {"metric", metric_json(identifier->metric())}}
+                        {"metric", gmi::metric_stamp_json(identifier->metric().get())}}
                        .dump()
                 << "\n";
     } else {
@@ -375,7 +370,7 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
       ++failed;
     } else {
       line["results"] = results_json(ids[static_cast<size_t>(b.row_of[i])].results);
-      line["metric"] = metric_json(identifier->metric());
+      line["metric"] = gmi::metric_stamp_json(identifier->metric().get());
     }
     out[man.entries[i].line] = std::move(line);
   }

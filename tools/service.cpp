@@ -303,6 +303,12 @@ struct ServiceCommands::State {
       std::printf("%4d  %-32s %12.6f\n", r.value("rank", 0), r.value("model", "").c_str(),
                   r.value("score", 0.0));
     }
+    const json metric = result.value("metric", json());
+    if (metric.is_object())
+      std::printf("metric: v%llu %s (%d dims)\n", static_cast<unsigned long long>(metric.value("version", 0ull)),
+                  metric.value("checksum", "").c_str(), metric.value("dim", 0));
+    else
+      std::printf("metric: none\n");
   }
 
   // Waits for a job to end, re-asking across broker restarts; returns the job object.
@@ -425,7 +431,7 @@ ServiceCommands::ServiceCommands(CLI::App& app) : state_(std::make_unique<State>
   s.serve = app.add_subcommand("serve", "run broker, all stage workers and the HTTP gateway in one process");
   s.broker = app.add_subcommand("broker", "run the broker: job intake, dispatch, retries, job state in Redis");
   s.worker = app.add_subcommand("worker", "run one stage worker (decode, embed, interrogate, score, spec)");
-  s.worker->add_option("--stage", s.stage, "decode | embed | interrogate | score | spec")->required();
+  s.worker->add_option("--stage", s.stage, "decode | embed | interrogate | score | spec | learn")->required();
   s.gateway = app.add_subcommand("gateway", "run the HTTP gateway for web frontends");
 
   s.query = app.add_subcommand("query", "submit a query image to a running broker and print the ranking");

@@ -27,10 +27,10 @@ using std::chrono::milliseconds;
 
 // Stage names a stored route may name (a record from another version could hold others).
 bool known_stages(const Route& route) {
-  static const std::set<std::string> known{"decode", "interrogate", "embed", "score", "spec"};
+  const auto& known = wire::stage_names();
   if (route.empty()) return false;
   for (const auto& s : route) {
-    if (known.count(s) == 0) return false;
+    if (std::find(known.begin(), known.end(), s) == known.end()) return false;
   }
   return true;
 }
@@ -121,6 +121,7 @@ struct Broker::Impl {
   std::unordered_map<std::string, Flight> flights;
   std::unordered_map<std::string, Worker> workers;
   std::set<std::string> unsaved;  // job ids whose end awaits Redis
+  std::string metric_job;         // the metric job on its way, if any (one at a time)
   // The slots each stage reads, as its workers said; a slot no later stage of a job's route
   // reads is dropped from the job once every such stage has said.
   std::map<std::string, std::set<std::string>> stage_reads;
@@ -208,6 +209,7 @@ struct Broker::Impl {
           continue;
         }
         Job& job = insert_job(std::move(*stored));
+        if (job.kind == "metric") metric_job = job.id;
         if (!known_stages(job.route)) {
           fail(job, "the job's stored route \"" + join_route(job.route) + "\" names a stage this broker does not know",
                false);
@@ -548,6 +550,16 @@ struct Broker::Impl {
       for (const auto& r : job.shard_results) {
         if (!r) return;  // wait for the other shards
       }
+      // Scores of different metric versions are not comparable: while a new version is
+      // being swapped in, shards may briefly disagree; rank again on every shard.
+      std::set<std::string> versions;
+      for (const auto& r : job.shard_results) versions.insert(r->value("metric", json()).dump());
+      if (versions.size() > 1) {
+        std::string seen;
+        for (const auto& v : versions) seen += (seen.empty() ? "" : ", ") + v;
+        rerun_all_shards(job, "score shards ranked with different metric versions (" + seen + ")");
+        return;
+      }
       meta = merge_shards(job);
     }
     job.stage += 1;
@@ -600,6 +612,17 @@ struct Broker::Impl {
     return merged;
   }
 
+  // Every shard of the job's stage again, after a backoff; one attempt.
+  void rerun_all_shards(Job& job, const std::string& why) {
+    job.shard_results.assign(static_cast<std::size_t>(job.shards), std::nullopt);
+    retry(job, 0, why, "metric_skew", false);
+    if (job.state == "failed") return;
+    auto at = Clock::now();
+    for (const auto& [when, p] : delayed)
+      if (p.job_id == job.id && p.shard == 0) at = when;  // the other shards go with shard 0
+    for (int s = 1; s < job.shards; ++s) delayed.emplace(at, Pending{job.id, s, false});
+  }
+
   void retry(Job& job, int shard, const std::string& why, const std::string& reason, bool isolate) {
     job.attempts += 1;
     job.last_error = why;
@@ -646,15 +669,50 @@ struct Broker::Impl {
       j["result"] = {{"results", job.meta.value("results", json::array())},
                      {"scorer", job.meta.value("scorer", "")},
                      {"models", job.meta.value("models", 0)}};
+      j["result"]["metric"] = job.meta.value("metric", json());
       if (job.meta.contains("interrogator")) j["result"]["interrogator"] = job.meta["interrogator"];
       if (job.meta.contains("captions")) j["result"]["captions"] = job.meta["captions"];
+    } else if (job.kind == "metric") {
+      j["result"] = {{"metric", job.meta.value("metric", json())}, {"learnt", job.meta.value("learnt", false)}};
+      if (job.meta.contains("note")) j["result"]["note"] = job.meta["note"];
     } else {
       j["result"] = {{"model", job.params.value("model_id", "")},
                      {"spec", job.meta.value("spec", json::object())},
                      {"skipped", job.meta.value("skipped", json::array())}};
+      if (job.meta.contains("metric_due")) start_metric_job(job.meta["metric_due"]);
     }
     j["timings"] = timings(job);
     end_job(job, std::move(j), false);
+  }
+
+  // A metric job, unless one is already on its way: the hub grew enough since the last
+  // metric (the spec stage said so). Made like any job (recorded in Redis, resumed after a
+  // restart); when Redis cannot record it now, the next due upload makes it.
+  void start_metric_job(const json& due) {
+    if (!metric_job.empty() && jobs.count(metric_job) != 0) return;
+    StoredJob job;
+    job.id = wire::random_id();
+    job.created_ms = now_ms();
+    job.kind = "metric";
+    job.params = {{"models", due.value("models", 0)}, {"stamp_version", due.value("stamp_version", 0)},
+                  {"reason", due.value("stamp_version", 0) == 0
+                                 ? "the hub has " + std::to_string(due.value("models", 0)) + " models and no metric"
+                                 : "the hub grew from " + std::to_string(due.value("stamp_models", 0)) + " to " +
+                                       std::to_string(due.value("models", 0)) + " models"}};
+    job.route = {"learn"};
+    try {
+      try_connect_store();
+      if (!store) throw IoError("no redis connection");
+      store->create(job, "");
+    } catch (const IoError& e) {
+      log::warn("cannot record a metric job; the next due upload retries", {{"error", e.what()}});
+      return;
+    }
+    log::info("metric job made", {{"job_id", job.id}, {"reason", job.params["reason"]}});
+    metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "accepted"}}).Increment();
+    Job& j = insert_job(std::move(job));
+    metric_job = j.id;
+    enqueue(j);
   }
 
   void fail(Job& job, const std::string& error, bool dead_letter) {
@@ -890,7 +948,7 @@ struct Broker::Impl {
     std::map<std::string, double> depth, count;
     for (const auto& [key, q] : queues) depth[key.substr(0, key.find('#'))] += static_cast<double>(q.size());
     for (const auto& [id, w] : workers) count[w.stage] += 1;
-    for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) {
+    for (const auto& s : wire::stage_names()) {
       metrics.queue_depth.Add({{"stage", s}}).Set(depth[s]);
       metrics.workers.Add({{"stage", s}}).Set(count[s]);
     }

@@ -221,6 +221,14 @@ const std::vector<ConfigKey>& Config::schema() {
        "how long a score worker waits to fill a batch (0: batches form while it computes)"},
       {"score.scorer", "weighted", "how specs are ranked against a query: weighted"},
 
+      {"metric.use", "auto", "the hub-learned metric scoring uses: auto (the store's, when it has one) or none"},
+      {"metric.auto_learn", "true", "learn a metric (a metric job) when uploads leave the hub due for one"},
+      {"metric.min_models", "4", "fewest models a metric is learnt from"},
+      {"metric.relearn_growth", "0.25", "learn a new metric once the hub has grown by this fraction since the last"},
+      {"metric.dims", "0", "dimension k the metric maps to (0: all, plain whitening)"},
+      {"metric.shrinkage", "1.0", "shrinkage of the within-model scatter, relative to its mean variance"},
+      {"metric.gamma_scale", "0.05", "kernel width in the metric's space: scale / median squared distance"},
+
       {"spec.min_samples", "4", "fewest images a spec may be built from"},
       {"spec.max_batch", "1", "most spec builds a spec worker takes at once"},
 
@@ -244,6 +252,7 @@ const std::vector<ConfigKey>& Config::schema() {
       {"serve.interrogate_workers", "1", "interrogate workers `gmi serve` starts"},
       {"serve.score_workers", "1", "score workers `gmi serve` starts"},
       {"serve.spec_workers", "1", "spec workers `gmi serve` starts"},
+      {"serve.learn_workers", "1", "learn (metric job) workers `gmi serve` starts"},
       {"serve.ops_port", "9100", "port of `gmi serve`'s ops server (-1 disables, 0 picks one)"},
   };
   return keys;

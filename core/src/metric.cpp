@@ -99,6 +99,11 @@ RowMatrix Metric::map(const RowMatrix& xs) const {
   return xs * p.transpose();
 }
 
+nlohmann::json metric_stamp_json(const Metric* m) {
+  if (!m) return nullptr;
+  return {{"version", m->version}, {"checksum", m->checksum()}, {"dim", m->dim_out()}};
+}
+
 void check_metric_encoder(const Metric& metric, const EncoderIdentity& image_encoder) {
   if (!(metric.image_encoder == image_encoder))
     throw EncoderMismatchError("the hub's metric " + metric.label() + " was learnt for image encoder " +

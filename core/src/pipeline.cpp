@@ -113,12 +113,12 @@ std::shared_ptr<const Metric> choose_metric(MetricMode mode, std::optional<Metri
 
 Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
                        std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options,
-                       std::shared_ptr<const Metric> metric)
+                       std::shared_ptr<const Metric> metric, SpecSpace space)
     : image_encoder_(std::move(image_encoder)),
       text_encoder_(std::move(text_encoder)),
       prompt_encoder_(std::move(prompt_encoder)),
       options_(std::move(options)),
-      index_(std::move(specs), std::move(metric)) {
+      index_(std::move(specs), std::move(metric), space) {
   if (prompt_encoder_ && !(prompt_encoder_->identity() == text_encoder_)) {
     throw EncoderMismatchError("the prompt encoder is " + prompt_encoder_->identity().str() + ", not " +
                                text_encoder_.str());

@@ -121,8 +121,22 @@ struct SpecIndex::QueryTerms {
   bool weighted = false;  // a usable pseudo-prompt: otherwise the weighted scorer uses beta
 };
 
-SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric)
+Spec to_metric_space(Spec s, const Metric& metric) {
+  check_metric_encoder(metric, s.image_encoder);
+  if (s.zx.cols() != metric.dim_in())
+    throw SpecFormatError("spec '" + s.model_id + "': zx has " + std::to_string(s.zx.cols()) +
+                          " columns, the metric maps " + std::to_string(metric.dim_in()));
+  s.zx = metric.map(s.zx);
+  s.gamma = metric.gamma;
+  s.gram_x = gaussian_gram(s.zx, s.gamma);
+  if (s.mean_x.size()) s.mean_x = metric.p * s.mean_x;
+  return s;
+}
+
+SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric, SpecSpace space)
     : metric_(std::move(metric)) {
+  if (space == SpecSpace::kMapped && !metric_)
+    throw InputError("SpecIndex: specs said to be mapped, but no metric given");
   const std::size_t models = specs.size();
   offsets_.assign(1, 0);
   if (models == 0) return;
@@ -131,6 +145,7 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
   const Index d = image_encoder_.dim, dt = text_encoder_.dim;
   if (metric_) check_metric_encoder(*metric_, image_encoder_);
   const Index dm = metric_ ? metric_->dim_out() : d;  // the space the index scores in
+  const Index d_in = space == SpecSpace::kMapped ? dm : d;  // columns of the given zx
 
   // Pass 1: everything checkable without copying, before the big allocations.
   offsets_.resize(models + 1);
@@ -158,14 +173,14 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
         return SpecFormatError("spec " + in_quotes(s.model_id) + ": " + what);
       };
       if (r < 1) throw bad("no reduced points");
-      if (s.zx.rows() != r || s.zx.cols() != d)
+      if (s.zx.rows() != r || s.zx.cols() != d_in)
         throw bad("zx is " + std::to_string(s.zx.rows()) + "x" + std::to_string(s.zx.cols()) +
-                  ", expected " + std::to_string(r) + "x" + std::to_string(d));
+                  ", expected " + std::to_string(r) + "x" + std::to_string(d_in));
       if (s.zt.rows() != r || s.zt.cols() != dt)
         throw bad("zt is " + std::to_string(s.zt.rows()) + "x" + std::to_string(s.zt.cols()) +
                   ", expected " + std::to_string(r) + "x" + std::to_string(dt));
       if (s.gram_x.rows() != r || s.gram_x.cols() != r) throw bad("gram_x is not r x r");
-      if (s.mean_x.size() != d && s.mean_x.size() != 0) throw bad("mean_x is not of size d");
+      if (s.mean_x.size() != d_in && s.mean_x.size() != 0) throw bad("mean_x is not of size d");
       if (!s.beta.allFinite() || (s.beta.array() < 0).any())
         throw bad("beta must be finite and non-negative");
       if (!(s.gamma > 0) || !std::isfinite(s.gamma)) throw bad("gamma must be positive");
@@ -200,13 +215,7 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
     const auto mi = static_cast<Index>(m);
     if (!s.zx.allFinite() || !s.zt.allFinite() || !s.gram_x.allFinite() || !s.mean_x.allFinite())
       throw SpecFormatError("spec " + in_quotes(s.model_id) + ": non-finite values");
-    if (metric_) {
-      // In the mapped space: the metric's gamma, and the Gram matrix recomputed there.
-      s.zx = metric_->map(s.zx);
-      s.gamma = metric_->gamma;
-      s.gram_x = gaussian_gram(s.zx, s.gamma);
-      if (s.mean_x.size()) s.mean_x = metric_->p * s.mean_x;
-    }
+    if (metric_ && space == SpecSpace::kRaw) s = to_metric_space(std::move(s), *metric_);
     zx_.middleRows(p, r) = s.zx;
     zt_.middleRows(p, r) = s.zt;
     zx_sqnorm_.segment(p, r) = s.zx.cast<double>().rowwise().squaredNorm().cast<float>();

@@ -95,11 +95,6 @@ void expect_frames(std::size_t got, std::size_t want, const std::string& type) {
   }
 }
 
-const std::vector<std::string>& stage_names() {
-  static const std::vector<std::string> names{"decode", "interrogate", "embed", "score", "spec"};
-  return names;
-}
-
 // Structural checks of a task's or result's "slots" (names, kinds, frame counts); what each
 // kind needs is checked per task (Slots::read), so that one bad slot fails its task alone.
 // Returns the number of frames the slots announce.
@@ -185,8 +180,7 @@ void check_stage(const json& h, const std::string& where) {
   const auto& stage = h["stage"].get_ref<const std::string&>();
   const auto& names = stage_names();
   if (std::find(names.begin(), names.end(), stage) == names.end()) {
-    bad("field \"" + where + "stage\" must be one of decode, interrogate, embed, score, spec; got \"" +
-        stage + "\"");
+    bad("field \"" + where + "stage\" must be one of " + stage_list() + "; got \"" + stage + "\"");
   }
 }
 
@@ -453,6 +447,17 @@ void make_curve_client(zmq::socket_t& socket, const std::string& server_public,
   socket.set(zmq::sockopt::curve_serverkey, server_public);
   socket.set(zmq::sockopt::curve_publickey, client.public_key);
   socket.set(zmq::sockopt::curve_secretkey, client.secret_key);
+}
+
+const std::vector<std::string>& stage_names() {
+  static const std::vector<std::string> names{"decode", "interrogate", "embed", "score", "spec", "learn"};
+  return names;
+}
+
+std::string stage_list() {
+  std::string out;
+  for (const auto& s : stage_names()) out += (out.empty() ? "" : ", ") + s;
+  return out;
 }
 
 }  // namespace gmi::wire

@@ -9,6 +9,7 @@
 
 #include "gmi/encoder.hpp"
 #include "gmi/image.hpp"
+#include "gmi/metric.hpp"
 #include "gmi/pipeline.hpp"
 #include "gmi/spec_store.hpp"
 #include "synthetic_images.hpp"
@@ -240,6 +241,90 @@ TEST_F(CliTest, RefusesSpecsFromAnotherEncoder) {
   ProcessResult r = gmi({"identify", "--store", "dir:" + store_dir.path().string(), (root() / "q0.jpg").string()});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("clip-vit-b32"), std::string::npos) << r.err;
+}
+
+// The documented flow with the hub-learned metric: identify learns one on the fly from the
+// specs it loaded; `gmi hub learn-metric` stores versions 1, 2, ... which identify then
+// uses; --metric none turns it off; a metric of another encoder is refused, naming both.
+TEST_F(CliTest, IdentifyUsesTheHubMetricStoredOrLearntOnTheFly) {
+  testing::TempDir tmp;
+  const fs::path store_dir = tmp.path() / "specs";
+  fs::copy(specs(), store_dir, fs::copy_options::recursive);
+  const std::string store = "dir:" + store_dir.string();
+  // Two more models (near-duplicates of styles 0 and 1): five, enough to learn from.
+  for (int style = 0; style < 2; ++style) {
+    const fs::path mdir = tmp.path() / ("twin-" + std::to_string(style));
+    fs::create_directories(mdir);
+    std::ofstream mf(mdir / "manifest.jsonl");
+    for (int content = 0; content < 8; ++content) {
+      const std::string rel = "img" + std::to_string(content) + ".jpg";
+      write_file(mdir / rel, encode_jpeg(styled(content_image(30 + content, style), style, 50 + content), 80));
+      mf << json{{"image", rel}, {"prompt", "pattern number " + std::to_string(content)}}.dump() << "\n";
+    }
+    mf.close();
+    ProcessResult b = gmi({"spec", "build", "--model", "twin-" + std::to_string(style), "--manifest",
+                           (mdir / "manifest.jsonl").string(), "--store", store});
+    ASSERT_EQ(b.exit_code, 0) << b.err;
+  }
+  const std::string query = (root() / "q2.jpg").string();
+  ProcessResult r = gmi({"identify", "--store", store, "--json", "--top", "5", query});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("learnt on the fly"), std::string::npos) << r.err;
+  json on_the_fly = json::parse(r.out);
+  EXPECT_EQ(on_the_fly["metric"]["version"], 0);
+  EXPECT_EQ(on_the_fly["results"][0]["model"], model(2));
+
+  r = gmi({"identify", "--store", store, "--json", "--top", "5", "--metric", "none", query});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(json::parse(r.out)["metric"].is_null());
+  EXPECT_NE(json::parse(r.out)["results"], on_the_fly["results"]) << "the metric changes the scores";
+
+  r = gmi({"identify", "--store", store, "--metric", "stored", query});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("no metric"), std::string::npos) << r.err;
+
+  r = gmi({"hub", "learn-metric", "--store", store, "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json learnt = json::parse(r.out);
+  EXPECT_EQ(learnt["version"], 1);
+  EXPECT_EQ(learnt["models"], 5);
+  EXPECT_EQ(learnt["checksum"], on_the_fly["metric"]["checksum"]) << "the same specs learn the same metric";
+  r = gmi({"hub", "learn-metric", "--store", store, "--metric-dims", "4"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("v2"), std::string::npos) << r.out;
+  r = gmi({"identify", "--store", store, "--json", "--top", "5", query});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("(stored)"), std::string::npos) << r.err;
+  EXPECT_EQ(json::parse(r.out)["metric"]["version"], 2);
+  EXPECT_EQ(json::parse(r.out)["metric"]["dim"], 4);
+  r = gmi({"hub", "metric", "--store", store});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("lda"), std::string::npos) << r.out;
+
+  // A metric of another image encoder, stored over this hub's: refused with both names.
+  {
+    auto s = open_spec_store(store);
+    Metric foreign = *s->get_metric();
+    foreign.image_encoder.name = "other-encoder";
+    s->put_metric(foreign, 2);
+  }
+  r = gmi({"identify", "--store", store, query});
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.err.find("other-encoder"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("learn-metric"), std::string::npos) << r.err;
+  r = gmi({"identify", "--store", store, "--metric", "none", query});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+
+  r = gmi({"hub", "remove-metric", "--store", store});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  r = gmi({"hub", "metric", "--store", store});
+  EXPECT_EQ(r.exit_code, 2);
+  // Too few specs to learn from is a clear bad-input exit.
+  testing::TempDir small;
+  fs::copy(specs(), small.path(), fs::copy_options::recursive);
+  r = gmi({"hub", "learn-metric", "--store", "dir:" + small.path().string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("at least 4"), std::string::npos) << r.err;
 }
 
 TEST_F(CliTest, RedisStoreRoundTripThroughTheCli) {

@@ -802,6 +802,86 @@ TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
   }
 }
 
+// The hub-learned metric through the pipeline: once uploads make the hub due, the broker
+// makes a metric job, a learn worker stores version 1, every score shard swaps it in, and
+// the pipeline, `gmi query`, HTTP and `gmi identify` give the same ranking with it.
+TEST_F(PipelineTest, AMetricJobLearnsTheHubsMetricAndEveryPathRanksWithIt) {
+  START_CLUSTER(c, true, {"GMI_METRIC_MIN_MODELS=3", "GMI_SCORE_SHARDS=2"});
+  c.start_broker();
+  for (const char* s : {"decode", "embed", "interrogate", "spec", "learn"}) c.start_worker(s);
+  c.start_worker("score", {"GMI_SCORE_SHARD=0"});
+  c.start_worker("score", {"GMI_SCORE_SHARD=1"});
+  const int port = testing::free_port();
+  BackgroundProcess gateway({testing::gmi_binary(), "gateway"},
+                            [&] {
+                              auto e = c.env();
+                              e.push_back("GMI_GATEWAY_PORT=" + std::to_string(port));
+                              return e;
+                            }(),
+                            c.dir() / "gateway.log");
+  upload_hub(c);
+  // The third upload made the hub due: a metric job, then version 1 on every shard.
+  json last;
+  for (int i = 0; i < 200; ++i) {
+    last = c.await(c.query(hub().queries[0], 3));
+    if (last["result"]["metric"].is_object() && last["result"]["metric"]["version"] == 1) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_TRUE(last["result"]["metric"].is_object()) << last.dump() << c.logs();
+  ASSERT_EQ(last["result"]["metric"]["version"], 1) << last.dump();
+  EXPECT_NE(c.broker().log().find("metric job made"), std::string::npos) << c.broker().log();
+  EXPECT_NE(c.worker("learn").log().find("metric learnt"), std::string::npos) << c.worker("learn").log();
+  auto shown = testing::run_process({testing::gmi_binary(), "hub", "metric", "--store", c.redis().uri(), "--json"},
+                                    c.env());
+  ASSERT_EQ(shown.exit_code, 0) << shown.err;
+  const json stored = json::parse(shown.out);
+  EXPECT_EQ(stored["version"], 1);
+  EXPECT_EQ(stored["models"], Hub::kModels);
+  EXPECT_EQ(stored["checksum"], last["result"]["metric"]["checksum"]);
+
+  hub().write(c.dir() / "hub");
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(60, 0);
+  for (int i = 0; i < 600 && !http.Get("/healthz"); ++i) std::this_thread::sleep_for(50ms);
+  for (int q = 0; q < Hub::kModels; ++q) {
+    const fs::path image = c.dir() / "hub" / ("q" + std::to_string(q) + ".jpg");
+    json piped = c.await(c.query(hub().queries[static_cast<std::size_t>(q)], 3))["result"];
+    auto cli_query = testing::run_process({testing::gmi_binary(), "query", image.string(), "--top", "3", "--json"},
+                                          c.env());
+    ASSERT_EQ(cli_query.exit_code, 0) << cli_query.err;
+    auto local = testing::run_process({testing::gmi_binary(), "identify", "--store", c.redis().uri(), "--top", "3",
+                                       "--json", image.string()},
+                                      c.env());
+    ASSERT_EQ(local.exit_code, 0) << local.err;
+    EXPECT_NE(local.err.find("(stored)"), std::string::npos) << local.err;
+    auto posted = http.Post("/v1/queries?top=3", hub().queries[static_cast<std::size_t>(q)], "image/jpeg");
+    ASSERT_TRUE(posted) << gateway.log();
+    ASSERT_EQ(posted->status, 202) << posted->body;
+    auto answer = http.Get("/v1/queries/" + json::parse(posted->body)["job_id"].get<std::string>() + "?wait_ms=20000");
+    ASSERT_TRUE(answer);
+    const json over_http = json::parse(answer->body)["result"];
+    for (const json& other : {json::parse(cli_query.out), json::parse(local.out), over_http}) {
+      ASSERT_EQ(ranking(other["results"]), ranking(piped["results"])) << other.dump() << " vs " << piped.dump();
+      EXPECT_EQ(other["metric"], piped["metric"]);
+      for (std::size_t i = 0; i < piped["results"].size(); ++i)
+        EXPECT_NEAR(other["results"][i]["score"].get<double>(), piped["results"][i]["score"].get<double>(), 1e-5);
+    }
+    EXPECT_EQ(ranking(piped["results"]).front(), Hub::model(q));
+  }
+  // --metric none is the raw space, and says so.
+  auto raw = testing::run_process({testing::gmi_binary(), "identify", "--store", c.redis().uri(), "--metric", "none",
+                                   "--json", (c.dir() / "hub" / "q0.jpg").string()},
+                                  c.env());
+  ASSERT_EQ(raw.exit_code, 0) << raw.err;
+  EXPECT_TRUE(json::parse(raw.out)["metric"].is_null()) << raw.out;
+  // Re-uploading the same models does not grow the hub: no new version.
+  upload_hub(c);
+  std::this_thread::sleep_for(1s);
+  auto again = testing::run_process({testing::gmi_binary(), "hub", "metric", "--store", c.redis().uri(), "--json"},
+                                    c.env());
+  EXPECT_EQ(json::parse(again.out)["version"], 1) << again.out;
+}
+
 TEST_F(PipelineTest, RetriedSubmissionWithTheSameIdempotencyKeyIsOneJob) {
   START_CLUSTER(c);
   c.start_all();

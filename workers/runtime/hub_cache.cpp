@@ -59,13 +59,18 @@ std::string HubCache::not_ready_reason() const {
 namespace {
 
 struct ShardState {
+  // In the metric's space when there is one (mapped once, as fetched; a new metric
+  // reloads everything), so a refresh maps only what changed.
   std::map<std::string, Spec> specs;
   std::string cursor;
   std::uint64_t generation = 0;
   bool loaded = false;
+  std::uint64_t metric_version = 0;   // of the metric below (or of one refused)
+  std::shared_ptr<const Metric> metric;
 };
 
-// Fetches one spec into `state` (or drops it); skips what cannot be served, with a warning.
+// Fetches one spec into `state` (or drops it), mapped into the state's metric space; skips
+// what cannot be served, with a warning.
 void fetch(SpecStore& store, const std::string& id, ShardState& state, const EncoderIdentity& image,
            const EncoderIdentity& text) {
   std::optional<Spec> spec;
@@ -87,6 +92,15 @@ void fetch(SpecStore& store, const std::string& id, ShardState& state, const Enc
     state.specs.erase(id);
     return;
   }
+  if (state.metric) {
+    try {
+      state.specs[id] = to_metric_space(std::move(*spec), *state.metric);
+    } catch (const InputError& e) {
+      log::warn("skipping a spec the metric cannot map", {{"model", id}, {"error", e.what()}});
+      state.specs.erase(id);
+    }
+    return;
+  }
   state.specs[id] = std::move(*spec);
 }
 
@@ -105,11 +119,31 @@ void HubCache::loop() {
     try {
       if (!store) store = open_spec_store(options_.store_uri);
       const std::uint64_t generation = store->generation();
-      if (!state.loaded || generation != state.generation) {
+      std::uint64_t metric_version = options_.use_metric ? store->metric_version() : 0;
+      const bool metric_moved = metric_version != state.metric_version;
+      if (metric_moved) {
+        // Fetched before the snapshot is rebuilt, so a reader sees the new metric and the
+        // specs together. A metric of another encoder is refused and not asked for again.
+        std::shared_ptr<const Metric> next;
+        if (metric_version != 0) {
+          auto m = store->get_metric();
+          if (m) metric_version = m->version;  // a newer one may have landed since the stamp
+          if (m && !(m->image_encoder == image_encoder_)) {
+            log::error("refusing the hub's metric: it was learnt for another image encoder",
+                       {{"stage", options_.stage}, {"metric", m->label()},
+                        {"metric_image_encoder", m->image_encoder.str()},
+                        {"serving_image_encoder", image_encoder_.str()}});
+          } else if (m) {
+            next = std::make_shared<const Metric>(std::move(*m));
+          }
+        }
+        state.metric = std::move(next);  // its version is recorded once the reload below is done
+      }
+      if (!state.loaded || generation != state.generation || metric_moved) {
         const auto start = std::chrono::steady_clock::now();
         SpecChanges changes = store->changes_since(state.cursor);
         std::size_t fetched = 0;
-        if (!state.loaded || !changes.complete) {
+        if (!state.loaded || !changes.complete || metric_moved) {
           state.specs.clear();
           for (const auto& id : store->list()) {
             if (!in_shard(id, options_.shard, options_.shards)) continue;
@@ -126,12 +160,14 @@ void HubCache::loop() {
         }
         state.cursor = changes.cursor;
         state.generation = generation;
+        state.metric_version = metric_version;
         state.loaded = true;
         std::vector<Spec> specs;
         specs.reserve(state.specs.size());
         for (const auto& [id, s] : state.specs) specs.push_back(s);
         auto next = std::make_shared<const Identifier>(std::move(specs), image_encoder_, text_encoder_,
-                                                       prompt_encoder_, options_.identify);
+                                                       prompt_encoder_, options_.identify, state.metric,
+                                                       state.metric ? SpecSpace::kMapped : SpecSpace::kRaw);
         const double seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         gauge.Set(static_cast<double>(state.specs.size()));
@@ -142,7 +178,9 @@ void HubCache::loop() {
         }
         log::info("specs refreshed", {{"stage", options_.stage}, {"shard", options_.shard},
                                       {"models", state.specs.size()}, {"fetched", fetched},
-                                      {"generation", generation}, {"seconds", seconds}});
+                                      {"generation", generation},
+                                      {"metric", state.metric ? state.metric->label() : "none"},
+                                      {"seconds", seconds}});
       }
     } catch (const std::exception& e) {
       // Keep serving the last snapshot; the store reconnects on the next round.
@@ -168,6 +206,10 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
   // Interrogation needs the weighted scorer's pseudo-prompts whatever the job's scorer.
   o.identify.score.scorer = Scorer::kWeighted;
   o.identify.interrogator = config.get_string("interrogate.interrogator");
+  const std::string use = config.get_string("metric.use");
+  if (use != "auto" && use != "none")
+    throw InputError("metric.use must be auto (the store's metric, when it has one) or none; got '" + use + "'");
+  o.use_metric = use == "auto";
   // Only identities: this process loads no image-encoder weights. Interrogation embeds
   // prompts a query gives, so it also loads the text encoder.
   const EncoderRuntime rt = encoder_runtime(config);

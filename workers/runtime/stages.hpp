@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "gmi/config.hpp"
+#include "gmi/metric.hpp"
 #include "gmi/workers/stage.hpp"
 
 namespace gmi::workers {
@@ -12,5 +13,9 @@ std::unique_ptr<Stage> make_embed_stage(const Config& config);
 std::unique_ptr<Stage> make_interrogate_stage(const Config& config);
 std::unique_ptr<Stage> make_score_stage(const Config& config);
 std::unique_ptr<Stage> make_spec_stage(const Config& config);
+std::unique_ptr<Stage> make_learn_stage(const Config& config);
+
+/// The metric.* learning options (dims, shrinkage, gamma_scale, min_models), validated.
+MetricOptions metric_options(const Config& config);
 
 }  // namespace gmi::workers

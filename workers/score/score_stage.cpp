@@ -1,5 +1,6 @@
 // score: the "image_embeddings" and "pseudo_prompts" slots -> the ranked models of this
-// worker's shard (a scorer that ignores prompts needs no pseudo_prompts). All queries of a batch that
+// worker's shard (a scorer that ignores prompts needs no pseudo_prompts), and the metric
+// version they were ranked with (the broker merges shards only when they agree). All queries of a batch that
 // share scorer and top are ranked with one rank_batch (a GEMM over the packed specs).
 #include <map>
 
@@ -95,7 +96,8 @@ class ScoreStage final : public Stage {
                   {"scorer", to_string(options.scorer)},
                   {"ascending", ascending(options.scorer)},
                   {"models", index.size()},
-                  {"shard", shard()}};
+                  {"shard", shard()},
+                  {"metric", metric_stamp_json(hub->metric().get())}};
       }
     }
     return out;

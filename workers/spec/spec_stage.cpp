@@ -1,5 +1,6 @@
 // spec: an upload's embeddings -> a fitted spec, stored (put replaces atomically and bumps
-// the store's generation and change log, which the score workers watch).
+// the store's generation and change log, which the score workers watch). It also says when
+// the hub is due for a new metric (meta "metric_due"); the broker then makes a metric job.
 #include "../runtime/stages.hpp"
 #include "gmi/error.hpp"
 #include "gmi/pipeline.hpp"
@@ -17,6 +18,9 @@ class SpecStage final : public Stage {
     policy_.max_batch = static_cast<int>(config.get_int("spec.max_batch", 1, 1024));
     policy_.max_wait_ms = 0;
     min_samples_ = static_cast<int>(config.get_int("spec.min_samples", 1, 1000000));
+    auto_learn_ = config.get_bool("metric.auto_learn");
+    min_models_ = static_cast<int>(config.get_int("metric.min_models", 2, 1 << 30));
+    growth_ = config.get_double("metric.relearn_growth", 0.0, 1e6);
   }
 
   std::string name() const override { return "spec"; }
@@ -69,12 +73,27 @@ class SpecStage final : public Stage {
     StageResult r;
     r.meta = {{"model", spec.model_id}, {"spec", spec_metadata(spec)},
               {"skipped", task.meta.value("skipped", json::array())}};
+    if (auto_learn_) {
+      // The broker makes a metric job when the hub is due for a (new) metric. A store that
+      // cannot say now only delays that to the next upload.
+      try {
+        const MetricStamp stamp = store_->metric_stamp();
+        const std::size_t models = store_->count();
+        if (metric_due(models, stamp, min_models_, growth_))
+          r.meta["metric_due"] = {{"models", models}, {"stamp_version", stamp.version}, {"stamp_models", stamp.models}};
+      } catch (const Error&) {
+        store_.reset();
+      }
+    }
     return r;
   }
 
   BatchPolicy policy_;
   std::string store_uri_;
   int min_samples_ = 4;
+  bool auto_learn_ = true;
+  int min_models_ = 4;
+  double growth_ = 0.25;
   std::unique_ptr<SpecStore> store_;
 };
 

@@ -30,11 +30,11 @@ inline constexpr std::uint32_t kMetricFormatVersion = 1;
 
 struct MetricOptions {
   /// Shrinkage: S_w + shrinkage * tr(S_w) / d * I before whitening.
-  double shrinkage = 0.3;
+  double shrinkage = 1.0;
   /// k, the mapped dimension; 0 keeps all d (plain whitening, no discriminant step).
   int dims = 0;
   /// gamma in the mapped space = gamma_scale / median pairwise squared distance there.
-  double gamma_scale = 0.1;
+  double gamma_scale = 0.05;
   /// At least this many models (with >= 2 reduced points) to learn anything.
   int min_models = 4;
   /// Reduced points kept (reservoir) for the median heuristic.
@@ -67,6 +67,10 @@ struct Metric {
   /// Rows of xs (B x d) mapped: B x k.
   RowMatrix map(const RowMatrix& xs) const;
 };
+
+/// What a ranking's result says of the metric it used: {"version", "checksum", "dim"}, or
+/// null for the encoder's raw space.
+nlohmann::json metric_stamp_json(const Metric* metric);
 
 /// Throws EncoderMismatchError unless the metric was learnt for this image encoder.
 void check_metric_encoder(const Metric& metric, const EncoderIdentity& image_encoder);

@@ -82,7 +82,7 @@ class Identifier {
   /// work in its mapped space.
   Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
              std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options,
-             std::shared_ptr<const Metric> metric = nullptr);
+             std::shared_ptr<const Metric> metric = nullptr, SpecSpace space = SpecSpace::kRaw);
 
   const SpecIndex& index() const { return index_; }
   /// The metric in use, null for the raw space.

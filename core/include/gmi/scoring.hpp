@@ -39,6 +39,17 @@ struct RankedModel {
   double score = 0;
 };
 
+/// Which space the specs given to a SpecIndex are in.
+enum class SpecSpace {
+  kRaw,     ///< the encoder's: a metric, if any, is applied while packing
+  kMapped,  ///< already mapped by to_metric_space() (callers that cache mapped specs)
+};
+
+/// A spec in a metric's space: zx and mean_x mapped (k columns), gamma the metric's, the
+/// Gram matrix recomputed there. The encoder identity stays the raw one.
+/// Throws EncoderMismatchError for a metric of another image encoder.
+Spec to_metric_space(Spec spec, const Metric& metric);
+
 /// All specs of one hub, packed. Specs must share encoder identities (else
 /// EncoderMismatchError naming the offending model). r may differ between models.
 /// With a metric, everything is packed in the metric's mapped space (k dims): reduced
@@ -48,7 +59,8 @@ class SpecIndex {
  public:
   SpecIndex() = default;
   /// Throws EncoderMismatchError when `metric` was learnt for another image encoder.
-  explicit SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric = nullptr);
+  explicit SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric = nullptr,
+                     SpecSpace space = SpecSpace::kRaw);
 
   std::size_t size() const { return model_ids_.size(); }
   std::size_t points() const { return static_cast<std::size_t>(zx_.rows()); }

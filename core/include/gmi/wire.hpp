@@ -54,6 +54,12 @@ nlohmann::json parse_header(std::string_view bytes, Channel channel, std::size_t
 /// and by tests). Throws WireError.
 void validate_header(const nlohmann::json& header, Channel channel, std::size_t frame_count);
 
+/// Every stage a worker may serve: decode, interrogate, embed, score, spec (the query and
+/// upload routes) and learn (metric jobs, made by the broker).
+const std::vector<std::string>& stage_names();
+/// The same, comma-separated, for messages.
+std::string stage_list();
+
 /// A new header {"v": kVersion, "type": type}.
 nlohmann::json header(std::string_view type);
 

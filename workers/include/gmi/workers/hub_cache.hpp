@@ -5,6 +5,9 @@
 /// new Identifier. Readers never wait for a refresh: they use the last snapshot.
 /// A spec that is damaged or made by other encoders is skipped with a warning, so one bad
 /// upload cannot take the hub down. Redis outages keep the last snapshot serving.
+/// The hub's metric (gmi/metric.hpp) is polled the same way, by its stamp: a new version is
+/// fetched and swapped in with the specs, atomically for readers (one snapshot holds both).
+/// A metric of another image encoder is refused (logged; the snapshot ranks without one).
 /// Thread-safety: current() and not_ready_reason() are safe from any thread.
 #include <atomic>
 #include <condition_variable>
@@ -28,6 +31,7 @@ struct HubCacheOptions {
   int refresh_ms = 500;
   IdentifyOptions identify;
   std::string stage = "score";  ///< for logs and the gmi_specs_loaded gauge
+  bool use_metric = true;       ///< metric.use: auto (the store's, when it has one) or none
 };
 
 /// True when model `id` belongs to `shard` of `shards` (FNV-1a of the id, modulo shards).

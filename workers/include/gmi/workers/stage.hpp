@@ -21,7 +21,7 @@ namespace gmi::workers {
 struct StageTask {
   std::string id;
   std::string job_id;
-  std::string kind;  ///< "query" | "upload"
+  std::string kind;  ///< "query" | "upload" | "metric"
   int attempt = 1;
   int credit = 1;         ///< what the broker charged this task (tasks, or images for embed)
   nlohmann::json params;  ///< the job's request fields
@@ -71,7 +71,8 @@ class Stage {
   virtual int shards() const { return 1; }
 };
 
-/// Builds the stage called `name` ("decode", "embed", "interrogate", "score", "spec") from
+/// Builds the stage called `name` ("decode", "embed", "interrogate", "score", "spec",
+/// "learn") from
 /// the configuration (keys NAME.*, plus redis.uri for the stages that read specs).
 /// InputError for an unknown name or an invalid setting, naming it.
 std::unique_ptr<Stage> make_stage(const std::string& name, const Config& config);
