@@ -4,37 +4,21 @@
 // query, and the bytes a spec's zx takes at k dims instead of d.
 //
 //   bench_metric --models 1000,10000,100000 --d 1664 --r 32 [--dims 0,128]
-#include <sys/resource.h>
-
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <string>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "gmi/metric.hpp"
-#include "gmi/rkme.hpp"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-struct FastRng {  // splitmix64
-  std::uint64_t state;
-  std::uint64_t next() {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float uniform() { return static_cast<float>(next() >> 40) * 0x1.0p-24f * 2.0f - 1.0f; }
-};
-
-double peak_rss_gb() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_maxrss) / (1024.0 * 1024.0);
-}
+using gmi::bench::FastRng;
+using gmi::bench::peak_rss_gb;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 

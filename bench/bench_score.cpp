@@ -1,7 +1,5 @@
 // Scoring benchmark: exact scoring of M synthetic specs (packed SpecIndex), one query at a
 // time and in batches. Compare with scripts/bench_score_numpy.py (same sizes).
-#include <sys/resource.h>
-
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -11,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "gmi/rkme.hpp"
 #include "gmi/scoring.hpp"
 
@@ -18,19 +17,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// splitmix64: fast, seeded; the benchmark needs billions of numbers, not statistical finesse.
-struct FastRng {
-  std::uint64_t state;
-  std::uint64_t next() {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float uniform() {
-    return static_cast<float>(next() >> 40) * 0x1.0p-24f * 2.0f - 1.0f;
-  }  // [-1, 1)
-};
+using gmi::bench::FastRng;
+using gmi::bench::peak_rss_gb;
 
 // Rows scattered around `centre` (its own direction per model), each L2-normalised.
 gmi::RowMatrix around(const Eigen::VectorXf& centre, int rows, float spread, FastRng& rng) {
@@ -46,12 +34,6 @@ Eigen::VectorXf unit_vector(Eigen::Index dim, FastRng& rng) {
   Eigen::VectorXf v(dim);
   for (auto& e : v) e = rng.uniform();
   return v.normalized();
-}
-
-double peak_rss_gb() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_maxrss) / (1024.0 * 1024.0);  // ru_maxrss is in KiB
 }
 
 double mem_available_gb() {

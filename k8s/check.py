@@ -12,7 +12,7 @@ Then:
     kustomization, unless it is named *.example.yaml;
   - containers of the gmi image: the arguments name a real `gmi` subcommand (read from
     tools/*.cpp), a long-running one in a Deployment or StatefulSet, and `worker --stage`
-    a real stage (workers/runtime/make_stage.cpp); --set keys are real config keys;
+    a real stage (core/src/wire.cpp, stage_names()); --set keys are real config keys;
   - environment: every GMI_* variable is GMI_ + a key of config/gmi.yaml (dots as
     underscores, upper case), or GMI_REDIS_PASSWORD_FILE, GMI_API_KEY or GMI_CONFIG; env
     values, labels and annotations are strings; secrets are not literal env values;
@@ -143,9 +143,9 @@ class Code:
             raise RuntimeError(f"no `app.add_subcommand(\"...\")` found in {tools}/*.cpp")
         self.subcommands = subs
 
-        path = os.path.join(repo, "workers", "runtime", "make_stage.cpp")
+        path = os.path.join(repo, "core", "src", "wire.cpp")
         with open(path, encoding="utf-8") as f:
-            m = re.search(r"names\s*\{([^}]*)\}", f.read())
+            m = re.search(r"stage_names\(\)\s*\{[^{]*names\s*\{([^}]*)\}", f.read())
         stages = re.findall(r"\"([a-z_]+)\"", m.group(1)) if m else []
         if not stages:
             raise RuntimeError(f"no stage list `names{{...}}` found in {path}")

@@ -52,7 +52,13 @@ for scorer in weighted rkme mean popularity; do
     --batch "$out/hub/queries.jsonl" >"$out/results-$scorer.jsonl" 2>/dev/null
   runs+=("$scorer=$out/results-$scorer.jsonl")
 done
+# The same, without the hub-learned metric (identify learns one on the fly by default).
+"$gmi" identify --store "dir:$out/specs" --top 0 --metric none \
+  --batch "$out/hub/queries.jsonl" >"$out/results-weighted-raw.jsonl" 2>/dev/null
+runs+=("weighted/no-metric=$out/results-weighted-raw.jsonl")
 /usr/bin/python3 scripts/accuracy.py --models "$models" "${runs[@]}"
+echo "-- storing the hub's metric (gmi hub learn-metric): identify and the service then use this version"
+"$gmi" hub learn-metric --store "dir:$out/specs"
 
 echo
 echo "== 5. the same hub as a service: gmi serve (broker, stage workers, HTTP gateway)"
@@ -81,7 +87,10 @@ for dir in "$out"/hub/models/*/; do
 j = json.load(sys.stdin); s = j["result"]["spec"]
 print("   %-24s %-9s n=%d r=%d residual=%.2e" % (j["model_id"], j["state"], s["n"], s["r"], s["residual_mmd2"]))'
 done
-sleep 1  # the score workers pick up new specs within score.refresh_ms
+# The uploads made the hub due for a metric: a metric job learns it; the score workers pick up
+# new specs and the new metric within score.refresh_ms.
+for i in $(seq 100); do "$gmi" hub metric --store "$GMI_REDIS_URI" >/dev/null 2>&1 && break; sleep 0.2; done
+sleep 1
 line=$(head -1 "$out/hub/queries.jsonl")
 image=$(/usr/bin/python3 -c 'import json,sys; print(json.loads(sys.argv[1])["image"])' "$line")
 truth=$(/usr/bin/python3 -c 'import json,sys; print(json.loads(sys.argv[1])["model"])' "$line")
@@ -100,6 +109,8 @@ print(f"   {answer['state']} in {answer['timings']['total_s'] * 1000:.1f} ms "
 print(f"   {'rank':>4}  {'model':<32} {'MMD^2':>10}")
 for r in answer["result"]["results"]:
     print(f"   {r['rank']:>4}  {r['model']:<32} {r['score']:>10.6f}")
+m = answer["result"].get("metric")
+print(f"   metric: v{m['version']} {m['checksum']} ({m['dim']} dims)" if m else "   metric: none")
 PY
 echo "-- the same query over ZeroMQ (gmi query)"
 "$gmi" query --top 4 "$out/hub/$image"

@@ -5,12 +5,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <ctime>
 
 #include <Eigen/Cholesky>
 #include <Eigen/Eigenvalues>
 
 #include "binary_io.hpp"
+#include "clock.hpp"
 #include "gmi/error.hpp"
 #include "gmi/rkme.hpp"
 
@@ -26,15 +26,6 @@ constexpr std::uint32_t kMaxJson = 1u << 20;
 constexpr Index kFlushRows = 4096;
 
 [[noreturn]] void fail(const std::string& what) { throw SpecFormatError("invalid metric: " + what); }
-
-std::string utc_now() {
-  std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
 
 std::uint32_t crc_of_p(const RowMatrix& p) {
   std::vector<std::uint8_t> bytes;
@@ -284,7 +275,7 @@ Metric MetricLearner::finish() {
   out.points = seen_points_;
   out.shrinkage = options_.shrinkage;
   out.gamma_scale = options_.gamma_scale;
-  out.created_at = utc_now();
+  out.created_at = detail::utc_now_iso8601();
   const int k = options_.dims == 0 ? static_cast<int>(d) : std::min<int>(options_.dims, static_cast<int>(d));
   if (k == d) {
     out.discriminant = "none";

@@ -4,20 +4,14 @@
 #include <cmath>
 #include <ctime>
 
+#include "clock.hpp"
 #include "gmi/error.hpp"
 
 namespace gmi {
 
 double default_lambda(double gamma) { return std::sqrt(0.25 / gamma); }
 
-static std::string utc_now_iso8601() {
-  std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
+using detail::utc_now_iso8601;
 
 Spec build_spec_from_embeddings(const std::string& model_id, const RowMatrix& x, const RowMatrix& t,
                                 const EncoderIdentity& image_id, const EncoderIdentity& text_id,

@@ -134,7 +134,7 @@ class Cluster {
 
   void start_all() {
     start_broker();
-    for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) start_worker(s);
+    for (const char* s : {"decode", "embed", "interrogate", "score", "spec", "learn"}) start_worker(s);
   }
 
   BrokerClient& client() {
@@ -420,7 +420,8 @@ TEST_P(WorkerCrashTest, KilledWorkerMidJobLosesNothing) {
   const std::string stage = GetParam();
   // A long liveness, so that the frozen worker still counts as alive when the jobs reach
   // it however slow the build; the kill itself is seen at once (the connection drops).
-  START_CLUSTER(c, true, {"GMI_BROKER_LIVENESS=100"});
+  // No metric jobs: the uploads below would make one, and this test counts every job.
+  START_CLUSTER(c, true, {"GMI_BROKER_LIVENESS=100", "GMI_METRIC_AUTO_LEARN=false"});
   c.start_all();
   upload_hub(c);
   const auto [results_before, active_before] = c.redis_counts();
@@ -910,7 +911,7 @@ TEST_F(PipelineTest, SigtermDrainsAndEveryProcessExitsCleanly) {
   for (const auto& id : ids) EXPECT_EQ(c.await(id).value("state", ""), "finished");
   c.broker().signal(SIGTERM);
   EXPECT_EQ(c.broker().wait(10s), std::optional<int>(0)) << c.logs();
-  for (const char* s : {"decode", "embed", "interrogate", "score", "spec"}) {
+  for (const char* s : {"decode", "embed", "interrogate", "score", "spec", "learn"}) {
     c.worker(s).signal(SIGTERM);
     EXPECT_EQ(c.worker(s).wait(10s), std::optional<int>(0)) << s << c.logs();
   }
