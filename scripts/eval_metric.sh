@@ -61,4 +61,5 @@ identify "$out/half-b" "$out/unseen-learnt-on-a.jsonl" --metric stored
 identify "$out/half-b" "$out/unseen-raw.jsonl" --metric none
 identify "$out/half-b" "$out/unseen-own.jsonl" --metric learn
 
-/usr/bin/python3 "$root/scripts/metric_report.py" --out "$out" --half-a "$out/half-a" --dims "$dims"
+/usr/bin/python3 "$root/scripts/metric_report.py" --out "$out" --half-a "$out/half-a" --dims "$dims" \
+  --title "$(basename "$(dirname "$hub")")/$(basename "$hub"), $(ls "$specs"/*.gmispec | wc -l) models, $scorer"

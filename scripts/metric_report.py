@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--half-a", required=True, help="the store the half-metric was learnt from")
     ap.add_argument("--dims", required=True)
+    ap.add_argument("--title", default="", help="what the plot is of (the hub)")
     a = ap.parse_args()
     seen = {f[:-len(".gmispec")] for f in os.listdir(a.half_a) if f.endswith(".gmispec")}
     p = lambda name: os.path.join(a.out, name)
@@ -84,7 +85,7 @@ def main():
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("hub-learned metric: accuracy against k")
+    ax.set_title("hub-learned metric: accuracy against k" + (" (" + a.title + ")" if a.title else ""))
     fig.tight_layout()
     fig.savefig(p("metric-k.png"), dpi=120)
 

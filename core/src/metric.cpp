@@ -213,7 +213,7 @@ MetricLearner::MetricLearner(EncoderIdentity image_encoder, MetricOptions option
   between_ = Eigen::MatrixXd::Zero(d, d);
   mean_sum_ = Eigen::VectorXd::Zero(d);
   pending_.resize(kFlushRows, d);
-  sample_.resize(0, d);
+  sample_.resize(options_.gamma_sample, d);
 }
 
 void MetricLearner::flush() {
@@ -239,9 +239,8 @@ void MetricLearner::add(const Spec& spec) {
         ((spec.zx.row(j).cast<double>() - mu) * std::sqrt(w(j))).cast<float>();
     // Reservoir sample of the raw points, for the median heuristic in the mapped space.
     ++seen_points_;
-    if (sample_.rows() < options_.gamma_sample) {
-      sample_.conservativeResize(sample_.rows() + 1, d);
-      sample_.row(sample_.rows() - 1) = spec.zx.row(j);
+    if (sample_rows_ < sample_.rows()) {
+      sample_.row(sample_rows_++) = spec.zx.row(j);
     } else {
       const std::uint64_t slot = rng_() % seen_points_;
       if (slot < static_cast<std::uint64_t>(sample_.rows())) sample_.row(static_cast<Index>(slot)) = spec.zx.row(j);
@@ -293,8 +292,8 @@ Metric MetricLearner::finish() {
     out.discriminant = "lda";
     out.p = (u.transpose() * w).cast<float>();
   }
-  if (sample_.rows() < 2) throw InputError("metric: too few reduced points for a kernel width");
-  out.gamma = options_.gamma_scale * median_heuristic_gamma(out.map(sample_));
+  if (sample_rows_ < 2) throw InputError("metric: too few reduced points for a kernel width");
+  out.gamma = options_.gamma_scale * median_heuristic_gamma(out.map(sample_.topRows(sample_rows_)));
   return out;
 }
 

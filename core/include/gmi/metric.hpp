@@ -121,7 +121,8 @@ class MetricLearner {
   Eigen::VectorXd mean_sum_;
   RowMatrix pending_;         // centred, sqrt(weight)-scaled rows not yet in within_
   Eigen::Index pending_rows_ = 0;
-  RowMatrix sample_;          // reservoir of raw reduced points, for gamma
+  RowMatrix sample_;          // reservoir of raw reduced points, for gamma (first sample_rows_ used)
+  Eigen::Index sample_rows_ = 0;
   std::uint64_t seen_points_ = 0;
   std::mt19937_64 rng_{20261201};
   int models_ = 0;
