@@ -883,6 +883,30 @@ TEST_F(PipelineTest, AMetricJobLearnsTheHubsMetricAndEveryPathRanksWithIt) {
   EXPECT_EQ(json::parse(again.out)["version"], 1) << again.out;
 }
 
+// Shards that rank with different metric versions are never merged: the broker ranks again
+// on every shard, and a query whose shards keep disagreeing fails saying so. (One shard is
+// configured to ignore the metric, so here they disagree for good once a metric exists.)
+TEST_F(PipelineTest, ShardsWithDifferentMetricVersionsAreNeverMerged) {
+  START_CLUSTER(c, true, {"GMI_METRIC_MIN_MODELS=3", "GMI_SCORE_SHARDS=2"});
+  c.start_broker();
+  for (const char* s : {"decode", "embed", "interrogate", "spec", "learn"}) c.start_worker(s);
+  c.start_worker("score", {"GMI_SCORE_SHARD=0"});
+  c.start_worker("score", {"GMI_SCORE_SHARD=1", "GMI_METRIC_USE=none"});
+  upload_hub(c);
+  bool stored = false;
+  for (int i = 0; i < 200 && !stored; ++i) {
+    auto r = testing::run_process({testing::gmi_binary(), "hub", "metric", "--store", c.redis().uri()}, c.env());
+    stored = r.exit_code == 0;
+    if (!stored) std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_TRUE(stored) << c.logs();
+  std::this_thread::sleep_for(500ms);  // shard 0 swaps the metric in; shard 1 never does
+  json job = c.await(c.query(hub().queries[0], 3));
+  EXPECT_EQ(job.value("state", ""), "failed") << job.dump();
+  EXPECT_NE(job.value("error", "").find("different metric versions"), std::string::npos) << job.dump();
+  EXPECT_NE(c.broker_metrics().find("gmi_retries_total{reason=\"metric_skew\",stage=\"score\"}"), std::string::npos);
+}
+
 TEST_F(PipelineTest, RetriedSubmissionWithTheSameIdempotencyKeyIsOneJob) {
   START_CLUSTER(c);
   c.start_all();
