@@ -127,8 +127,7 @@ void add_encoder_options(CLI::App* cmd, CommonOptions& c) {
 struct BuildArgs {
   std::string model, manifest, info_file, card;
   double downloads = -1;
-  int reduced = 32, min_samples = 4, max_iterations = 100;
-  double gamma = 0, lambda = -1;
+  gmi::SpecBuildOptions fit;  // the defaults every spec-building path shares
   bool json_out = false, unconstrained = false;
 };
 
@@ -157,13 +156,8 @@ int run_spec_build(const CommonOptions& c, const BuildArgs& a) {
   }
   gmi::RowMatrix t = text_encoder->encode(prompts);
 
-  gmi::SpecBuildOptions opt;
-  opt.rkme.reduced_size = a.reduced;
-  opt.rkme.gamma = a.gamma;
-  opt.rkme.lambda = a.lambda;
+  gmi::SpecBuildOptions opt = a.fit;
   opt.rkme.constrained = !a.unconstrained;
-  opt.rkme.max_iterations = a.max_iterations;
-  opt.min_samples = a.min_samples;
   if (!a.info_file.empty()) {
     std::ifstream in(a.info_file);
     if (!in) throw gmi::IoError("cannot open model info " + a.info_file);
@@ -175,7 +169,7 @@ int run_spec_build(const CommonOptions& c, const BuildArgs& a) {
   if (a.downloads >= 0) opt.downloads = a.downloads;
   if (!a.card.empty()) opt.card = a.card;
 
-  ProgressBar bar("fitting", static_cast<size_t>(a.max_iterations));
+  ProgressBar bar("fitting", static_cast<size_t>(opt.rkme.max_iterations));
   gmi::Spec spec = gmi::build_spec_from_embeddings(a.model, batch.x, t, image_encoder->identity(),
                                                    text_encoder->identity(), opt,
                                                    [&](int, double) { bar.tick(); });
@@ -482,11 +476,11 @@ int main(int argc, char** argv) {
   build_cmd->add_option("--manifest", build.manifest,
                         "JSON-lines manifest: {\"image\": \"<path relative to it>\", \"prompt\": \"...\"}")
       ->required();
-  build_cmd->add_option("--reduced-size,-r", build.reduced, "reduced set size r")->capture_default_str();
-  build_cmd->add_option("--gamma", build.gamma, "kernel width (0: the image encoder's default)");
-  build_cmd->add_option("--lambda", build.lambda, "weight of the prompt in the joint space (<0: default)");
-  build_cmd->add_option("--max-iterations", build.max_iterations, "RKME fit iterations cap")->capture_default_str();
-  build_cmd->add_option("--min-samples", build.min_samples, "fail when fewer samples are usable")->capture_default_str();
+  build_cmd->add_option("--reduced-size,-r", build.fit.rkme.reduced_size, "reduced set size r")->capture_default_str();
+  build_cmd->add_option("--gamma", build.fit.rkme.gamma, "kernel width (0: the image encoder's default)");
+  build_cmd->add_option("--lambda", build.fit.rkme.lambda, "weight of the prompt in the joint space (<0: default)");
+  build_cmd->add_option("--max-iterations", build.fit.rkme.max_iterations, "RKME fit iterations cap")->capture_default_str();
+  build_cmd->add_option("--min-samples", build.fit.min_samples, "fail when fewer samples are usable")->capture_default_str();
   build_cmd->add_flag("--unconstrained", build.unconstrained, "closed-form beta instead of the simplex QP");
   build_cmd->add_option("--info", build.info_file, "JSON file with \"downloads\" and \"card\" for the model");
   build_cmd->add_option("--downloads", build.downloads, "download count (popularity baseline)");

@@ -12,6 +12,7 @@
 #include <set>
 #include <unordered_map>
 
+#include "digest.hpp"
 #include "gmi/error.hpp"
 #include "gmi/log.hpp"
 #include "gmi/ops.hpp"
@@ -33,6 +34,17 @@ bool known_stages(const Route& route) {
     if (std::find(known.begin(), known.end(), s) == known.end()) return false;
   }
   return true;
+}
+
+// SHA-256 (hex) of what a submission asks for: its kind, its parameters (nlohmann's objects
+// are ordered, so the dump is canonical) and every frame, each preceded by its length.
+std::string request_fingerprint(const std::string& kind, const json& params,
+                                const std::vector<std::string>& frames) {
+  detail::Sha256 h;
+  h.field(kind);
+  h.field(params.dump(-1, ' ', false, json::error_handler_t::replace));
+  for (const auto& f : frames) h.field(f);
+  return h.hex();
 }
 
 double seconds_since(Clock::time_point t) {
@@ -703,7 +715,7 @@ struct Broker::Impl {
     try {
       try_connect_store();
       if (!store) throw IoError("no redis connection");
-      store->create(job, "");
+      store->create(job);
     } catch (const IoError& e) {
       log::warn("cannot record a metric job; the next due upload retries", {{"error", e.what()}});
       return;
@@ -880,17 +892,31 @@ struct Broker::Impl {
       if (h.contains("card")) job.params["card"] = h["card"];
       job.route = opt.upload_route;
     }
+    // A key is scoped to the kind of request and to the client's credential, and remembers
+    // what the request was: the same key on another request is a client bug, not a retry.
+    IdempotencyRecord idem;
+    idem.key = h.value("idempotency_key", "");
+    if (!idem.key.empty()) {
+      idem.scope = job.kind + "|" + h.value("idempotency_scope", "");
+      idem.fingerprint = request_fingerprint(job.kind, job.params, msg.frames);
+    }
     job.input.put(wire::Slot{wire::slot::kImages, wire::SlotKind::kImageBytes, json::object(), std::move(msg.frames)});
-    const std::string idem = h.value("idempotency_key", "");
     try {
       try_connect_store();
       if (!store) throw IoError("no redis connection");
       // A retried submission (its reply was lost) gets the job it already made.
-      if (!idem.empty()) {
-        if (auto existing = store->find_idempotent(idem)) {
+      if (!idem.key.empty()) {
+        if (auto existing = store->find_idempotent(idem.scope, idem.key)) {
+          if (existing->fingerprint != idem.fingerprint) {
+            metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "rejected"}}).Increment();
+            return reply_error(routing, req, "conflict",
+                               "the idempotency key '" + idem.key + "' already named another " + job.kind +
+                                   " request (other images or parameters) within redis.result_ttl_s; "
+                                   "use a new key for a new request");
+          }
           json a = wire::header("accepted");
           if (!req.empty()) a["req"] = req;
-          a["job_id"] = *existing;
+          a["job_id"] = existing->job_id;
           return reply(routing, std::move(a));
         }
       }

@@ -30,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "digest.hpp"
 #include "gmi/log.hpp"
 #include "gmi/spec.hpp"
 #include "gmi/spec_store.hpp"
@@ -102,6 +103,7 @@ const char* code_for_status(int status) {
     case 414: return "uri_too_long";
     case 415: return "unsupported_media_type";
     case 416: return "range_not_satisfiable";
+    case 422: return "conflict";
     case 503: return "unavailable";
     default: return status >= 500 ? "internal" : "bad_request";
   }
@@ -417,6 +419,8 @@ struct Gateway::Impl {
 
   zmq::context_t& context;
   GatewayOptions options;
+  // Idempotency keys are scoped to the credential that sent them (none: one scope).
+  std::string key_scope;
 
   std::mutex pool_mutex;
   std::vector<std::unique_ptr<BrokerClient>> pool;
@@ -437,6 +441,7 @@ struct Gateway::Impl {
 
 Gateway::Impl::Impl(zmq::context_t& ctx, GatewayOptions opts)
     : context(ctx), options(std::move(opts)) {
+  if (!options.api_key.empty()) key_scope = "key:" + detail::sha256_hex(options.api_key).substr(0, 16);
   if (options.threads < 1) {
     throw InputError("gateway threads must be at least 1, got " + std::to_string(options.threads));
   }
@@ -531,6 +536,8 @@ void Gateway::Impl::guarded(const httplib::Request& req, httplib::Response& res,
       set_error(res, 413, code, e.what());
     } else if (code == "not_found") {
       set_error(res, 404, code, e.what());
+    } else if (code == "conflict") {
+      set_error(res, 422, code, e.what());
     } else if (code == "busy") {
       set_error(res, 503, code, e.what());
       res.set_header("Retry-After", "1");
@@ -693,6 +700,7 @@ void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& r
   };
   QueryRequest q;
   q.idempotency_key = idempotency_key(req);
+  q.idempotency_scope = key_scope;
   if (auto top = param("top")) q.top = static_cast<int>(parse_int(*top, "top", 1, kMaxTop));
   if (auto scorer = param("scorer")) q.scorer = *scorer;
   if (auto prompt = param("prompt")) q.prompt = *prompt;
@@ -736,6 +744,7 @@ void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& 
   UploadRequest up;
   up.model_id = req.matches[1].str();
   up.idempotency_key = idempotency_key(req);
+  up.idempotency_scope = key_scope;
   try {
     validate_model_id(up.model_id);
   } catch (const InputError&) {

@@ -22,13 +22,23 @@ JobStore::JobStore(RedisLocation location, JobStoreOptions options)
       active_key_(redis_.key("jobs:active")),
       dead_key_(redis_.key("dead-letters")) {}
 
-std::optional<std::string> JobStore::find_idempotent(const std::string& key) {
-  const std::string k = redis_.key("idem:" + key);
+std::optional<IdempotencyRecord> JobStore::find_idempotent(const std::string& scope, const std::string& key) {
+  const std::string k = redis_.key("idem:" + scope + ":" + key);
   RedisReply r = redis_.command({"GET", k});
-  return RedisConnection::as_optional_string(r.get(), "GET " + k);
+  auto value = RedisConnection::as_optional_string(r.get(), "GET " + k);
+  if (!value) return std::nullopt;
+  IdempotencyRecord rec{scope, key, "", ""};
+  const auto space = value->find(' ');
+  if (space == std::string::npos) {
+    rec.job_id = *value;  // a record written before fingerprints: matches nothing
+  } else {
+    rec.fingerprint = value->substr(0, space);
+    rec.job_id = value->substr(space + 1);
+  }
+  return rec;
 }
 
-void JobStore::create(const StoredJob& job, const std::string& idempotency_key) {
+void JobStore::create(const StoredJob& job, const IdempotencyRecord& idempotency) {
   const std::string jk = job_key(job.id), ik = input_key(job.id);
   const std::string params = job.params.dump(-1, ' ', false, json::error_handler_t::replace);
   const std::string created = std::to_string(job.created_ms);
@@ -50,9 +60,10 @@ void JobStore::create(const StoredJob& job, const std::string& idempotency_key) 
                                            "route", route, "created_ms", created, "attempts", "0"},
                                           input,
                                           {"SADD", active_key_, job.id}};
-  const std::string idem_key = redis_.key("idem:" + idempotency_key);
+  const std::string idem_key = redis_.key("idem:" + idempotency.scope + ":" + idempotency.key);
+  const std::string idem_value = idempotency.fingerprint + " " + job.id;
   const std::string ttl = std::to_string(options_.result_ttl_s);
-  if (!idempotency_key.empty()) cmds.push_back({"SET", idem_key, job.id, "EX", ttl});
+  if (!idempotency.key.empty()) cmds.push_back({"SET", idem_key, idem_value, "EX", ttl});
   std::vector<RedisReply> keep;
   redis_.transaction(cmds, keep);
 }

@@ -126,8 +126,9 @@ json BrokerClient::request(json header, const std::vector<std::string>& frames, 
 }
 
 std::string BrokerClient::submit(json h, const std::vector<std::string>& frames,
-                                 const std::string& idempotency_key) {
+                                 const std::string& idempotency_key, const std::string& idempotency_scope) {
   h["idempotency_key"] = idempotency_key.empty() ? wire::random_id() : idempotency_key;
+  if (!idempotency_scope.empty()) h["idempotency_scope"] = idempotency_scope;
   const int attempts = std::max(1, options_.submit_attempts);
   for (int attempt = 1;; ++attempt) {
     try {
@@ -143,7 +144,7 @@ std::string BrokerClient::submit_query(const QueryRequest& request) {
   h["top"] = request.top;
   if (!request.scorer.empty()) h["scorer"] = request.scorer;
   if (!request.prompt.empty()) h["prompt"] = request.prompt;
-  return submit(std::move(h), {request.image}, request.idempotency_key);
+  return submit(std::move(h), {request.image}, request.idempotency_key, request.idempotency_scope);
 }
 
 std::string BrokerClient::submit_upload(const UploadRequest& request) {
@@ -152,7 +153,7 @@ std::string BrokerClient::submit_upload(const UploadRequest& request) {
   h["prompts"] = request.prompts;
   h["downloads"] = request.downloads;
   if (!request.card.empty()) h["card"] = request.card;
-  return submit(std::move(h), request.images, request.idempotency_key);
+  return submit(std::move(h), request.images, request.idempotency_key, request.idempotency_scope);
 }
 
 json BrokerClient::get_job(const std::string& job_id, int wait_ms) {

@@ -120,7 +120,8 @@ void validate_client_to_broker(const json& h, const std::string& type, std::size
                      {"top", Kind::kInt, false, 1, 1000},
                      {"scorer", Kind::kString, false, 0, 32},
                      {"prompt", Kind::kString, false, 0, 4096},
-                     {"idempotency_key", Kind::kString, false, 0, 128}},
+                     {"idempotency_key", Kind::kString, false, 0, 128},
+                     {"idempotency_scope", Kind::kString, false, 0, 128}},
                  "");
     expect_frames(frames, 1, type);
   } else if (type == "submit_upload") {
@@ -129,7 +130,8 @@ void validate_client_to_broker(const json& h, const std::string& type, std::size
                      {"prompts", Kind::kArray, true},
                      {"downloads", Kind::kNumber, false, 0, 0},
                      {"card", Kind::kString, false, 0, 65536},
-                     {"idempotency_key", Kind::kString, false, 0, 128}},
+                     {"idempotency_key", Kind::kString, false, 0, 128},
+                     {"idempotency_scope", Kind::kString, false, 0, 128}},
                  "");
     const auto& prompts = h["prompts"];
     for (std::size_t i = 0; i < prompts.size(); ++i) {

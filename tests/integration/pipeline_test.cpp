@@ -311,6 +311,20 @@ TEST_F(PipelineTest, UploadBecomesQueryableAndRanksLikeIdentify) {
     ASSERT_EQ(r.exit_code, 0) << r.err << c.logs();
     json job = json::parse(r.out);
     EXPECT_EQ(job["result"]["spec"]["n"], 8);
+    // The service fits with the same options as `gmi spec build` on the same manifest: one
+    // place decides them (it used gamma = lambda = 1, which ranks a model's own images last
+    // in a store mixing both paths).
+    auto built = testing::run_process({testing::gmi_binary(), "spec", "build", "--model", u.model_id,
+                                       "--manifest", (c.dir() / "hub" / u.model_id / "manifest.jsonl").string(),
+                                       "--store", "dir:" + (c.dir() / "cli-specs").string(), "--json"},
+                                      c.env());
+    ASSERT_EQ(built.exit_code, 0) << built.err;
+    const json cli = json::parse(built.out)["spec"];
+    const json& piped = job["result"]["spec"];
+    EXPECT_EQ(piped["gamma"], cli["gamma"]) << piped.dump() << "\n" << cli.dump();
+    EXPECT_EQ(piped["lambda"], cli["lambda"]);
+    EXPECT_EQ(piped["r"], cli["r"]);
+    EXPECT_NEAR(piped["residual_mmd2"].get<double>(), cli["residual_mmd2"].get<double>(), 1e-6);
   }
   upload_hub(c);  // re-uploading replaces the specs; also waits for the caches
   for (int q = 0; q < Hub::kModels; ++q) {
@@ -923,7 +937,36 @@ TEST_F(PipelineTest, RetriedSubmissionWithTheSameIdempotencyKeyIsOneJob) {
   EXPECT_NE(first, other);
   EXPECT_EQ(c.await(first).value("state", ""), "finished");
   EXPECT_EQ(c.await(other).value("state", ""), "finished");
-  EXPECT_EQ(c.redis_counts().first - results_before, 2);
+
+  // The same key on a different request is refused, naming the key: another image, other
+  // parameters. It used to answer with the first job.
+  QueryRequest changed = q;
+  changed.idempotency_key = "client-retry-1";
+  changed.image = hub().queries[1];
+  try {
+    c.client().submit_query(changed);
+    ADD_FAILURE() << "a reused key with another image was accepted";
+  } catch (const BrokerRefusal& e) {
+    EXPECT_EQ(e.code(), "conflict") << e.what();
+    EXPECT_NE(std::string(e.what()).find("client-retry-1"), std::string::npos) << e.what();
+  }
+  changed.image = q.image;
+  changed.top = 7;
+  EXPECT_THROW(c.client().submit_query(changed), BrokerRefusal);
+  // Keys are scoped to the kind of request: an upload reusing a query's key is its own job,
+  // and its spec gets built.
+  UploadRequest up = hub().uploads[1];
+  up.idempotency_key = "client-retry-1";
+  const std::string upload = c.client().submit_upload(up);
+  EXPECT_NE(upload, first);
+  EXPECT_EQ(c.await(upload).value("state", ""), "finished");
+  // ... and to the credential the gateway names.
+  QueryRequest scoped = q;
+  scoped.idempotency_scope = "key:another-client";
+  const std::string theirs = c.client().submit_query(scoped);
+  EXPECT_NE(theirs, first);
+  EXPECT_EQ(c.await(theirs).value("state", ""), "finished");
+  EXPECT_EQ(c.redis_counts().first - results_before, 4);
 }
 
 TEST_F(PipelineTest, SigtermDrainsAndEveryProcessExitsCleanly) {
@@ -994,6 +1037,19 @@ TEST_F(PipelineTest, GatewayServesQueriesUploadsAndModelsOverHttp) {
   json job = json::parse(answer->body);
   EXPECT_EQ(job["state"], "finished") << answer->body;
   EXPECT_EQ(job["result"]["results"][0]["model"], u.model_id);
+
+  // An Idempotency-Key repeats its job for the same request and is a 422 for another one.
+  httplib::Headers keyed{{"X-API-Key", "sesame"}, {"Idempotency-Key", "page-7"}};
+  auto k1 = http.Post("/v1/queries?top=2", keyed, hub().queries[0], "image/jpeg");
+  auto k2 = http.Post("/v1/queries?top=2", keyed, hub().queries[0], "image/jpeg");
+  ASSERT_TRUE(k1 && k2);
+  ASSERT_EQ(k1->status, 202) << k1->body;
+  ASSERT_EQ(k2->status, 202) << k2->body;
+  EXPECT_EQ(json::parse(k1->body)["job_id"], json::parse(k2->body)["job_id"]);
+  auto k3 = http.Post("/v1/queries?top=3", keyed, hub().queries[0], "image/jpeg");
+  ASSERT_TRUE(k3);
+  EXPECT_EQ(k3->status, 422) << k3->body;
+  EXPECT_EQ(json::parse(k3->body)["error"]["code"], "conflict") << k3->body;
 
   // Bad input over HTTP: 4xx, and the gateway stays up.
   EXPECT_EQ(http.Post("/v1/queries", std::string(3000000, 'x'), "image/jpeg")->status, 413);

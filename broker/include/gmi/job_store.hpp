@@ -10,7 +10,7 @@
 ///   P:result:ID       STRING  the job object as JSON (state finished or failed), TTL
 ///   P:jobs:active     SET     ids of jobs accepted and not yet ended (resumed at start)
 ///   P:dead-letters    ZSET    ids of jobs that kept failing, scored by time (ms)
-///   P:idem:KEY        STRING  the job a client's idempotency key named, result TTL
+///   P:idem:SCOPE:KEY  STRING  "FINGERPRINT JOB_ID": the request a client's key named, result TTL
 /// Every write that changes a job's state is one MULTI/EXEC transaction, and ending a job
 /// is idempotent: writing the same end twice leaves the same keys.
 /// Thread-safety: NOT thread-safe (one Redis connection); the broker's loop owns it.
@@ -42,15 +42,25 @@ struct StoredJob {
   std::int64_t created_ms = 0;
 };
 
+/// A client's idempotency key, scoped (to the request's kind and the client's credential),
+/// with the fingerprint of the request that first used it and the job that request made.
+struct IdempotencyRecord {
+  std::string scope;        ///< e.g. "query|key:3fa2..." (never empty when key is not)
+  std::string key;          ///< the client's key; empty: no record
+  std::string fingerprint;  ///< SHA-256 (hex) of the request's kind, parameters and frames
+  std::string job_id;
+};
+
 class JobStore {
  public:
   JobStore(RedisLocation location, JobStoreOptions options);
 
   /// Records a new job with its input and marks it active, atomically. A non-empty
-  /// `idempotency_key` is recorded with it (P:idem:KEY -> job id, result TTL).
-  void create(const StoredJob& job, const std::string& idempotency_key = "");
-  /// The job an idempotency key already names, if any.
-  std::optional<std::string> find_idempotent(const std::string& key);
+  /// `idempotency.key` is recorded with it (P:idem:SCOPE:KEY -> fingerprint and job id, for
+  /// the result TTL).
+  void create(const StoredJob& job, const IdempotencyRecord& idempotency = {});
+  /// The record a scoped idempotency key already has (its job_id and fingerprint), if any.
+  std::optional<IdempotencyRecord> find_idempotent(const std::string& scope, const std::string& key);
   /// Ids of jobs accepted and not ended.
   std::vector<std::string> active_ids();
   /// The job's record and input; nullopt when its keys are gone (then drop it from the

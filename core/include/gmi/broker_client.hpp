@@ -45,8 +45,12 @@ struct QueryRequest {
   std::string scorer;  ///< empty: the score workers' default
   std::string prompt;  ///< optional pseudo-prompt instead of the interrogator's
   /// The same key within redis.result_ttl_s names the same job (retries never duplicate
-  /// it). Empty: the client makes one per submit_query() call.
+  /// it). Empty: the client makes one per submit_query() call. Keys are scoped to the kind
+  /// of request and to `idempotency_scope`; reusing one for a different request is refused
+  /// (BrokerRefusal "conflict").
   std::string idempotency_key;
+  /// Whose keys these are (the gateway names the API key it checked); empty: no credential.
+  std::string idempotency_scope;
 };
 
 struct UploadRequest {
@@ -55,7 +59,8 @@ struct UploadRequest {
   std::vector<std::string> prompts;  ///< one per image
   double downloads = 0;
   std::string card;
-  std::string idempotency_key;  ///< as in QueryRequest
+  std::string idempotency_key;    ///< as in QueryRequest
+  std::string idempotency_scope;  ///< as in QueryRequest
 };
 
 class BrokerClient {
@@ -83,7 +88,7 @@ class BrokerClient {
  private:
   void open_socket();
   std::string submit(nlohmann::json header, const std::vector<std::string>& frames,
-                     const std::string& idempotency_key);
+                     const std::string& idempotency_key, const std::string& idempotency_scope);
   zmq::context_t& context_;
   BrokerClientOptions options_;
   std::optional<zmq::socket_t> socket_;

@@ -20,8 +20,19 @@
 
 namespace gmi {
 
+/// The fit options every path that builds a spec starts from (`gmi spec build`, the
+/// upload pipeline's spec stage): r = 32, gamma = the image encoder's default (0), lambda
+/// derived from gamma (-1). build_spec_from_embeddings resolves them, in one place, so
+/// that specs built by different paths from the same samples are the same spec.
+inline RkmeOptions default_spec_fit() {
+  RkmeOptions o;
+  o.gamma = 0;
+  o.lambda = -1;
+  return o;
+}
+
 struct SpecBuildOptions {
-  RkmeOptions rkme;             ///< gamma <= 0 means "the image encoder's default"
+  RkmeOptions rkme = default_spec_fit();  ///< gamma <= 0: the encoder's; lambda < 0: derived
   int min_samples = 4;          ///< fewer usable samples -> InputError
   double downloads = 0;
   std::string card;
