@@ -8,20 +8,20 @@
 //   gmi hub learn-metric --store dir:SPECDIR       (the hub-learned metric; identify uses it)
 //
 // Exit codes: 0 success, 1 environment failure (I/O, Redis), 2 bad input or usage.
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
-
+#include "gmi/broker_client.hpp"
 #include "gmi/encoder.hpp"
 #include "gmi/encoder_registry.hpp"
 #include "gmi/error.hpp"
@@ -30,9 +30,9 @@
 #include "gmi/parallel.hpp"
 #include "gmi/pipeline.hpp"
 #include "gmi/spec_store.hpp"
+#include "progress.hpp"
 #include "service.hpp"
 #include "text_commands.hpp"
-#include "progress.hpp"
 
 namespace {
 
@@ -356,7 +356,10 @@ int run_identify(const CommonOptions& c, const IdentifyArgs& a) {
   // Interleave results and issues back into input line order.
   std::map<int, json> out;
   for (const auto& issue : man.issues) out[issue.line] = {{"line", issue.line}, {"error", issue.message}};
-  int failed = static_cast<int>(man.issues.size());
+  // Output line N answers input line N: a blank line gets an error line too.
+  for (int blank : man.blank_lines)
+    out[blank] = {{"line", blank}, {"error", "blank line: no query"}};
+  int failed = static_cast<int>(man.issues.size() + man.blank_lines.size());
   for (size_t i = 0; i < man.entries.size(); ++i) {
     json line = man.entries[i].fields;
     if (b.row_of[i] < 0) {
@@ -559,7 +562,14 @@ int main(int argc, char** argv) {
   gmi::cli::ServiceCommands service(app);
   gmi::cli::TextCommands text(app);
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version are "errors" that exit 0; every usage error exits 2, as the
+    // README says (CLI11's own codes are 100+).
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
   try {
     if (int code = service.run(); code >= 0) return code;
     if (int code = text.run(); code >= 0) return code;
@@ -584,6 +594,10 @@ int main(int argc, char** argv) {
   } catch (const gmi::InputError& e) {
     std::fprintf(stderr, "gmi: error: %s\n", e.what());
     return 2;
+  } catch (const gmi::BrokerRefusal& e) {
+    // busy / unavailable: the environment (retry later); anything else is the request.
+    std::fprintf(stderr, "gmi: error: %s\n", e.what());
+    return e.retryable() ? 1 : 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "gmi: error: %s\n", e.what());
     return 1;

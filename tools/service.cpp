@@ -85,17 +85,17 @@ BrokerOptions broker_options(const Config& c) {
   o.frontend = {c.get_string("broker.frontend")};
   o.backend = {c.get_string("broker.backend")};
   o.redis_uri = c.get_string("redis.uri");
-  o.store.result_ttl_s = static_cast<int>(c.get_int("redis.result_ttl_s", 1, 1ll << 31));
-  o.store.dead_letter_ttl_s = static_cast<int>(c.get_int("redis.dead_letter_ttl_s", 1, 1ll << 31));
-  o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms", 10, 600000));
-  o.liveness = static_cast<int>(c.get_int("broker.liveness", 2, 1000));
-  o.max_attempts = static_cast<int>(c.get_int("broker.max_attempts", 1, 100));
-  o.backoff_ms = static_cast<int>(c.get_int("broker.backoff_ms", 0, 600000));
-  o.backoff_max_ms = static_cast<int>(c.get_int("broker.backoff_max_ms", 0, 3600000));
-  o.max_pending_jobs = static_cast<std::size_t>(c.get_int("broker.max_pending_jobs", 1, 100000000));
-  o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s", 1, 86400));
-  o.max_message_bytes = c.get_int("broker.max_message_bytes", 1024, 1ll << 34);
-  o.score_shards = static_cast<int>(c.get_int("score.shards", 1, 4096));
+  o.store.result_ttl_s = static_cast<int>(c.get_int("redis.result_ttl_s"));
+  o.store.dead_letter_ttl_s = static_cast<int>(c.get_int("redis.dead_letter_ttl_s"));
+  o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms"));
+  o.liveness = static_cast<int>(c.get_int("broker.liveness"));
+  o.max_attempts = static_cast<int>(c.get_int("broker.max_attempts"));
+  o.backoff_ms = static_cast<int>(c.get_int("broker.backoff_ms"));
+  o.backoff_max_ms = static_cast<int>(c.get_int("broker.backoff_max_ms"));
+  o.max_pending_jobs = static_cast<std::size_t>(c.get_int("broker.max_pending_jobs"));
+  o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s"));
+  o.max_message_bytes = c.get_int("broker.max_message_bytes");
+  o.score_shards = static_cast<int>(c.get_int("score.shards"));
   o.query_route = split_route(c.get_string("routes.query"));
   o.upload_route = split_route(c.get_string("routes.upload"));
   o.interrogator = c.get_string("interrogate.interrogator");
@@ -108,8 +108,8 @@ BrokerOptions broker_options(const Config& c) {
 workers::WorkerOptions worker_options(const Config& c) {
   workers::WorkerOptions o;
   o.broker = c.get_string("worker.broker");
-  o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms", 10, 600000));
-  o.liveness = static_cast<int>(c.get_int("broker.liveness", 2, 1000));
+  o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms"));
+  o.liveness = static_cast<int>(c.get_int("broker.liveness"));
   Curve cv = load_curve(c, false);
   o.curve_server_public = cv.server_public;
   o.curve_client = cv.client;
@@ -128,7 +128,7 @@ BrokerClientOptions client_options(const Config& c, const std::string& endpoint)
 GatewayOptions gateway_options(const Config& c) {
   GatewayOptions o;
   o.host = c.get_string("gateway.host");
-  o.port = static_cast<int>(c.get_int("gateway.port", 0, 65535));
+  o.port = static_cast<int>(c.get_int("gateway.port"));
   o.broker = client_options(c, "");
   o.spec_store_uri = c.get_string("redis.uri");
   const std::string key_file = c.get_string("gateway.api_key_file");
@@ -137,17 +137,19 @@ GatewayOptions gateway_options(const Config& c) {
   } else if (!key_file.empty()) {
     o.api_key = read_secret_file(key_file, "the API key file");
   }
-  o.max_query_bytes = static_cast<std::size_t>(c.get_int("gateway.max_query_bytes", 1, 1ll << 34));
-  o.max_upload_bytes = static_cast<std::size_t>(c.get_int("gateway.max_upload_bytes", 1, 1ll << 36));
-  o.threads = static_cast<int>(c.get_int("gateway.threads", 1, 1024));
-  o.max_wait_ms = static_cast<int>(c.get_int("gateway.max_wait_ms", 0, 600000));
+  o.max_query_bytes = static_cast<std::size_t>(c.get_int("gateway.max_query_bytes"));
+  o.max_upload_bytes = static_cast<std::size_t>(c.get_int("gateway.max_upload_bytes"));
+  o.threads = static_cast<int>(c.get_int("gateway.threads"));
+  o.max_wait_ms = static_cast<int>(c.get_int("gateway.max_wait_ms"));
   return o;
 }
 
-// An OpsServer on `port` (-1: none) reporting `ready`.
-std::unique_ptr<OpsServer> start_ops(int port, std::function<std::string()> ready) {
+// An OpsServer on ops.host:`port` (-1: none) reporting `ready`.
+std::unique_ptr<OpsServer> start_ops(const Config& c, int port,
+                                     std::function<std::string()> ready) {
   if (port < 0) return nullptr;
   OpsServerOptions o;
+  o.host = c.get_string("ops.host");
   o.port = port;
   o.not_ready_reason = std::move(ready);
   auto ops = std::make_unique<OpsServer>(o);
@@ -184,14 +186,30 @@ struct ServiceCommands::State {
   std::string job_id;
   std::string key_path;
 
-  Config config() const {
+  // The effective configuration; with `check`, every value is validated against the
+  // schema first (InputError listing each bad one), so no process starts half-configured.
+  Config config(bool check = true) const {
     Config c = Config::load(config_file);
     for (const auto& s : sets) {
       auto eq = s.find('=');
       if (eq == std::string::npos) throw InputError("--set expects KEY=VALUE, got \"" + s + "\"");
       c.set(s.substr(0, eq), s.substr(eq + 1));
     }
-    log::configure("gmi", c.get_string("log.level"), c.get_string("log.format"));
+    if (check) {
+      const auto problems = c.validate();
+      if (!problems.empty()) {
+        std::string all =
+            "the configuration has " + std::to_string(problems.size()) + " bad value(s):";
+        for (const auto& p : problems) all += "\n  " + p;
+        throw InputError(all);
+      }
+    }
+    try {
+      log::configure("gmi", c.get_string("log.level"), c.get_string("log.format"));
+    } catch (const InputError&) {
+      if (check) throw;
+      log::configure("gmi", "info", "text");  // config show still prints, then names them
+    }
     return c;
   }
 
@@ -208,7 +226,7 @@ struct ServiceCommands::State {
     install_signal_handlers();
     zmq::context_t ctx;
     Broker broker(ctx, broker_options(c));
-    auto ops = start_ops(static_cast<int>(c.get_int("broker.ops_port", -1, 65535)),
+    auto ops = start_ops(c, static_cast<int>(c.get_int("broker.ops_port")),
                          [&] { return broker.not_ready_reason(); });
     broker.run(g_stop);
     return 0;
@@ -220,7 +238,7 @@ struct ServiceCommands::State {
     install_signal_handlers();
     zmq::context_t ctx;
     workers::StageWorker worker(ctx, worker_options(c), workers::make_stage(stage, c));
-    auto ops = start_ops(static_cast<int>(c.get_int("worker.ops_port", -1, 65535)),
+    auto ops = start_ops(c, static_cast<int>(c.get_int("worker.ops_port")),
                          [&] { return worker.not_ready_reason(); });
     worker.run(g_stop);
     return 0;
@@ -269,8 +287,25 @@ struct ServiceCommands::State {
     Gateway gateway(ctx, go);
 
     std::atomic<bool> broker_stop{false}, workers_stop{false};
-    std::thread broker_thread([&] { broker.run(broker_stop); });
+    std::thread broker_thread;
     std::vector<std::thread> worker_threads;
+    // Whatever ends this scope (SIGTERM, or a port that is taken, which throws) stops and
+    // joins the threads first: a std::thread destroyed while joinable aborts the process.
+    struct Joiner {
+      std::atomic<bool>& broker_stop;
+      std::atomic<bool>& workers_stop;
+      std::thread& broker;
+      std::vector<std::thread>& workers;
+      ~Joiner() {
+        broker_stop = true;
+        if (broker.joinable()) broker.join();
+        workers_stop = true;
+        for (auto& t : workers) {
+          if (t.joinable()) t.join();
+        }
+      }
+    } joiner{broker_stop, workers_stop, broker_thread, worker_threads};
+    broker_thread = std::thread([&] { broker.run(broker_stop); });
     for (auto& w : stage_workers) worker_threads.emplace_back([&, p = w.get()] { p->run(workers_stop); });
     auto ready = [&]() -> std::string {
       if (auto r = broker.not_ready_reason(); !r.empty()) return "broker: " + r;
@@ -279,7 +314,7 @@ struct ServiceCommands::State {
       }
       return {};
     };
-    auto ops = start_ops(static_cast<int>(c.get_int("serve.ops_port", -1, 65535)), ready);
+    auto ops = start_ops(c, static_cast<int>(c.get_int("serve.ops_port")), ready);
     gateway.start();
     log::info("serving", {{"http_port", gateway.port()}, {"workers", stage_workers.size()}});
     std::printf("gmi serve: HTTP on port %d, %zu stage workers; SIGTERM or Ctrl-C to stop\n",
@@ -290,11 +325,7 @@ struct ServiceCommands::State {
     // (the workers still serving it), then the workers leave.
     log::info("stopping: draining the gateway, the broker, then the workers");
     gateway.stop();
-    broker_stop = true;
-    broker_thread.join();
-    workers_stop = true;
-    for (auto& t : worker_threads) t.join();
-    return 0;
+    return 0;  // the joiner stops the broker, then the workers
   }
 
   static void print_ranking(const json& result) {
@@ -395,6 +426,9 @@ struct ServiceCommands::State {
   }
 
   int run_job() {
+    if (!wire::is_id(job_id)) {
+      throw InputError("job ids are 32 lower-case hexadecimal characters, got \"" + job_id + "\"");
+    }
     Config c = config();
     zmq::context_t ctx;
     BrokerClient client(ctx, client_options(c, endpoint));
@@ -410,19 +444,28 @@ struct ServiceCommands::State {
     return 0;
   }
 
+  // Prints every setting, then says which values are bad (exit 2) so that what it shows
+  // is what a process would run with.
   int run_config_show() {
-    Config c = config();
+    Config c = config(/*check=*/false);
+    const auto problems = c.validate();
     json all = c.to_json();
     if (json_out) {
+      for (auto& [key, v] : all.items()) {
+        for (const auto& k : Config::schema()) {
+          if (k.key == key) v["type"] = k.type.describe();
+        }
+      }
       std::cout << all.dump(2) << "\n";
-      return 0;
+    } else {
+      std::printf("%-28s %-34s %s\n", "key", "value", "source");
+      for (const auto& [key, v] : all.items()) {
+        std::printf("%-28s %-34s %s\n", key.c_str(), v.value("value", "").c_str(),
+                    v.value("source", "").c_str());
+      }
     }
-    std::printf("%-28s %-34s %s\n", "key", "value", "source");
-    for (const auto& [key, v] : all.items()) {
-      std::printf("%-28s %-34s %s\n", key.c_str(), v.value("value", "").c_str(),
-                  v.value("source", "").c_str());
-    }
-    return 0;
+    for (const auto& p : problems) std::fprintf(stderr, "gmi: config: %s\n", p.c_str());
+    return problems.empty() ? 0 : 2;
   }
 };
 

@@ -162,6 +162,14 @@ struct Broker::Impl {
     if (opt.score_shards < 1) throw InputError("score.shards must be >= 1");
     validate_route("routes.query", "query", opt.query_route, opt.interrogator);
     validate_route("routes.upload", "upload", opt.upload_route, opt.interrogator);
+    // Counters exist at 0 from the start, so that rate() and alerts see them before the
+    // first retry or dead letter.
+    for (const auto& stage : wire::stage_names()) {
+      for (const char* reason : {"error", "worker_lost", "timeout", "metric_skew"}) {
+        metrics.retries_total.Add({{"stage", stage}, {"reason", reason}});
+      }
+      metrics.dead_letters_total.Add({{"stage", stage}});
+    }
     redis_location = parse_redis_uri(opt.redis_uri);
     for (auto* s : {&frontend, &backend}) {
       s->set(zmq::sockopt::linger, 0);

@@ -173,12 +173,6 @@ bool same_key(const std::string& key, const std::string& given) {
   return diff == 0;
 }
 
-bool is_job_id(const std::string& id) {
-  return id.size() == 32 && std::all_of(id.begin(), id.end(), [](char c) {
-           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
-         });
-}
-
 // A whole decimal integer in [min, max]; HttpError 400 naming `what` otherwise.
 long long parse_int(const std::string& text, const char* what, long long min, long long max) {
   char* end = nullptr;
@@ -825,7 +819,7 @@ void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& 
 
 void Gateway::Impl::get_job(const httplib::Request& req, httplib::Response& res) {
   const std::string id = req.matches[1].str();
-  if (!is_job_id(id)) {
+  if (!wire::is_id(id)) {
     throw HttpError(400, "bad_request",
                     "job ids are 32 lower-case hexadecimal characters, got \"" + id + "\"");
   }

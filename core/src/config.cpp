@@ -3,18 +3,18 @@
 
 #include <fcntl.h>
 #include <unistd.h>
+#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
-#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 #include <sstream>
-
-#include <yaml-cpp/yaml.h>
 
 #include "gmi/error.hpp"
 
@@ -101,16 +101,27 @@ void flatten(const YAML::Node& node, const std::string& prefix, const std::strin
              std::map<std::string, std::string>& out) {
   auto where = [&]() { return "config file " + path + ": "; };
   switch (node.Type()) {
-    case YAML::NodeType::Map:
+    case YAML::NodeType::Map: {
+      std::set<std::string> seen;
       for (const auto& kv : node) {
         if (!kv.first.IsScalar()) {
           throw InputError(where() + "a key under " + quote(prefix.empty() ? "(top)" : prefix) +
                            " is not a plain name");
         }
         std::string name = kv.first.Scalar();
-        flatten(kv.second, prefix.empty() ? name : prefix + "." + name, path, out);
+        const std::string full = prefix.empty() ? name : prefix + "." + name;
+        if (!seen.insert(name).second) {
+          // YAML forbids it; yaml-cpp keeps both and lookups see the first: a silent trap.
+          const auto mark = kv.first.Mark();
+          throw InputError(
+              where() +
+              (mark.is_null() ? std::string() : "line " + std::to_string(mark.line + 1) + ": ") +
+              "key " + quote(full) + " appears twice");
+        }
+        flatten(kv.second, full, path, out);
       }
       return;
+    }
     case YAML::NodeType::Scalar:
       if (prefix.empty()) throw InputError(where() + "expected a map of sections, not a scalar");
       out[prefix] = node.Scalar();
@@ -159,101 +170,165 @@ int read_file(const std::string& path, std::size_t limit, std::string& out) {
 
 const std::vector<ConfigKey>& Config::schema() {
   static const std::vector<ConfigKey> keys = {
-      {"log.level", "info", "least severe log level written: debug, info, warn or error"},
-      {"log.format", "json", "log line format on stderr: json (one object per line) or text"},
+      {"log.level", "info", "least severe log level written: debug, info, warn or error",
+       ConfigType::one_of("debug|info|warn|error")},
+      {"log.format", "json", "log line format on stderr: json (one object per line) or text",
+       ConfigType::one_of("json|text")},
 
       {"redis.uri", "redis://127.0.0.1:6379",
        "Redis holding specs, results and dead letters (no password here: GMI_REDIS_PASSWORD)"},
-      {"redis.result_ttl_s", "86400", "seconds a finished job's result stays in Redis"},
-      {"redis.dead_letter_ttl_s", "604800", "seconds a dead-lettered job stays in Redis"},
+      {"redis.result_ttl_s", "86400", "seconds a finished job's result stays in Redis",
+       ConfigType::integer(1, 1ll << 31)},
+      {"redis.dead_letter_ttl_s", "604800", "seconds a dead-lettered job stays in Redis",
+       ConfigType::integer(1, 1ll << 31)},
 
       {"broker.frontend", "tcp://127.0.0.1:5555", "client intake endpoint the broker binds"},
       {"broker.backend", "tcp://127.0.0.1:5556", "worker endpoint the broker binds"},
-      {"broker.heartbeat_ms", "500", "milliseconds between heartbeats to and from workers"},
-      {"broker.liveness", "6", "missed heartbeats before a peer counts as dead"},
-      {"broker.max_attempts", "4", "tries per task before its job goes to the dead letters"},
-      {"broker.backoff_ms", "100", "delay before the first retry of a failed task"},
-      {"broker.backoff_max_ms", "5000", "upper bound of the doubling retry delay"},
-      {"broker.max_pending_jobs", "10000", "jobs in flight before new ones are refused"},
-      {"broker.task_timeout_s", "300", "seconds a worker may hold a task before it is retried"},
-      {"broker.max_message_bytes", "268435456", "largest message accepted on either socket"},
+      {"broker.heartbeat_ms", "500", "milliseconds between heartbeats to and from workers",
+       ConfigType::integer(10, 600000)},
+      {"broker.liveness", "6", "missed heartbeats before a peer counts as dead",
+       ConfigType::integer(2, 1000)},
+      {"broker.max_attempts", "4", "tries per task before its job goes to the dead letters",
+       ConfigType::integer(1, 100)},
+      {"broker.backoff_ms", "100", "delay before the first retry of a failed task",
+       ConfigType::integer(0, 600000)},
+      {"broker.backoff_max_ms", "5000", "upper bound of the doubling retry delay",
+       ConfigType::integer(0, 3600000)},
+      {"broker.max_pending_jobs", "10000", "jobs in flight before new ones are refused",
+       ConfigType::integer(1, 100000000)},
+      {"broker.task_timeout_s", "300", "seconds a worker may hold a task before it is retried",
+       ConfigType::integer(1, 86400)},
+      {"broker.max_message_bytes", "268435456", "largest message accepted on either socket",
+       ConfigType::integer(1024, 1ll << 34)},
       {"broker.ops_port", "9100",
-       "port of the broker's /metrics, /healthz, /readyz (-1 disables, 0 picks a free port)"},
+       "port of the broker's /metrics, /healthz, /readyz (-1 disables, 0 picks a free port)",
+       ConfigType::integer(-1, 65535)},
+
+      {"ops.host", "0.0.0.0",
+       "address every process's ops server (/metrics, /healthz, /readyz) listens on"},
 
       {"worker.broker", "tcp://127.0.0.1:5556", "the broker backend a worker connects to"},
-      {"worker.ops_port", "0", "port of a worker's ops server (-1 disables, 0 picks a free port)"},
+      {"worker.ops_port", "0", "port of a worker's ops server (-1 disables, 0 picks a free port)",
+       ConfigType::integer(-1, 65535)},
 
-      {"decode.max_batch", "16", "most images a decode worker takes at once"},
-      {"decode.max_wait_ms", "0", "how long a decode worker waits to fill a batch"},
-      {"decode.max_pixels", "50000000", "largest image (width x height) a decoder accepts"},
-      {"decode.max_bytes", "33554432", "largest encoded image a decoder accepts"},
+      {"decode.max_batch", "16", "most images a decode worker takes at once",
+       ConfigType::integer(1, 4096)},
+      {"decode.max_wait_ms", "0", "how long a decode worker waits to fill a batch",
+       ConfigType::integer(0, 60000)},
+      {"decode.max_pixels", "50000000", "largest image (width x height) a decoder accepts",
+       ConfigType::integer(1, 1ll << 40)},
+      {"decode.max_bytes", "33554432", "largest encoded image a decoder accepts",
+       ConfigType::integer(1, 1ll << 34)},
 
-      {"embed.max_batch", "64", "most images an embed worker encodes at once"},
+      {"embed.max_batch", "64", "most images an embed worker encodes at once",
+       ConfigType::integer(1, 65536)},
       {"embed.max_wait_ms", "0",
-       "how long an embed worker waits to fill a batch (0: batches form while it computes)"},
+       "how long an embed worker waits to fill a batch (0: batches form while it computes)",
+       ConfigType::integer(0, 60000)},
       {"embed.device", "cpu", "where TorchScript encoders run: cpu, cuda or cuda:N"},
-      {"embed.fp16", "true", "half precision when embed.device is a CUDA device"},
+      {"embed.fp16", "true", "half precision when embed.device is a CUDA device",
+       ConfigType::boolean()},
 
       {"encoder.image", "auto",
        "image encoder: auto (the best installed), builtin, an installed name, or a card path"},
-      {"encoder.text", "auto", "prompt encoder: auto (the built-in hashed one), builtin, a name or a card"},
-      {"encoder.dir", "", "folder of installed encoders (empty: $GMI_ENCODER_DIR or ~/.local/share/gmi/encoders)"},
+      {"encoder.text", "auto",
+       "prompt encoder: auto (the built-in hashed one), builtin, a name or a card"},
+      {"encoder.dir", "",
+       "folder of installed encoders (empty: $GMI_ENCODER_DIR or ~/.local/share/gmi/encoders)"},
 
       {"routes.query", "decode,embed,interrogate,score",
-       "stages a query job runs through, in order (with the captioner: decode,interrogate,embed,score)"},
-      {"routes.upload", "decode,embed,spec", "stages an upload (spec build) job runs through, in order"},
+       "stages a query job runs through, in order (with the captioner: "
+       "decode,interrogate,embed,score)"},
+      {"routes.upload", "decode,embed,spec",
+       "stages an upload (spec build) job runs through, in order"},
 
       {"interrogate.interrogator", "neighbour",
-       "how prompts are guessed for images: neighbour, ridge, prompt-bank or captioner"},
-      {"interrogate.prompt_bank", "", "prompt-bank: file of prompts, one per line (platform prompts, style words)"},
-      {"interrogate.bank_tau", "0.01", "prompt-bank: softmax temperature over the cosine similarities"},
-      {"interrogate.top_k", "8", "prompt-bank: how many of the nearest bank prompts are mixed"},
-      {"interrogate.captioner", "", "captioner: the captioning module's card (a path or an installed name)"},
-      {"interrogate.max_batch", "64", "most images an interrogate worker takes at once"},
+       "how prompts are guessed for images: neighbour, ridge, prompt-bank or captioner",
+       ConfigType::one_of("neighbour|ridge|prompt-bank|captioner")},
+      {"interrogate.prompt_bank", "",
+       "prompt-bank: file of prompts, one per line (platform prompts, style words)"},
+      {"interrogate.bank_tau", "0.01",
+       "prompt-bank: softmax temperature over the cosine similarities",
+       ConfigType::number(1e-6, 1e6)},
+      {"interrogate.top_k", "8", "prompt-bank: how many of the nearest bank prompts are mixed",
+       ConfigType::integer(1, 100000)},
+      {"interrogate.captioner", "",
+       "captioner: the captioning module's card (a path or an installed name)"},
+      {"interrogate.max_batch", "64", "most images an interrogate worker takes at once",
+       ConfigType::integer(1, 65536)},
       {"interrogate.max_wait_ms", "0",
-       "how long an interrogate worker waits to fill a batch (0: batches form while it computes)"},
+       "how long an interrogate worker waits to fill a batch (0: batches form while it computes)",
+       ConfigType::integer(0, 60000)},
 
-      {"score.shard", "0", "which shard of the spec store this score worker serves (0-based)"},
-      {"score.shards", "1", "how many shards the spec store is split into"},
-      {"score.refresh_ms", "500", "milliseconds between checks for new or changed specs"},
-      {"score.max_batch", "64", "most queries a score worker scores at once"},
+      {"score.shard", "0", "which shard of the spec store this score worker serves (0-based)",
+       ConfigType::integer(0, 4095)},
+      {"score.shards", "1", "how many shards the spec store is split into",
+       ConfigType::integer(1, 4096)},
+      {"score.refresh_ms", "500", "milliseconds between checks for new or changed specs",
+       ConfigType::integer(10, 3600000)},
+      {"score.max_batch", "64", "most queries a score worker scores at once",
+       ConfigType::integer(1, 65536)},
       {"score.max_wait_ms", "0",
-       "how long a score worker waits to fill a batch (0: batches form while it computes)"},
-      {"score.scorer", "weighted", "how specs are ranked against a query: weighted"},
+       "how long a score worker waits to fill a batch (0: batches form while it computes)",
+       ConfigType::integer(0, 60000)},
+      {"score.scorer", "weighted", "how specs are ranked against a query: weighted",
+       ConfigType::one_of("weighted|rkme|mean|nearest|popularity")},
 
-      {"metric.use", "auto", "the hub-learned metric scoring uses: auto (the store's, when it has one) or none"},
-      {"metric.auto_learn", "true", "learn a metric (a metric job) when uploads leave the hub due for one"},
-      {"metric.min_models", "4", "fewest models a metric is learnt from"},
-      {"metric.relearn_growth", "0.25", "learn a new metric once the hub has grown by this fraction since the last"},
-      {"metric.dims", "0", "dimension k the metric maps to (0: all, plain whitening)"},
-      {"metric.shrinkage", "1.0", "shrinkage of the within-model scatter, relative to its mean variance"},
-      {"metric.gamma_scale", "0.05", "kernel width in the metric's space: scale / median squared distance"},
+      {"metric.use", "auto",
+       "the hub-learned metric scoring uses: auto (the store's, when it has one) or none",
+       ConfigType::one_of("auto|none")},
+      {"metric.auto_learn", "true",
+       "learn a metric (a metric job) when uploads leave the hub due for one",
+       ConfigType::boolean()},
+      {"metric.min_models", "4", "fewest models a metric is learnt from",
+       ConfigType::integer(2, 1 << 30)},
+      {"metric.relearn_growth", "0.25",
+       "learn a new metric once the hub has grown by this fraction since the last",
+       ConfigType::number(0.0, 1e6)},
+      {"metric.dims", "0", "dimension k the metric maps to (0: all, plain whitening)",
+       ConfigType::integer(0, 1 << 20)},
+      {"metric.shrinkage", "1.0",
+       "shrinkage of the within-model scatter, relative to its mean variance",
+       ConfigType::number(1e-9, 1e9)},
+      {"metric.gamma_scale", "0.05",
+       "kernel width in the metric's space: scale / median squared distance",
+       ConfigType::number(1e-9, 1e9)},
 
-      {"spec.min_samples", "4", "fewest images a spec may be built from"},
-      {"spec.max_batch", "1", "most spec builds a spec worker takes at once"},
+      {"spec.min_samples", "4", "fewest images a spec may be built from",
+       ConfigType::integer(1, 1000000)},
+      {"spec.max_batch", "1", "most spec builds a spec worker takes at once",
+       ConfigType::integer(1, 1024)},
 
       {"gateway.host", "0.0.0.0", "address the HTTP gateway listens on"},
-      {"gateway.port", "8080", "port the HTTP gateway listens on"},
+      {"gateway.port", "8080", "port the HTTP gateway listens on", ConfigType::integer(0, 65535)},
       {"gateway.broker", "tcp://127.0.0.1:5555", "the broker frontend the gateway sends jobs to"},
       {"gateway.api_key_file", "",
        "file holding the API key clients must send (empty = no key required; or GMI_API_KEY)"},
-      {"gateway.max_query_bytes", "33554432", "largest query image the gateway accepts"},
-      {"gateway.max_upload_bytes", "268435456", "largest upload (spec build) the gateway accepts"},
-      {"gateway.threads", "8", "HTTP worker threads of the gateway"},
-      {"gateway.max_wait_ms", "30000", "longest a request waits for its job before it times out"},
+      {"gateway.max_query_bytes", "33554432", "largest query image the gateway accepts",
+       ConfigType::integer(1, 1ll << 34)},
+      {"gateway.max_upload_bytes", "268435456", "largest upload (spec build) the gateway accepts",
+       ConfigType::integer(1, 1ll << 36)},
+      {"gateway.threads", "8", "HTTP worker threads of the gateway", ConfigType::integer(1, 1024)},
+      {"gateway.max_wait_ms", "30000", "longest a request waits for its job before it times out",
+       ConfigType::integer(0, 600000)},
 
-      {"curve.enabled", "false", "encrypt and authenticate ZeroMQ traffic with CurveZMQ"},
+      {"curve.enabled", "false", "encrypt and authenticate ZeroMQ traffic with CurveZMQ",
+       ConfigType::boolean()},
       {"curve.server_keys", "", "path of the broker's key file"},
       {"curve.server_public", "", "path of the broker's public key file, for clients and workers"},
       {"curve.client_keys", "", "path of this client's key file"},
 
-      {"serve.decode_workers", "1", "decode workers `gmi serve` starts"},
-      {"serve.embed_workers", "1", "embed workers `gmi serve` starts"},
-      {"serve.interrogate_workers", "1", "interrogate workers `gmi serve` starts"},
-      {"serve.score_workers", "1", "score workers `gmi serve` starts"},
-      {"serve.spec_workers", "1", "spec workers `gmi serve` starts"},
-      {"serve.learn_workers", "1", "learn (metric job) workers `gmi serve` starts"},
-      {"serve.ops_port", "9100", "port of `gmi serve`'s ops server (-1 disables, 0 picks one)"},
+      {"serve.decode_workers", "1", "decode workers `gmi serve` starts",
+       ConfigType::integer(0, 256)},
+      {"serve.embed_workers", "1", "embed workers `gmi serve` starts", ConfigType::integer(0, 256)},
+      {"serve.interrogate_workers", "1", "interrogate workers `gmi serve` starts",
+       ConfigType::integer(0, 256)},
+      {"serve.score_workers", "1", "score workers `gmi serve` starts", ConfigType::integer(0, 256)},
+      {"serve.spec_workers", "1", "spec workers `gmi serve` starts", ConfigType::integer(0, 256)},
+      {"serve.learn_workers", "1", "learn (metric job) workers `gmi serve` starts",
+       ConfigType::integer(0, 256)},
+      {"serve.ops_port", "9100", "port of `gmi serve`'s ops server (-1 disables, 0 picks one)",
+       ConfigType::integer(-1, 65535)},
   };
   return keys;
 }
@@ -355,6 +430,89 @@ bool Config::get_bool(const std::string& key) const {
   if (t == "false" || t == "no" || t == "off" || t == "0") return false;
   throw InputError(key + " = " + quote(v.text) + " (from " + v.source +
                    "): expected true/false, yes/no, on/off or 1/0");
+}
+
+namespace {
+const ConfigKey& schema_key(const std::string& key) {
+  for (const auto& k : Config::schema()) {
+    if (k.key == key) return k;
+  }
+  throw InputError("unknown config key " + quote(key));
+}
+}  // namespace
+
+std::string ConfigType::describe() const {
+  switch (kind) {
+    case Kind::kInteger:
+      return "an integer in [" + std::to_string(int_min) + ", " + std::to_string(int_max) + "]";
+    case Kind::kNumber:
+      return "a number in [" + format_number(min) + ", " + format_number(max) + "]";
+    case Kind::kBoolean:
+      return "true/false, yes/no, on/off or 1/0";
+    case Kind::kOneOf: {
+      std::string out = "one of ";
+      for (char c : choices) out += c == '|' ? std::string(", ") : std::string(1, c);
+      return out;
+    }
+    case Kind::kString:
+      break;
+  }
+  return "any text";
+}
+
+long long Config::get_int(const std::string& key) const {
+  const ConfigType& t = schema_key(key).type;
+  if (t.kind != ConfigType::Kind::kInteger)
+    throw InputError("config key " + quote(key) + " is not an integer");
+  return get_int(key, t.int_min, t.int_max);
+}
+
+double Config::get_double(const std::string& key) const {
+  const ConfigType& t = schema_key(key).type;
+  if (t.kind != ConfigType::Kind::kNumber)
+    throw InputError("config key " + quote(key) + " is not a number");
+  return get_double(key, t.min, t.max);
+}
+
+std::string Config::get_choice(const std::string& key) const {
+  const ConfigType& t = schema_key(key).type;
+  const Value& v = find(key);
+  std::string_view rest = t.choices;
+  while (!rest.empty()) {
+    const auto bar = rest.find('|');
+    if (rest.substr(0, bar) == v.text) return v.text;
+    if (bar == std::string_view::npos) break;
+    rest.remove_prefix(bar + 1);
+  }
+  throw InputError(key + " = " + quote(v.text) + " (from " + v.source + "): expected " +
+                   t.describe());
+}
+
+std::vector<std::string> Config::validate() const {
+  std::vector<std::string> problems;
+  for (const auto& k : schema()) {
+    try {
+      switch (k.type.kind) {
+        case ConfigType::Kind::kInteger:
+          get_int(k.key);
+          break;
+        case ConfigType::Kind::kNumber:
+          get_double(k.key);
+          break;
+        case ConfigType::Kind::kBoolean:
+          get_bool(k.key);
+          break;
+        case ConfigType::Kind::kOneOf:
+          get_choice(k.key);
+          break;
+        case ConfigType::Kind::kString:
+          break;
+      }
+    } catch (const InputError& e) {
+      problems.emplace_back(e.what());
+    }
+  }
+  return problems;
 }
 
 std::string Config::source(const std::string& key) const { return find(key).source; }

@@ -17,7 +17,10 @@ Manifest read_manifest(const std::filesystem::path& path, bool require_prompt, b
   int line = 0;
   while (std::getline(in, text)) {
     ++line;
-    if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (text.find_first_not_of(" \t\r") == std::string::npos) {
+      m.blank_lines.push_back(line);
+      continue;
+    }
     auto issue = [&](const std::string& msg) { m.issues.push_back({line, msg}); };
     nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded()) {

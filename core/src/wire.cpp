@@ -376,6 +376,12 @@ RowMatrix unpack_rows(std::string_view bytes, std::size_t rows, std::size_t cols
   return m;
 }
 
+bool is_id(std::string_view id) {
+  return id.size() == 32 && std::all_of(id.begin(), id.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
 std::string random_id() {
   // Seeded from 256 bits of the OS's entropy, so ids do not collide across threads/processes.
   thread_local std::mt19937_64 rng = [] {

@@ -1,11 +1,13 @@
 // End-to-end tests of the `gmi` binary: real processes, real files, a real redis-server.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <fstream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "gmi/encoder.hpp"
 #include "gmi/image.hpp"
@@ -49,6 +51,7 @@ class CliTest : public ::testing::Test {
     }
     qf << "this line is not json\n";
     qf << json{{"image", "missing.jpg"}, {"model", "x"}}.dump() << "\n";
+    qf << "   \n";  // blank: answered too, so that output line N is input line N
     for (int style = 0; style < 3; ++style) {
       ProcessResult r = gmi({"spec", "build", "--model", model(style), "--manifest",
                              (root() / "models" / model(style) / "manifest.jsonl").string(), "--store",
@@ -85,9 +88,103 @@ TEST_F(CliTest, ConfigShowNamesWhereEachSettingCameFrom) {
   EXPECT_EQ(all["broker.heartbeat_ms"]["value"], "250");
   EXPECT_EQ(all["broker.heartbeat_ms"]["source"], "env GMI_BROKER_HEARTBEAT_MS");
   EXPECT_EQ(all["redis.uri"]["source"], "default");
+  EXPECT_EQ(all["broker.heartbeat_ms"]["type"], "an integer in [10, 600000]");
   ProcessResult bad = gmi({"config", "show", "--set", "broker.hartbeat_ms=1"});
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.err.find("broker.hartbeat_ms"), std::string::npos) << bad.err;
+  // It validates what it prints: every bad value is named, and it exits 2.
+  ProcessResult values =
+      gmi({"config", "show", "--set", "broker.heartbeat_ms=5", "--set", "log.format=xml"},
+          {"GMI_CURVE_ENABLED=maybe"});
+  EXPECT_EQ(values.exit_code, 2);
+  for (const char* key : {"broker.heartbeat_ms", "log.format", "curve.enabled"}) {
+    EXPECT_NE(values.err.find(key), std::string::npos) << key << ": " << values.err;
+  }
+  EXPECT_NE(values.out.find("broker.heartbeat_ms"), std::string::npos);  // still printed
+  // A process refuses to start on the same values, naming them.
+  ProcessResult broker = gmi({"broker", "--set", "log.format=xml"});
+  EXPECT_EQ(broker.exit_code, 2);
+  EXPECT_NE(broker.err.find("log.format"), std::string::npos) << broker.err;
+}
+
+TEST_F(CliTest, DuplicateYamlKeysAreAnError) {
+  const fs::path file = root() / "dup.yaml";
+  std::ofstream(file) << "broker:\n  heartbeat_ms: 200\n  liveness: 3\n  heartbeat_ms: 900\n";
+  ProcessResult r = gmi({"config", "show", "--config", file.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("broker.heartbeat_ms"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("line 4"), std::string::npos) << r.err;
+}
+
+// Holds a TCP port (listening on all addresses) for the scope.
+class TakenPort {
+ public:
+  TakenPort() : port_(testing::free_port()) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<std::uint16_t>(port_));
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    ok_ = ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && ::listen(fd_, 4) == 0;
+  }
+  ~TakenPort() { ::close(fd_); }
+  int port() const { return port_; }
+  bool ok() const { return ok_; }
+
+ private:
+  int port_;
+  int fd_ = -1;
+  bool ok_ = false;
+};
+
+TEST_F(CliTest, ATakenPortIsAMessageAndExit1NeverAnAbort) {
+  const std::vector<std::string> base = {
+      "GMI_REDIS_URI=redis://127.0.0.1:1", "GMI_LOG_FORMAT=text",
+      "GMI_BROKER_FRONTEND=tcp://127.0.0.1:" + std::to_string(testing::free_port()),
+      "GMI_BROKER_BACKEND=tcp://127.0.0.1:" + std::to_string(testing::free_port())};
+  {
+    TakenPort ops;
+    ASSERT_TRUE(ops.ok());
+    auto env = base;
+    env.push_back("GMI_SERVE_OPS_PORT=" + std::to_string(ops.port()));
+    env.push_back("GMI_GATEWAY_PORT=" + std::to_string(testing::free_port()));
+    ProcessResult r = gmi({"serve"}, env);  // it aborted with SIGABRT here
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find(std::to_string(ops.port())), std::string::npos) << r.err;
+  }
+  {
+    TakenPort http;
+    ASSERT_TRUE(http.ok());
+    auto env = base;
+    env.push_back("GMI_SERVE_OPS_PORT=-1");
+    env.push_back("GMI_GATEWAY_PORT=" + std::to_string(http.port()));
+    ProcessResult r = gmi({"serve"}, env);
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find(std::to_string(http.port())), std::string::npos) << r.err;
+  }
+  {
+    TakenPort ops;
+    auto env = base;
+    env.push_back("GMI_BROKER_OPS_PORT=" + std::to_string(ops.port()));
+    ProcessResult r = gmi({"broker"}, env);
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+  }
+}
+
+TEST_F(CliTest, UsageErrorsAndBadIdsExit2) {
+  for (auto args : std::vector<std::vector<std::string>>{
+           {"no-such-command"},
+           {"identify", "--top", "x", "q.jpg"},
+           {"spec"},
+           {"config", "show", "--bogus"},
+           {"spec", "remove", "--store", "dir:" + specs().string(), "bad id!"},
+           {"job", "not-a-job-id", "--broker", "tcp://127.0.0.1:1"}}) {
+    ProcessResult r = gmi(args);
+    EXPECT_EQ(r.exit_code, 2) << args.front() << ": " << r.err;
+    EXPECT_FALSE(r.err.empty()) << args.front();
+  }
 }
 
 TEST_F(CliTest, HelpOnEverySubcommand) {
@@ -131,7 +228,7 @@ TEST_F(CliTest, BatchKeepsFieldsAndOrderAndReportsBadLines) {
     std::vector<json> lines;
     std::istringstream in(r.out);
     for (std::string l; std::getline(in, l);) lines.push_back(json::parse(l));
-    ASSERT_EQ(lines.size(), 5u) << r.out;
+    ASSERT_EQ(lines.size(), 6u) << r.out;
     for (int i = 0; i < 3; ++i) {
       EXPECT_EQ(lines[i]["model"], model(i));  // input fields kept, in input order
       ASSERT_EQ(lines[i]["results"].size(), 3u);
@@ -142,6 +239,8 @@ TEST_F(CliTest, BatchKeepsFieldsAndOrderAndReportsBadLines) {
     EXPECT_TRUE(lines[3].contains("error"));
     EXPECT_TRUE(lines[4].contains("error"));
     EXPECT_FALSE(lines[4].contains("results"));
+    EXPECT_EQ(lines[5]["line"], 6);
+    EXPECT_NE(lines[5].value("error", "").find("blank"), std::string::npos) << lines[5];
   }
 }
 

@@ -976,6 +976,10 @@ TEST_F(PipelineTest, SigtermDrainsAndEveryProcessExitsCleanly) {
   std::vector<std::string> ids;
   for (int i = 0; i < 4; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
   for (const auto& id : ids) EXPECT_EQ(c.await(id).value("state", ""), "finished");
+  // Nothing failed, and yet the failure counters are there, at 0, for rate() and alerts.
+  const std::string m = c.broker_metrics();
+  EXPECT_NE(m.find("gmi_retries_total{reason=\"timeout\",stage=\"embed\"} 0"), std::string::npos) << m;
+  EXPECT_NE(m.find("gmi_dead_letters_total{stage=\"score\"} 0"), std::string::npos) << m;
   c.broker().signal(SIGTERM);
   EXPECT_EQ(c.broker().wait(10s), std::optional<int>(0)) << c.logs();
   for (const char* s : {"decode", "embed", "interrogate", "score", "spec", "learn"}) {

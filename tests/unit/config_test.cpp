@@ -63,7 +63,7 @@ std::string error_of(const std::function<void()>& f) {
 
 TEST(Config, SchemaHasTheDocumentedKeysAndUniqueEnvNames) {
   const auto& schema = Config::schema();
-  EXPECT_EQ(schema.size(), 72u);
+  EXPECT_EQ(schema.size(), 73u);
   std::set<std::string> keys, envs;
   for (const auto& k : schema) {
     EXPECT_TRUE(keys.insert(k.key).second) << "duplicate key " << k.key;
@@ -79,6 +79,27 @@ TEST(Config, SchemaHasTheDocumentedKeysAndUniqueEnvNames) {
   EXPECT_EQ(c.get_string("gateway.api_key_file"), "");
   EXPECT_EQ(c.get_int("broker.ops_port", -1, 65535), 9100);
   EXPECT_FALSE(c.get_bool("curve.enabled"));
+}
+
+TEST(Config, EveryDefaultHasItsTypeAndBadValuesAreEachNamed) {
+  Config c = Config::load("");
+  EXPECT_TRUE(c.validate().empty());
+  std::size_t typed = 0;
+  for (const auto& k : Config::schema()) typed += k.type.kind != ConfigType::Kind::kString;
+  EXPECT_GE(typed, 50u);                       // every number, flag and choice says what it takes
+  EXPECT_EQ(c.get_int("broker.liveness"), 6);  // bounds from the schema
+  c.set("broker.liveness", "1");
+  c.set("metric.shrinkage", "-3");
+  c.set("metric.use", "sometimes");
+  c.set("embed.fp16", "perhaps");
+  const auto problems = c.validate();
+  ASSERT_EQ(problems.size(), 4u);
+  EXPECT_NE(problems[0].find("an integer in [2, 1000]"), std::string::npos) << problems[0];
+  EXPECT_THROW(c.get_int("broker.liveness"), InputError);
+  EXPECT_THROW(c.get_choice("metric.use"), InputError);
+  c.set("metric.use", "none");
+  EXPECT_EQ(c.get_choice("metric.use"), "none");
+  EXPECT_THROW(c.get_int("redis.uri"), InputError);  // not an integer key
 }
 
 TEST(Config, EnvNameUpperCasesAndReplacesDots) {

@@ -22,10 +22,10 @@ using nlohmann::json;
 class DecodeStage final : public Stage {
  public:
   explicit DecodeStage(const Config& config) {
-    policy_.max_batch = static_cast<int>(config.get_int("decode.max_batch", 1, 4096));
-    policy_.max_wait_ms = static_cast<int>(config.get_int("decode.max_wait_ms", 0, 60000));
-    options_.max_pixels = static_cast<std::uint64_t>(config.get_int("decode.max_pixels", 1, 1ll << 40));
-    options_.max_bytes = static_cast<std::size_t>(config.get_int("decode.max_bytes", 1, 1ll << 34));
+    policy_.max_batch = static_cast<int>(config.get_int("decode.max_batch"));
+    policy_.max_wait_ms = static_cast<int>(config.get_int("decode.max_wait_ms"));
+    options_.max_pixels = static_cast<std::uint64_t>(config.get_int("decode.max_pixels"));
+    options_.max_bytes = static_cast<std::size_t>(config.get_int("decode.max_bytes"));
     // The encoder's card alone says how small an image may be decoded; no weights load here.
     options_.target_min_side =
         image_encoder_info(config.get_string("encoder.image"), encoder_runtime(config)).min_side;

@@ -30,8 +30,8 @@ class EmbedStage final : public Stage {
                 .Help("Images per encoder pass of an embed worker (at most embed.max_batch)")
                 .Register(Metrics::instance().registry())
                 .Add({}, Metrics::size_buckets())) {
-    policy_.max_batch = static_cast<int>(config.get_int("embed.max_batch", 1, 65536));
-    policy_.max_wait_ms = static_cast<int>(config.get_int("embed.max_wait_ms", 0, 60000));
+    policy_.max_batch = static_cast<int>(config.get_int("embed.max_batch"));
+    policy_.max_wait_ms = static_cast<int>(config.get_int("embed.max_wait_ms"));
     policy_.credit_slot = wire::slot::kPixels;
   }
 

@@ -121,8 +121,8 @@ class PromptBankMethod final : public Method {
     const std::vector<std::string> bank = read_prompt_bank(path);
     // Embedded once, here: the bank does not change while the stage runs.
     interrogator_ = make_prompt_bank_interrogator(
-        text_->encode(bank), static_cast<int>(config.get_int("interrogate.top_k", 1, 100000)),
-        config.get_double("interrogate.bank_tau", 1e-6, 1e6));
+        text_->encode(bank), static_cast<int>(config.get_int("interrogate.top_k")),
+        config.get_double("interrogate.bank_tau"));
     log::info(
         "prompt bank embedded",
         {{"file", path}, {"prompts", bank.size()}, {"text_encoder", text_->identity().str()}});
@@ -153,7 +153,7 @@ class PromptBankMethod final : public Method {
 class CaptionerMethod final : public Method {
  public:
   explicit CaptionerMethod(const Config& config)
-      : max_images_(config.get_int("interrogate.max_batch", 1, 65536)) {
+      : max_images_(config.get_int("interrogate.max_batch")) {
     const std::string card = config.get_string("interrogate.captioner");
     if (card.empty())
       throw InputError("interrogate.interrogator = captioner needs interrogate.captioner (a card)");
@@ -203,8 +203,8 @@ class CaptionerMethod final : public Method {
 class InterrogateStage final : public Stage {
  public:
   explicit InterrogateStage(const Config& config) {
-    policy_.max_batch = static_cast<int>(config.get_int("interrogate.max_batch", 1, 65536));
-    policy_.max_wait_ms = static_cast<int>(config.get_int("interrogate.max_wait_ms", 0, 60000));
+    policy_.max_batch = static_cast<int>(config.get_int("interrogate.max_batch"));
+    policy_.max_wait_ms = static_cast<int>(config.get_int("interrogate.max_wait_ms"));
     const std::string name = config.get_string("interrogate.interrogator");
     try {
       interrogator_input(name);

@@ -79,10 +79,10 @@ class LearnStage final : public Stage {
 
 MetricOptions metric_options(const Config& config) {
   MetricOptions o;
-  o.dims = static_cast<int>(config.get_int("metric.dims", 0, 1 << 20));
-  o.shrinkage = config.get_double("metric.shrinkage", 1e-9, 1e9);
-  o.gamma_scale = config.get_double("metric.gamma_scale", 1e-9, 1e9);
-  o.min_models = static_cast<int>(config.get_int("metric.min_models", 2, 1 << 30));
+  o.dims = static_cast<int>(config.get_int("metric.dims"));
+  o.shrinkage = config.get_double("metric.shrinkage");
+  o.gamma_scale = config.get_double("metric.gamma_scale");
+  o.min_models = static_cast<int>(config.get_int("metric.min_models"));
   validate(o);
   return o;
 }

@@ -197,10 +197,10 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
                                          bool sharded) {
   HubCacheOptions o;
   o.store_uri = config.get_string("redis.uri");
-  o.refresh_ms = static_cast<int>(config.get_int("score.refresh_ms", 10, 3600000));
+  o.refresh_ms = static_cast<int>(config.get_int("score.refresh_ms"));
   o.stage = stage;
   if (sharded) {
-    o.shards = static_cast<int>(config.get_int("score.shards", 1, 4096));
+    o.shards = static_cast<int>(config.get_int("score.shards"));
     o.shard = static_cast<int>(config.get_int("score.shard", 0, o.shards - 1));
   }
   // Interrogation needs the weighted scorer's pseudo-prompts whatever the job's scorer.

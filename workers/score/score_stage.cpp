@@ -17,8 +17,8 @@ using nlohmann::json;
 class ScoreStage final : public Stage {
  public:
   explicit ScoreStage(const Config& config) {
-    policy_.max_batch = static_cast<int>(config.get_int("score.max_batch", 1, 65536));
-    policy_.max_wait_ms = static_cast<int>(config.get_int("score.max_wait_ms", 0, 60000));
+    policy_.max_batch = static_cast<int>(config.get_int("score.max_batch"));
+    policy_.max_wait_ms = static_cast<int>(config.get_int("score.max_wait_ms"));
     default_scorer_ = parse_scorer(config.get_string("score.scorer"));
     hub_ = make_hub_cache(config, "score", /*sharded=*/true);
   }

@@ -15,12 +15,12 @@ using nlohmann::json;
 class SpecStage final : public Stage {
  public:
   explicit SpecStage(const Config& config) : store_uri_(config.get_string("redis.uri")) {
-    policy_.max_batch = static_cast<int>(config.get_int("spec.max_batch", 1, 1024));
+    policy_.max_batch = static_cast<int>(config.get_int("spec.max_batch"));
     policy_.max_wait_ms = 0;
-    min_samples_ = static_cast<int>(config.get_int("spec.min_samples", 1, 1000000));
+    min_samples_ = static_cast<int>(config.get_int("spec.min_samples"));
     auto_learn_ = config.get_bool("metric.auto_learn");
-    min_models_ = static_cast<int>(config.get_int("metric.min_models", 2, 1 << 30));
-    growth_ = config.get_double("metric.relearn_growth", 0.0, 1e6);
+    min_models_ = static_cast<int>(config.get_int("metric.min_models"));
+    growth_ = config.get_double("metric.relearn_growth");
   }
 
   std::string name() const override { return "spec"; }

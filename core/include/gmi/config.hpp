@@ -17,10 +17,49 @@
 
 namespace gmi {
 
+/// The values a key takes. The schema is the one place that says so: the typed getters
+/// without bounds read them from here, and Config::validate() checks every key against it.
+struct ConfigType {
+  enum class Kind { kString, kInteger, kNumber, kBoolean, kOneOf };
+  Kind kind = Kind::kString;
+  long long int_min = 0, int_max = 0;  ///< kInteger
+  double min = 0, max = 0;             ///< kNumber
+  std::string choices;                 ///< kOneOf: "a|b|c"
+
+  static ConfigType integer(long long lo, long long hi) {
+    ConfigType t;
+    t.kind = Kind::kInteger;
+    t.int_min = lo;
+    t.int_max = hi;
+    return t;
+  }
+  static ConfigType number(double lo, double hi) {
+    ConfigType t;
+    t.kind = Kind::kNumber;
+    t.min = lo;
+    t.max = hi;
+    return t;
+  }
+  static ConfigType boolean() {
+    ConfigType t;
+    t.kind = Kind::kBoolean;
+    return t;
+  }
+  static ConfigType one_of(std::string choices) {
+    ConfigType t;
+    t.kind = Kind::kOneOf;
+    t.choices = std::move(choices);
+    return t;
+  }
+  /// "integer in [1, 100]", "one of json, text", ...: for docs and messages.
+  std::string describe() const;
+};
+
 struct ConfigKey {
   std::string key;            ///< "broker.heartbeat_ms"
   std::string default_value;  ///< as text; "" is a valid value (e.g. "no API key")
   std::string help;           ///< one line, for `gmi config show` and the docs
+  ConfigType type = {};       ///< kString: any text
 };
 
 class Config {
@@ -39,7 +78,15 @@ class Config {
   std::string get_string(const std::string& key) const;
   long long get_int(const std::string& key, long long min, long long max) const;
   double get_double(const std::string& key, double min, double max) const;
+  /// Within the bounds the schema gives the key (InputError when it gives none).
+  long long get_int(const std::string& key) const;
+  double get_double(const std::string& key) const;
   bool get_bool(const std::string& key) const;  ///< true/false/yes/no/on/off/1/0
+  /// One of the key's schema choices.
+  std::string get_choice(const std::string& key) const;
+  /// Every value checked against its key's type; one message per bad value (empty: all
+  /// good). `gmi config show` prints them and exits 2; each process checks at start.
+  std::vector<std::string> validate() const;
   /// "default", "file PATH", "env GMI_...", or "flag".
   std::string source(const std::string& key) const;
   /// Every key with its value and source (secrets are never stored here: only file names).

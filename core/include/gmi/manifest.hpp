@@ -27,9 +27,10 @@ struct ManifestIssue {
 struct Manifest {
   std::vector<ManifestEntry> entries;
   std::vector<ManifestIssue> issues;
+  std::vector<int> blank_lines;  ///< 1-based numbers of blank lines (skipped, not issues)
 };
 
-/// Reads a manifest. Blank lines are ignored. Lines that are not JSON objects, lack a
+/// Reads a manifest. Blank lines are skipped (and listed in blank_lines). Lines that are not JSON objects, lack a
 /// string "image" (or, when `require_prompt`, a string "prompt"), or hold absolute /
 /// escaping paths when `confine` is set, become issues. Throws IoError if the file cannot
 /// be opened.

@@ -92,6 +92,8 @@ RowMatrix unpack_rows(std::string_view bytes, std::size_t rows, std::size_t cols
 
 /// A random 128-bit identifier as 32 lower-case hex digits (job ids, task ids).
 std::string random_id();
+/// Whether `id` has random_id()'s shape (32 lower-case hex digits).
+bool is_id(std::string_view id);
 
 /// CURVE settings for one socket, read from key files (see `gmi keygen`).
 struct CurveKeys {

@@ -25,7 +25,7 @@ EncoderRuntime encoder_runtime(const Config& config) {
   EncoderRuntime rt;
   rt.encoder_dir = config.get_string("encoder.dir");
   rt.device = config.get_string("embed.device");
-  rt.max_batch = static_cast<int>(config.get_int("embed.max_batch", 1, 65536));
+  rt.max_batch = static_cast<int>(config.get_int("embed.max_batch"));
   rt.fp16 = config.get_bool("embed.fp16");
   if (rt.device != "cpu" && rt.device != "cuda" && rt.device.rfind("cuda:", 0) != 0) {
     throw InputError("embed.device = \"" + rt.device + "\": must be cpu, cuda or cuda:N");
