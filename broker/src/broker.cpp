@@ -95,6 +95,7 @@ struct Flight {
   int shard = 0;
   std::string worker;
   Clock::time_point deadline;
+  bool isolate = false;  // sent alone as a suspect: it stays one on every re-queue
 };
 
 struct Worker {
@@ -348,7 +349,7 @@ struct Broker::Impl {
                        {"slots", sent.describe()}});
       sent.append_frames(frames);
       flights[task] = Flight{job.id, p.shard, w.id,
-                             Clock::now() + std::chrono::seconds(opt.task_timeout_s)};
+                             Clock::now() + std::chrono::seconds(opt.task_timeout_s), p.isolate};
       w.tasks.insert(task);
       ids.push_back(task);
       if (p.isolate) {
@@ -369,7 +370,7 @@ struct Broker::Impl {
     for (auto it = ids.rbegin(); it != ids.rend(); ++it) {
       auto f = flights.find(*it);
       if (f == flights.end()) continue;
-      queue.push_front(Pending{f->second.job_id, f->second.shard, false});
+      queue.push_front(Pending{f->second.job_id, f->second.shard, f->second.isolate});
       flights.erase(f);
       w.tasks.erase(*it);
     }

@@ -290,33 +290,35 @@ struct Taps {
 };
 
 // PIL's coefficient layout: output i covers input [center - support, center + support).
-Taps make_taps(int in, int out, InputGeometry::Filter filter) {
+// Only the outputs [begin, begin + n) of an in -> out axis (index k is output begin + k).
+Taps make_taps(int in, int out, InputGeometry::Filter filter, int begin, int n) {
   const double scale = static_cast<double>(in) / out;
   const double fscale = std::max(scale, 1.0);
   const double base = filter == InputGeometry::Filter::kBicubic ? 2.0 : 1.0;
   const double support = base * fscale;
   Taps t;
   t.max = static_cast<int>(std::ceil(support)) * 2 + 1;
-  t.first.resize(out);
-  t.count.resize(out);
-  t.weights.assign(static_cast<std::size_t>(out) * t.max, 0.f);
-  for (int i = 0; i < out; ++i) {
+  t.first.resize(n);
+  t.count.resize(n);
+  t.weights.assign(static_cast<std::size_t>(n) * t.max, 0.f);
+  for (int k_out = 0; k_out < n; ++k_out) {
+    const int i = begin + k_out;
     const double center = (i + 0.5) * scale;
     int lo = static_cast<int>(center - support + 0.5);
     int hi = static_cast<int>(center + support + 0.5);
     lo = std::max(lo, 0);
     hi = std::min(hi, in);
-    const int n = std::min(hi - lo, t.max);
+    const int taps = std::min(hi - lo, t.max);
     double sum = 0;
-    std::vector<double> w(n);
-    for (int k = 0; k < n; ++k) {
+    std::vector<double> w(taps);
+    for (int k = 0; k < taps; ++k) {
       const double x = (lo + k - center + 0.5) / fscale;
       w[k] = filter == InputGeometry::Filter::kBicubic ? cubic(x) : triangle(x);
       sum += w[k];
     }
-    for (int k = 0; k < n; ++k) t.weights[static_cast<std::size_t>(i) * t.max + k] = static_cast<float>(sum != 0 ? w[k] / sum : 0);
-    t.first[i] = lo;
-    t.count[i] = n;
+    for (int k = 0; k < taps; ++k) t.weights[static_cast<std::size_t>(k_out) * t.max + k] = static_cast<float>(sum != 0 ? w[k] / sum : 0);
+    t.first[k_out] = lo;
+    t.count[k_out] = taps;
   }
   return t;
 }
@@ -326,45 +328,63 @@ std::uint8_t clip8(float v) { return static_cast<std::uint8_t>(std::clamp(std::l
 }  // namespace
 
 Image resample(const Image& image, int width, int height, InputGeometry::Filter filter) {
+  if (width == image.width && height == image.height && image.width > 0 && image.height > 0) return image;
+  return resample_window(image, width, height, 0, 0, width, height, filter);
+}
+
+Image resample_window(const Image& image, int width, int height, int x0, int y0, int w, int h,
+                      InputGeometry::Filter filter) {
   if (width <= 0 || height <= 0 || image.width <= 0 || image.height <= 0) {
     throw InputError("resample: empty image or target");
   }
-  if (width == image.width && height == image.height) return image;
-  // Horizontal pass into 8-bit (as PIL does), then vertical.
-  const Taps tx = make_taps(image.width, width, filter);
+  if (w <= 0 || h <= 0 || x0 < 0 || y0 < 0 || x0 + static_cast<long long>(w) > width ||
+      y0 + static_cast<long long>(h) > height) {
+    throw InputError("resample: the window is not inside the target");
+  }
+  // Horizontal pass into 8-bit (as PIL does), then vertical; only the source rows and the
+  // output columns the window needs.
+  const Taps tx = make_taps(image.width, width, filter, x0, w);
+  const Taps ty = make_taps(image.height, height, filter, y0, h);
+  int row_first = image.height, row_last = -1;
+  for (int y = 0; y < h; ++y) {
+    if (ty.count[y] == 0) continue;
+    row_first = std::min(row_first, ty.first[y]);
+    row_last = std::max(row_last, ty.first[y] + ty.count[y] - 1);
+  }
+  if (row_last < row_first) row_first = row_last = 0;
+  const int rows = row_last - row_first + 1;
   Image mid;
-  mid.width = width;
-  mid.height = image.height;
-  mid.rgb.resize(static_cast<std::size_t>(width) * image.height * 3);
-  for (int y = 0; y < image.height; ++y) {
-    const std::uint8_t* src = &image.rgb[static_cast<std::size_t>(y) * image.width * 3];
-    std::uint8_t* dst = &mid.rgb[static_cast<std::size_t>(y) * width * 3];
-    for (int x = 0; x < width; ++x) {
+  mid.width = w;
+  mid.height = rows;
+  mid.rgb.resize(static_cast<std::size_t>(w) * rows * 3);
+  for (int yy = 0; yy < rows; ++yy) {
+    const std::uint8_t* src = &image.rgb[static_cast<std::size_t>(row_first + yy) * image.width * 3];
+    std::uint8_t* dst = &mid.rgb[static_cast<std::size_t>(yy) * w * 3];
+    for (int x = 0; x < w; ++x) {
       float acc[3] = {0, 0, 0};
-      const float* w = &tx.weights[static_cast<std::size_t>(x) * tx.max];
+      const float* wt = &tx.weights[static_cast<std::size_t>(x) * tx.max];
       for (int k = 0; k < tx.count[x]; ++k) {
         const std::uint8_t* p = src + static_cast<std::size_t>(tx.first[x] + k) * 3;
-        acc[0] += w[k] * p[0];
-        acc[1] += w[k] * p[1];
-        acc[2] += w[k] * p[2];
+        acc[0] += wt[k] * p[0];
+        acc[1] += wt[k] * p[1];
+        acc[2] += wt[k] * p[2];
       }
       for (int c = 0; c < 3; ++c) dst[x * 3 + c] = clip8(acc[c]);
     }
   }
-  const Taps ty = make_taps(image.height, height, filter);
   Image out;
-  out.width = width;
-  out.height = height;
-  out.rgb.resize(static_cast<std::size_t>(width) * height * 3);
-  std::vector<float> acc(static_cast<std::size_t>(width) * 3);
-  for (int y = 0; y < height; ++y) {
+  out.width = w;
+  out.height = h;
+  out.rgb.resize(static_cast<std::size_t>(w) * h * 3);
+  std::vector<float> acc(static_cast<std::size_t>(w) * 3);
+  for (int y = 0; y < h; ++y) {
     std::fill(acc.begin(), acc.end(), 0.f);
-    const float* w = &ty.weights[static_cast<std::size_t>(y) * ty.max];
+    const float* wt = &ty.weights[static_cast<std::size_t>(y) * ty.max];
     for (int k = 0; k < ty.count[y]; ++k) {
-      const std::uint8_t* row = &mid.rgb[static_cast<std::size_t>(ty.first[y] + k) * width * 3];
-      for (std::size_t i = 0; i < acc.size(); ++i) acc[i] += w[k] * row[i];
+      const std::uint8_t* row = &mid.rgb[static_cast<std::size_t>(ty.first[y] - row_first + k) * w * 3];
+      for (std::size_t i = 0; i < acc.size(); ++i) acc[i] += wt[k] * row[i];
     }
-    std::uint8_t* dst = &out.rgb[static_cast<std::size_t>(y) * width * 3];
+    std::uint8_t* dst = &out.rgb[static_cast<std::size_t>(y) * w * 3];
     for (std::size_t i = 0; i < acc.size(); ++i) dst[i] = clip8(acc[i]);
   }
   return out;
@@ -385,6 +405,11 @@ Image prepare_image(const Image& image, const InputGeometry& g) {
       h = g.size;
       w = static_cast<int>(static_cast<long long>(g.size) * image.width / image.height);
     }
+    // torchvision's CenterCrop of the resized image: offsets round((in - out) / 2). Only
+    // that crop is computed, so an extreme aspect ratio costs the crop, not the strip.
+    const int left = static_cast<int>(std::nearbyint((w - g.size) / 2.0));  // half to even
+    const int top = static_cast<int>(std::nearbyint((h - g.size) / 2.0));
+    if (w >= g.size && h >= g.size) return resample_window(image, w, h, left, top, g.size, g.size, g.filter);
     scaled = resample(image, w, h, g.filter);
     src = &scaled;
   }

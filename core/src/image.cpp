@@ -146,21 +146,24 @@ struct AxisTaps {
 /// Shrinking: each output sample is the exact mean of the source interval it covers,
 /// partial source samples weighted by the fraction covered (a box filter).
 /// Growing (or same size): bilinear between the two nearest source centres.
-AxisTaps make_taps(int src, int dst) {
+/// Taps of the output indices [begin, begin + n) of a src -> dst axis (index k of the
+/// result is output begin + k): a window costs what the window holds, not the whole axis.
+AxisTaps make_taps(int src, int dst, int begin, int n) {
   AxisTaps taps;
-  taps.first.resize(dst);
-  taps.count.resize(dst);
-  taps.offset.resize(dst);
+  taps.first.resize(n);
+  taps.count.resize(n);
+  taps.offset.resize(n);
   const double scale = static_cast<double>(src) / dst;
-  for (int i = 0; i < dst; ++i) {
-    taps.offset[i] = taps.weights.size();
+  for (int k = 0; k < n; ++k) {
+    const int i = begin + k;
+    taps.offset[k] = taps.weights.size();
     if (dst < src) {
       const double begin = i * scale;
       const double end = (i + 1) * scale;
       const int first = static_cast<int>(std::floor(begin));
       const int last = std::min(src - 1, static_cast<int>(std::ceil(end)) - 1);
-      taps.first[i] = first;
-      taps.count[i] = last - first + 1;
+      taps.first[k] = first;
+      taps.count[k] = last - first + 1;
       for (int j = first; j <= last; ++j) {
         const double covered = std::min<double>(end, j + 1) - std::max<double>(begin, j);
         taps.weights.push_back(static_cast<float>(covered / scale));
@@ -170,12 +173,12 @@ AxisTaps make_taps(int src, int dst) {
       const int left = std::min(static_cast<int>(centre), src - 1);
       const int right = std::min(left + 1, src - 1);
       const double t = centre - left;
-      taps.first[i] = left;
+      taps.first[k] = left;
       if (right == left || t == 0.0) {
-        taps.count[i] = 1;
+        taps.count[k] = 1;
         taps.weights.push_back(1.0f);
       } else {
-        taps.count[i] = 2;
+        taps.count[k] = 2;
         taps.weights.push_back(static_cast<float>(1.0 - t));
         taps.weights.push_back(static_cast<float>(t));
       }
@@ -277,22 +280,40 @@ Image read_image_file(const std::filesystem::path& path, const DecodeOptions& op
 }
 
 Image resize(const Image& image, int width, int height) {
+  if (width == image.width && height == image.height) {
+    detail::check_image_layout(image, "resize");
+    return image;
+  }
+  return resize_window(image, width, height, 0, 0, width, height);
+}
+
+Image resize_window(const Image& image, int width, int height, int x0, int y0, int w, int h) {
   detail::check_image_layout(image, "resize");
   if (width <= 0 || height <= 0) {
     throw InputError("resize: target size " + std::to_string(width) + "x" + std::to_string(height) +
                      " must be positive");
   }
-  if (width == image.width && height == image.height) return image;
+  if (w <= 0 || h <= 0 || x0 < 0 || y0 < 0 || x0 + static_cast<long long>(w) > width ||
+      y0 + static_cast<long long>(h) > height) {
+    throw InputError("resize: window " + std::to_string(w) + "x" + std::to_string(h) + " at (" +
+                     std::to_string(x0) + ", " + std::to_string(y0) + ") is not inside " +
+                     std::to_string(width) + "x" + std::to_string(height));
+  }
+  const AxisTaps across = make_taps(image.width, width, x0, w);
+  const AxisTaps down = make_taps(image.height, height, y0, h);
+  // Only the source rows the window's output rows read (taps are monotone).
+  const int row_first = down.first.front();
+  const int row_last = down.first.back() + down.count.back() - 1;
+  const int rows_needed = row_last - row_first + 1;
+  const int width_out = w;
 
-  const AxisTaps across = make_taps(image.width, width);
-  const AxisTaps down = make_taps(image.height, height);
-
-  // Horizontal pass into floats (source height x target width), then vertical.
-  std::vector<float> rows(static_cast<std::size_t>(image.height) * width * 3);
-  for (int y = 0; y < image.height; ++y) {
+  // Horizontal pass into floats (needed source rows x window width), then vertical.
+  std::vector<float> rows(static_cast<std::size_t>(rows_needed) * width_out * 3);
+  for (int yy = 0; yy < rows_needed; ++yy) {
+    const int y = row_first + yy;
     const std::uint8_t* src = image.rgb.data() + static_cast<std::size_t>(y) * image.width * 3;
-    float* dst = rows.data() + static_cast<std::size_t>(y) * width * 3;
-    for (int x = 0; x < width; ++x) {
+    float* dst = rows.data() + static_cast<std::size_t>(yy) * width_out * 3;
+    for (int x = 0; x < width_out; ++x) {
       const float* w = across.weights.data() + across.offset[x];
       const std::uint8_t* s = src + static_cast<std::size_t>(across.first[x]) * 3;
       float r = 0, g = 0, b = 0;
@@ -308,17 +329,18 @@ Image resize(const Image& image, int width, int height) {
   }
 
   Image out;
-  out.width = width;
-  out.height = height;
-  out.rgb.resize(static_cast<std::size_t>(width) * height * 3);
-  const std::size_t row_floats = static_cast<std::size_t>(width) * 3;
+  out.width = width_out;
+  out.height = h;
+  out.rgb.resize(static_cast<std::size_t>(width_out) * h * 3);
+  const std::size_t row_floats = static_cast<std::size_t>(width_out) * 3;
   std::vector<float> sum(row_floats);
-  for (int y = 0; y < height; ++y) {
+  for (int y = 0; y < h; ++y) {
     std::fill(sum.begin(), sum.end(), 0.0f);
-    const float* w = down.weights.data() + down.offset[y];
+    const float* wt = down.weights.data() + down.offset[y];
     for (int k = 0; k < down.count[y]; ++k) {
-      const float* src = rows.data() + static_cast<std::size_t>(down.first[y] + k) * row_floats;
-      for (std::size_t i = 0; i < row_floats; ++i) sum[i] += w[k] * src[i];
+      const float* src =
+          rows.data() + static_cast<std::size_t>(down.first[y] - row_first + k) * row_floats;
+      for (std::size_t i = 0; i < row_floats; ++i) sum[i] += wt[k] * src[i];
     }
     std::uint8_t* dst = out.rgb.data() + static_cast<std::size_t>(y) * row_floats;
     for (std::size_t i = 0; i < row_floats; ++i) dst[i] = to_byte(sum[i]);
@@ -341,21 +363,8 @@ Image resize_center_crop(const Image& image, int side) {
     width = std::max(side, static_cast<int>(std::lround(static_cast<double>(image.width) * side /
                                                         image.height)));
   }
-  const Image scaled = resize(image, width, height);
-
-  Image out;
-  out.width = side;
-  out.height = side;
-  out.rgb.resize(static_cast<std::size_t>(side) * side * 3);
-  const int x0 = (width - side) / 2;
-  const int y0 = (height - side) / 2;
-  const std::size_t row_bytes = static_cast<std::size_t>(side) * 3;
-  for (int y = 0; y < side; ++y) {
-    const std::uint8_t* src =
-        scaled.rgb.data() + (static_cast<std::size_t>(y0 + y) * width + x0) * 3;
-    std::copy(src, src + row_bytes, out.rgb.data() + static_cast<std::size_t>(y) * row_bytes);
-  }
-  return out;
+  // Only the centre crop is computed: a 20000 x 1 image costs its crop, not 5 M x 256.
+  return resize_window(image, width, height, (width - side) / 2, (height - side) / 2, side, side);
 }
 
 }  // namespace gmi

@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
+#include <random>
+
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -174,6 +177,52 @@ TEST(InputGeometry, ResampleKeepsAConstantImageConstant) {
       for (auto v : out.rgb) ASSERT_EQ(v, 200);
     }
   }
+}
+
+// A noisy image: windows must match pixel for pixel, not only on smooth content.
+Image noise_image(int w, int h, unsigned seed) {
+  Image im;
+  im.width = w;
+  im.height = h;
+  im.rgb.resize(static_cast<std::size_t>(w) * h * 3);
+  std::mt19937 rng(seed);
+  for (auto& v : im.rgb) v = static_cast<std::uint8_t>(rng() & 255);
+  return im;
+}
+
+Image crop(const Image& im, int x0, int y0, int w, int h) {
+  Image out;
+  out.width = w;
+  out.height = h;
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x)
+      for (int c = 0; c < 3; ++c) out.rgb.push_back(im.at(x0 + x, y0 + y, c));
+  return out;
+}
+
+TEST(InputGeometry, AWindowOfAResampleIsThatPartOfTheWholeResample) {
+  for (auto f : {InputGeometry::Filter::kBicubic, InputGeometry::Filter::kBilinear}) {
+    for (auto [sw, sh, W, H] : {std::array{97, 61, 40, 30}, std::array{30, 20, 90, 60}, std::array{50, 3, 400, 24}}) {
+      const Image src = noise_image(sw, sh, static_cast<unsigned>(sw * H));
+      const Image whole = resample(src, W, H, f);
+      const int x0 = W / 3, y0 = H / 4, w = W / 2, h = H / 2;
+      const Image part = resample_window(src, W, H, x0, y0, w, h, f);
+      ASSERT_EQ(part.rgb, crop(whole, x0, y0, w, h).rgb) << sw << "x" << sh << " -> " << W << "x" << H;
+    }
+  }
+  EXPECT_THROW(resample_window(noise_image(8, 8, 1), 16, 16, 10, 0, 8, 8, InputGeometry::Filter::kBicubic),
+               InputError);
+}
+
+TEST(InputGeometry, AnExtremeAspectRatioCostsItsCropNotItsStrip) {
+  // 20000 x 1 scaled to a shorter side of 224 would be a 4.5 G-pixel strip; only the
+  // 224 x 224 crop is computed (this test would need ~3 GB and minutes otherwise).
+  InputGeometry g;
+  g.size = 224;
+  g.resize = InputGeometry::Resize::kShorterSide;
+  const Image out = prepare_image(noise_image(20000, 1, 7), g);
+  EXPECT_EQ(out.width, 224);
+  EXPECT_EQ(out.height, 224);
 }
 
 TEST(InputGeometry, BicubicMatchesPillowWithinOneLevel) {

@@ -935,6 +935,32 @@ TEST(DecodeImage, InterlacedPngMatchesTheImage) {
 // ---------------------------------------------------------------------------------------
 // Files
 
+TEST(Resize, AWindowIsThatPartOfTheWholeResizeAndCostsOnlyTheWindow) {
+  std::mt19937 rng(5);
+  for (auto [sw, sh, W, H] : {std::array{97, 61, 40, 30}, std::array{30, 20, 90, 60}, std::array{60, 2, 7680, 256}}) {
+    Image src;
+    src.width = sw;
+    src.height = sh;
+    src.rgb.resize(static_cast<std::size_t>(sw) * sh * 3);
+    for (auto& v : src.rgb) v = static_cast<std::uint8_t>(rng() & 255);
+    const Image whole = resize(src, W, H);
+    const int x0 = (W - 20) / 2, y0 = (H - 16) / 2;
+    const Image part = resize_window(src, W, H, x0, y0, 20, 16);
+    ASSERT_EQ(part.width, 20);
+    for (int y = 0; y < 16; ++y)
+      for (int x = 0; x < 20; ++x)
+        for (int c = 0; c < 3; ++c) ASSERT_EQ(part.at(x, y, c), whole.at(x0 + x, y0 + y, c)) << sw << "x" << sh;
+  }
+  // The crop of a 20000 x 1 strip scaled to a shorter side of 256: the window's work only.
+  Image strip;
+  strip.width = 20000;
+  strip.height = 1;
+  strip.rgb.assign(20000 * 3, 90);
+  const Image centre = resize_center_crop(strip, 256);
+  EXPECT_EQ(centre.width, 256);
+  EXPECT_EQ(centre.at(100, 100, 0), 90);
+}
+
 TEST(ReadImageFile, DecodesAFile) {
   testing::TempDir dir;
   const Image image = make_gradient(30, 20);

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <thread>
 
@@ -109,18 +110,7 @@ struct StageWorker::Impl {
         batch_in.reset();
       }
       const auto start = Clock::now();
-      std::vector<StageResult> results;
-      try {
-        results = stage.process(tasks);
-        if (results.size() != tasks.size()) {
-          throw Error(stage.name() + " returned " + std::to_string(results.size()) +
-                      " results for " + std::to_string(tasks.size()) + " tasks");
-        }
-      } catch (const std::exception& e) {
-        // A failure of the whole batch: retryable, so the broker retries each task alone.
-        log::error("stage failed a whole batch", {{"stage", stage.name()}, {"error", e.what()}});
-        results.assign(tasks.size(), StageResult::failure(stage.name() + ": " + e.what(), true));
-      }
+      std::vector<StageResult> results = process_batch(stage, tasks);
       const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
       {
         std::lock_guard lock(mutex);
@@ -357,6 +347,54 @@ struct StageWorker::Impl {
 
 StageWorker::StageWorker(zmq::context_t& context, WorkerOptions options, std::unique_ptr<Stage> stage)
     : stage_(std::move(stage)), impl_(std::make_unique<Impl>(context, std::move(options), *stage_)) {}
+
+namespace {
+
+std::vector<StageResult> process_checked(Stage& stage, std::vector<StageTask>& tasks) {
+  std::vector<StageResult> results = stage.process(tasks);
+  if (results.size() != tasks.size()) {
+    throw Error(stage.name() + " returned " + std::to_string(results.size()) + " results for " +
+                std::to_string(tasks.size()) + " tasks");
+  }
+  return results;
+}
+
+// What an exception thrown for one task means: bad input (InputError) and an allocation
+// that this input needs but cannot get fail the job now; anything else may pass (retry).
+StageResult failure_of(const Stage& stage, const std::exception& e) {
+  if (dynamic_cast<const InputError*>(&e) != nullptr) {
+    return StageResult::failure(stage.name() + ": " + e.what(), false);
+  }
+  if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr) {
+    return StageResult::failure(stage.name() + ": out of memory on this input (" + e.what() + ")",
+                                false);
+  }
+  log::error("stage failed a task", {{"stage", stage.name()}, {"error", e.what()}});
+  return StageResult::failure(stage.name() + ": " + e.what(), true);
+}
+
+}  // namespace
+
+std::vector<StageResult> process_batch(Stage& stage, std::vector<StageTask>& tasks) {
+  try {
+    return process_checked(stage, tasks);
+  } catch (const std::exception& e) {
+    if (tasks.size() == 1) return {failure_of(stage, e)};
+    log::warn("a stage batch failed; running its tasks one by one",
+              {{"stage", stage.name()}, {"tasks", tasks.size()}, {"error", e.what()}});
+  }
+  std::vector<StageResult> results;
+  results.reserve(tasks.size());
+  for (const auto& task : tasks) {
+    std::vector<StageTask> one{task};
+    try {
+      results.push_back(std::move(process_checked(stage, one).front()));
+    } catch (const std::exception& e) {
+      results.push_back(failure_of(stage, e));
+    }
+  }
+  return results;
+}
 
 StageWorker::~StageWorker() = default;
 

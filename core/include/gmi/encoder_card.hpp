@@ -90,5 +90,9 @@ Image prepare_image(const Image& image, const InputGeometry& geometry);
 /// Antialiased separable resampling to exactly width x height, as PIL's resize does
 /// (bicubic a = -0.5, or bilinear (triangle)); the support widens when shrinking.
 Image resample(const Image& image, int width, int height, InputGeometry::Filter filter);
+/// The w x h window at (x0, y0) of resample(image, width, height, filter): the same pixels,
+/// at the window's cost.
+Image resample_window(const Image& image, int width, int height, int x0, int y0, int w, int h,
+                      InputGeometry::Filter filter);
 
 }  // namespace gmi

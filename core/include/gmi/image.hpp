@@ -45,6 +45,10 @@ Image read_image_file(const std::filesystem::path& path, const DecodeOptions& op
 
 /// Area-averaging (shrink) / bilinear (grow) resize to exactly width x height.
 Image resize(const Image& image, int width, int height);
+/// The w x h window at (x0, y0) of resize(image, width, height), the same pixels, computed
+/// at the cost of the window (the source rows and columns it reads), not of the whole
+/// scaled image. InputError when the window is not inside width x height.
+Image resize_window(const Image& image, int width, int height, int x0, int y0, int w, int h);
 
 /// Resizes so that the shorter side equals `side` then crops the centre square side x side.
 Image resize_center_crop(const Image& image, int side);

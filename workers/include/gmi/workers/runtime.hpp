@@ -7,6 +7,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <zmq.hpp>
 
@@ -24,6 +25,12 @@ struct WorkerOptions {
   std::string curve_server_public;
   wire::CurveKeys curve_client;
 };
+
+/// The stage's results for `tasks`, one per task. A failure belongs to one task: when
+/// process() throws for a batch, each task is run again alone, and what it throws alone is
+/// its result (InputError and std::bad_alloc: failed, not retryable; anything else:
+/// retryable). Never throws.
+std::vector<StageResult> process_batch(Stage& stage, std::vector<StageTask>& tasks);
 
 class StageWorker {
  public:

@@ -59,8 +59,9 @@ class Stage {
   virtual ~Stage() = default;
   virtual std::string name() const = 0;
   virtual BatchPolicy batch_policy() const = 0;
-  /// One result per task, in order. Should not throw; if it does, the runtime fails every
-  /// task of the batch as retryable and the broker retries them one by one.
+  /// One result per task, in order. Should not throw; if it does, the runtime runs each
+  /// task of the batch again alone, and an exception a task throws alone is its result:
+  /// InputError or std::bad_alloc fail its job (not retryable), anything else is retried.
   virtual std::vector<StageResult> process(std::vector<StageTask>& batch) = 0;
   /// The slots this stage reads (the broker sends only these); empty: every slot.
   virtual std::vector<std::string> reads() const { return {}; }
