@@ -94,6 +94,7 @@ BrokerOptions broker_options(const Config& c) {
   o.backoff_max_ms = static_cast<int>(c.get_int("broker.backoff_max_ms"));
   o.max_pending_jobs = static_cast<std::size_t>(c.get_int("broker.max_pending_jobs"));
   o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s"));
+  o.reconcile_s = static_cast<int>(c.get_int("broker.reconcile_s"));
   o.max_message_bytes = c.get_int("broker.max_message_bytes");
   o.score_shards = static_cast<int>(c.get_int("score.shards"));
   o.query_route = split_route(c.get_string("routes.query"));

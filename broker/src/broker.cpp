@@ -14,6 +14,7 @@
 
 #include "digest.hpp"
 #include "gmi/error.hpp"
+#include "gmi/redis.hpp"
 #include "gmi/log.hpp"
 #include "gmi/ops.hpp"
 #include "gmi/scoring.hpp"
@@ -126,6 +127,7 @@ struct Broker::Impl {
   zmq::socket_t frontend;
   zmq::socket_t backend;
   std::optional<JobStore> store;
+  bool store_reachable = true;  // the last write to it got an answer (refusals included)
   RedisLocation redis_location;
 
   std::unordered_map<std::string, Job> jobs;
@@ -213,9 +215,13 @@ struct Broker::Impl {
 
   // ---------------------------------------------------------------- recovery
 
+  // At start: resume the jobs a previous broker left active. Then, every
+  // broker.reconcile_s: adopt any active job this broker does not hold (one whose intake
+  // was answered "unavailable" after an unknown outcome, though Redis had applied it).
   void recover() {
-    if (recovered || Clock::now() < next_recovery) return;
-    next_recovery = Clock::now() + milliseconds(1000);
+    if (Clock::now() < next_recovery) return;
+    next_recovery = Clock::now() + (recovered ? std::chrono::milliseconds(1000LL * opt.reconcile_s)
+                                              : milliseconds(1000));
     try_connect_store();
     if (!store) return;
     try {
@@ -239,9 +245,14 @@ struct Broker::Impl {
         enqueue(job);
         ++resumed;
       }
+      if (resumed > 0) {
+        log::info(recovered ? "adopted active jobs this broker did not hold"
+                            : "resumed jobs left active by a previous broker",
+                  {{"jobs", resumed}});
+        if (recovered) metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "adopted"}}).Increment(resumed);
+      }
+      if (!recovered) set_not_ready("");
       recovered = true;
-      set_not_ready("");
-      if (resumed > 0) log::info("resumed jobs left active by a previous broker", {{"jobs", resumed}});
     } catch (const Error& e) {
       set_not_ready(std::string("recovering jobs: ") + e.what());
       log::warn("job recovery failed; retrying", {{"error", e.what()}});
@@ -760,8 +771,21 @@ struct Broker::Impl {
   bool save_end(Job& job) {
     try {
       if (!store) throw IoError("no redis connection");
-      store->end(job.id, *job.unsaved_end, job.unsaved_dead_letter);
+      if (!store->end(job.id, *job.unsaved_end, job.unsaved_dead_letter)) {
+        log::info("a job's end was already saved (a repeat after an unknown outcome)", {{"job_id", job.id}});
+      }
+      store_reachable = true;
+    } catch (const RedisUnreachable& e) {
+      store_reachable = false;
+      log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", e.what()}});
+      return false;
+    } catch (const RedisNotApplied& e) {
+      // Redis answered (and refused, e.g. OOM): the connection is fine, this write is not.
+      store_reachable = true;
+      log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", e.what()}});
+      return false;
     } catch (const Error& e) {
+      store_reachable = false;
       log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", e.what()}});
       return false;
     }
@@ -783,8 +807,10 @@ struct Broker::Impl {
       auto j = jobs.find(*it);
       if (j == jobs.end() || save_end(j->second)) {
         it = unsaved.erase(it);
+      } else if (!store || !store_reachable) {
+        break;  // Redis is away: try them all again later
       } else {
-        break;  // still down; try again later
+        ++it;  // this one was refused (e.g. out of memory); the rest may still go through
       }
     }
   }
@@ -929,7 +955,20 @@ struct Broker::Impl {
           return reply(routing, std::move(a));
         }
       }
-      store->create(job, idem);
+      try {
+        store->create(job, idem);
+      } catch (const RedisOutcomeUnknown& e) {
+        // Sent, no answer: read back before telling the client anything.
+        bool applied = false;
+        try {
+          applied = store->record(job.id).has_value();
+        } catch (const IoError&) {
+          throw IoError(std::string(e.what()) + "; and it cannot be read back (the job, if it was " +
+                        "recorded, will be adopted within broker.reconcile_s)");
+        }
+        if (!applied) throw;
+        log::info("a job recorded despite a lost reply was accepted", {{"job_id", job.id}});
+      }
     } catch (const IoError& e) {
       metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "unavailable"}}).Increment();
       return reply_error(routing, req, "unavailable", std::string("cannot record the job: ") + e.what());

@@ -128,29 +128,38 @@ void JobStore::forget(const std::string& id) {
   redis_.transaction({{"SREM", active_key_, id}, {"DEL", input_key(id)}}, keep);
 }
 
-void JobStore::end(const std::string& id, const json& job, bool dead_letter) {
+// A job's end, atomically. Under maxmemory with noeviction Redis refuses every write of a
+// MULTI once it is full (EXECABORT), so the DEL that would free the input never ran and
+// nothing could end. This script frees first (the input, usually the largest key), then
+// writes, and is flagged allow-oom so that its writes go through. `ended_ms` is written
+// once (HSETNX): the script returns 1 for the first end of the job, 0 for a repeat.
+constexpr const char* kEndScript = R"lua(#!lua flags=allow-oom
+local dead = ARGV[6] == '1'
+if dead then
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+else
+  redis.call('DEL', KEYS[3])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[2], 'state', ARGV[3], 'error', ARGV[4], 'finished_ms', ARGV[5],
+           'dead_letter', ARGV[6])
+local first = redis.call('HSETNX', KEYS[2], 'ended_ms', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[4], ARGV[7])
+if dead then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[7]) end
+return first
+)lua";
+
+bool JobStore::end(const std::string& id, const json& job, bool dead_letter) {
   const std::string jk = job_key(id), ik = input_key(id), rk = result_key(id);
   const std::string text = job.dump(-1, ' ', false, json::error_handler_t::replace);
-  const std::string ttl = std::to_string(options_.result_ttl_s);
-  const std::string dead_ttl = std::to_string(options_.dead_letter_ttl_s);
+  const std::string ttl = std::to_string(dead_letter ? options_.dead_letter_ttl_s : options_.result_ttl_s);
   const std::string state = job.value("state", "failed");
   const std::string error = job.value("error", "");
   const std::string finished = std::to_string(job.value("finished_ms", now_ms()));
-  std::vector<RedisConnection::Args> cmds{
-      {"SET", rk, text, "EX", dead_letter ? dead_ttl : ttl},
-      {"HSET", jk, "state", state, "error", error, "finished_ms", finished, "dead_letter",
-       dead_letter ? "1" : "0"},
-      {"EXPIRE", jk, dead_letter ? dead_ttl : ttl},
-      {"SREM", active_key_, id}};
-  const std::string score = finished;
-  if (dead_letter) {
-    cmds.push_back({"EXPIRE", ik, dead_ttl});
-    cmds.push_back({"ZADD", dead_key_, score, id});
-  } else {
-    cmds.push_back({"DEL", ik});
-  }
-  std::vector<RedisReply> keep;
-  redis_.transaction(cmds, keep);
+  RedisReply r = redis_.command({"EVAL", kEndScript, "5", rk, jk, ik, active_key_, dead_key_, text, ttl,
+                                 state, error, finished, dead_letter ? "1" : "0", id});
+  return RedisConnection::as_integer(r.get(), "EVAL end") == 1;
 }
 
 std::optional<json> JobStore::ended(const std::string& id) {

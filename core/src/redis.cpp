@@ -199,27 +199,28 @@ std::string RedisConnection::key(std::string_view suffix) const {
 void RedisConnection::connection_failed(const std::string& doing) {
   std::string why = ctx_ != nullptr && ctx_->err ? ctx_->errstr : "connection lost";
   reset();
-  throw IoError("redis at " + loc_.endpoint() + ": " + doing + " failed: " + why);
+  throw RedisOutcomeUnknown("redis at " + loc_.endpoint() + ": " + doing + " failed: " + why +
+                            " (it may or may not have been applied)");
 }
 
 void RedisConnection::throw_reply_error(const redisReply* r, const std::string& doing) const {
   std::string text(r->str, r->len);
   if (is_auth_error(text)) {
-    throw IoError("redis at " + loc_.endpoint() + ": authentication failed (" + text +
-                  "); check GMI_REDIS_PASSWORD / GMI_REDIS_PASSWORD_FILE");
+    throw RedisNotApplied("redis at " + loc_.endpoint() + ": authentication failed (" + text +
+                          "); check GMI_REDIS_PASSWORD / GMI_REDIS_PASSWORD_FILE");
   }
-  throw IoError("redis at " + loc_.endpoint() + ": " + doing + ": " + text);
+  throw RedisNotApplied("redis at " + loc_.endpoint() + ": " + doing + ": " + text);
 }
 
 void RedisConnection::connect() {
   reset();
   redisContext* ctx =
       redisConnectWithTimeout(loc_.host.c_str(), loc_.port, to_timeval(connect_timeout_ms_));
-  if (ctx == nullptr) throw IoError("redis at " + loc_.endpoint() + ": cannot allocate a connection");
+  if (ctx == nullptr) throw RedisNotApplied("redis at " + loc_.endpoint() + ": cannot allocate a connection");
   if (ctx->err) {
     std::string why = ctx->errstr;
     redisFree(ctx);
-    throw IoError("cannot connect to redis at " + loc_.endpoint() + ": " + why);
+    throw RedisUnreachable("cannot connect to redis at " + loc_.endpoint() + ": " + why);
   }
   redisSetTimeout(ctx, to_timeval(io_timeout_ms_));
   redisEnableKeepAlive(ctx);
@@ -230,7 +231,7 @@ void RedisConnection::connect() {
     if (r->type == REDIS_REPLY_ERROR) {
       std::string text(r->str, r->len);
       reset();
-      throw IoError("redis at " + loc_.endpoint() + ": authentication failed" +
+      throw RedisNotApplied("redis at " + loc_.endpoint() + ": authentication failed" +
                     (loc_.user.empty() ? "" : " for user '" + loc_.user + "'") + " (" + text + ")");
     }
   }
@@ -242,15 +243,21 @@ void RedisConnection::connect() {
     std::string text(keep->str, keep->len);
     reset();
     if (is_auth_error(text)) {
-      throw IoError("redis at " + loc_.endpoint() + ": authentication failed (" + text +
+      throw RedisNotApplied("redis at " + loc_.endpoint() + ": authentication failed (" + text +
                     "); check GMI_REDIS_PASSWORD / GMI_REDIS_PASSWORD_FILE");
     }
-    throw IoError("redis at " + loc_.endpoint() + ": " + doing + ": " + text);
+    throw RedisNotApplied("redis at " + loc_.endpoint() + ": " + doing + ": " + text);
   }
 }
 
 void RedisConnection::ensure_connected() {
-  if (ctx_ == nullptr || ctx_->err) connect();
+  if (ctx_ != nullptr && !ctx_->err) return;
+  try {
+    connect();
+  } catch (const RedisOutcomeUnknown& e) {
+    // Lost while connecting (AUTH, SELECT, PING): the caller's command was never sent.
+    throw RedisUnreachable(e.what());
+  }
 }
 
 RedisReply RedisConnection::raw_command(const Args& args, const std::string& doing) {
@@ -284,7 +291,9 @@ std::vector<RedisReply> RedisConnection::pipeline(const std::vector<Args>& comma
     }
     if (redisAppendCommandArgv(ctx_, static_cast<int>(args.size()), argv.data(), lens.data()) !=
         REDIS_OK) {
-      connection_failed(describe_args(args));
+      // Only buffered so far: nothing reached the server.
+      reset();
+      throw RedisNotApplied("redis at " + loc_.endpoint() + ": cannot queue " + describe_args(args));
     }
   }
   std::vector<RedisReply> replies;
@@ -313,7 +322,7 @@ std::vector<const redisReply*> RedisConnection::transaction(const std::vector<Ar
   keep_alive = pipeline(all);
   const redisReply* exec = keep_alive.back().get();
   if (exec->type == REDIS_REPLY_NIL) {
-    throw IoError("redis at " + loc_.endpoint() + ": transaction aborted");
+    throw RedisNotApplied("redis at " + loc_.endpoint() + ": transaction aborted");
   }
   if (exec->type != REDIS_REPLY_ARRAY || exec->elements != commands.size()) {
     throw IoError("redis at " + loc_.endpoint() + ": unexpected reply type to EXEC");

@@ -18,6 +18,8 @@
 #include "gmi/broker_client.hpp"
 #include "gmi/encoder_registry.hpp"
 #include "gmi/image.hpp"
+#include "gmi/job_store.hpp"
+#include "gmi/redis.hpp"
 #include "gmi/wire.hpp"
 #include "synthetic_images.hpp"
 #include "test_support.hpp"
@@ -752,6 +754,73 @@ TEST_F(PipelineTest, RedisRestartLosesNoAcceptedJob) {
   EXPECT_EQ(after.value("state", ""), "finished") << after.dump();
   EXPECT_EQ(c.redis_counts().second, 0);
   EXPECT_TRUE(c.broker().running());
+}
+
+// Redis at its memory limit (noeviction): the jobs in flight still end, because a job's end
+// frees its input before it writes. It used to put the DEL in the same MULTI as the writes
+// Redis refuses, so nothing was ever freed and nothing ended.
+TEST_F(PipelineTest, JobsInFlightEndWhenRedisIsFull) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  c.worker("score").signal(SIGTERM);
+  ASSERT_EQ(c.worker("score").wait(10s), std::optional<int>(0));
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)]));
+  // Let them reach the score queue, then put Redis over its memory limit.
+  std::this_thread::sleep_for(1500ms);
+  redisContext* r = redisConnect("127.0.0.1", c.redis().port());
+  ASSERT_NE(r, nullptr);
+  auto run = [&](const std::string& cmd) {
+    auto* reply = static_cast<redisReply*>(redisCommand(r, cmd.c_str()));
+    std::string out = reply && (reply->type == REDIS_REPLY_STRING || reply->type == REDIS_REPLY_ERROR ||
+                                reply->type == REDIS_REPLY_STATUS)
+                          ? std::string(reply->str, reply->len)
+                          : "";
+    if (reply) freeReplyObject(reply);
+    return out;
+  };
+  const std::string info = run("INFO memory");
+  const auto at = info.find("used_memory:");
+  ASSERT_NE(at, std::string::npos);
+  const long long used = std::stoll(info.substr(at + 12));
+  // Over the limit by 1 MB, with no eviction: every write that needs memory is refused
+  // (and a few freed bytes do not end that).
+  run("CONFIG SET maxmemory-policy noeviction");
+  run("CONFIG SET maxmemory " + std::to_string(std::max(1024LL * 1024, used - 1024 * 1024)));
+  EXPECT_EQ(run("HSET probe a b").rfind("OOM", 0), 0u) << "a small write still went through";
+  c.start_worker("score");
+  for (const auto& id : ids) {
+    json job = c.await(id, 60s);
+    EXPECT_EQ(job.value("state", ""), "finished") << job.dump() << c.logs();
+    EXPECT_EQ(c.job_field(id, "state"), "finished");  // saved, not only answered
+    EXPECT_FALSE(c.job_field(id, "ended_ms").empty());
+  }
+  EXPECT_EQ(c.redis_counts().second, 0);  // nothing left active
+  run("CONFIG SET maxmemory 0");
+  redisFree(r);
+}
+
+// A job Redis recorded while its intake was answered "unavailable" (a reply lost after the
+// transaction applied) is adopted by the running broker within broker.reconcile_s, instead
+// of waiting in P:jobs:active for the next broker start.
+TEST_F(PipelineTest, AnActiveJobTheBrokerDoesNotHoldIsAdopted) {
+  START_CLUSTER(c, true, {"GMI_BROKER_RECONCILE_S=1"});
+  c.start_all();
+  upload_hub(c);
+  StoredJob job;
+  job.id = wire::random_id();
+  job.kind = "query";
+  job.params = {{"top", 3}};
+  job.route = {"decode", "embed", "interrogate", "score"};
+  job.created_ms = 1;
+  job.input.put(wire::Slot{wire::slot::kImages, wire::SlotKind::kImageBytes, json::object(), {hub().queries[1]}});
+  JobStore(parse_redis_uri(c.redis().uri()), JobStoreOptions{}).create(job);
+  json ended = c.await(job.id, 30s);
+  EXPECT_EQ(ended.value("state", ""), "finished") << ended.dump() << c.logs();
+  ASSERT_TRUE(ended.contains("result"));
+  EXPECT_EQ(ended["result"]["results"][0]["model"], Hub::model(1));
+  EXPECT_EQ(c.redis_counts().second, 0);
 }
 
 TEST_F(PipelineTest, PoisonImageIsDeadLetteredWhileItsBatchMatesFinish) {

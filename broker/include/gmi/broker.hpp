@@ -47,6 +47,8 @@ struct BrokerOptions {
   int backoff_max_ms = 5000;
   std::size_t max_pending_jobs = 10000;
   int task_timeout_s = 300;
+  /// Seconds between reconciliations of Redis's active set with the jobs this broker holds.
+  int reconcile_s = 30;
   std::int64_t max_message_bytes = 256ll << 20;
   int score_shards = 1;
   Route query_route{"decode", "embed", "interrogate", "score"};  ///< routes.query, for new jobs

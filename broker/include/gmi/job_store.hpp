@@ -69,8 +69,12 @@ class JobStore {
   void forget(const std::string& id);
 
   /// Ends a job: `job` is the job object clients will read (state "finished" or "failed").
-  /// dead_letter keeps the input for inspection and lists the id in P:dead-letters.
-  void end(const std::string& id, const nlohmann::json& job, bool dead_letter);
+  /// dead_letter keeps the input for inspection and lists the id in P:dead-letters. One
+  /// atomic script that frees the input before it writes (so it succeeds when Redis is at
+  /// its memory limit) and marks the end once (P:job:ID ended_ms, HSETNX). Returns true
+  /// for the job's first end, false when it had ended already (a repeat after an unknown
+  /// outcome). Idempotent.
+  bool end(const std::string& id, const nlohmann::json& job, bool dead_letter);
 
   /// The stored job object of an ended job, or nullopt if unknown/expired.
   std::optional<nlohmann::json> ended(const std::string& id);

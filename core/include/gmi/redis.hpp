@@ -13,6 +13,8 @@
 #include <string_view>
 #include <vector>
 
+#include "gmi/error.hpp"
+
 struct redisContext;
 struct redisReply;
 
@@ -36,6 +38,25 @@ RedisLocation parse_redis_uri(const std::string& uri);
 /// GMI_REDIS_PASSWORD if set and non-empty, else the contents of GMI_REDIS_PASSWORD_FILE
 /// (trailing newlines trimmed), else empty (no AUTH).
 std::string redis_password();
+
+/// Redis failures say whether the command took effect, as redis-plus-plus's do:
+/// RedisNotApplied  the server refused it (an error reply: OOM, WRONGTYPE, a script error)
+///                  or it never left this process (no connection): nothing happened;
+/// RedisOutcomeUnknown  it was sent and no reply came (timeout, connection lost): it may
+///                  have been applied. Read back before answering anyone.
+class RedisNotApplied : public IoError {
+ public:
+  using IoError::IoError;
+};
+class RedisOutcomeUnknown : public IoError {
+ public:
+  using IoError::IoError;
+};
+/// Not applied because no connection could be made (the server is away).
+class RedisUnreachable : public RedisNotApplied {
+ public:
+  using RedisNotApplied::RedisNotApplied;
+};
 
 /// A reply, owned. Error replies are only returned by RedisConnection::raw(); every other
 /// call throws IoError on them.
