@@ -113,6 +113,7 @@ struct Worker {
   Clock::time_point last_dispatch{};
   std::set<std::string> tasks;
   bool exclusive = false;  // holds a suspect task: gets nothing else until it answers
+  std::string session;     // the connection's identity ("ready"); a new one lost its tasks
 };
 
 std::string queue_key(const std::string& stage, int shard) {
@@ -168,7 +169,7 @@ struct Broker::Impl {
     // Counters exist at 0 from the start, so that rate() and alerts see them before the
     // first retry or dead letter.
     for (const auto& stage : wire::stage_names()) {
-      for (const char* reason : {"error", "worker_lost", "timeout", "metric_skew"}) {
+      for (const char* reason : {"error", "worker_lost", "worker_reconnected", "timeout", "metric_skew"}) {
         metrics.retries_total.Add({{"stage", stage}, {"reason", reason}});
       }
       metrics.dead_letters_total.Add({{"stage", stage}});
@@ -468,8 +469,35 @@ struct Broker::Impl {
     } else {
       w.reads.reset();
     }
+    const std::string session = h.value("session", "");
+    if (!inserted && session != w.session) {
+      // The same worker on a new connection: what the old one held is gone with it. Back to
+      // the front of its queue at once (no attempt spent), and its credit starts afresh.
+      requeue_held(w, "reconnected");
+      w.credit = 0;
+    }
+    w.session = session;
     w.credit += h["credit"].get<int>();
     w.last_heard = Clock::now();
+  }
+
+  // The tasks `w` holds go back to the front of their queue, as they were (a suspect stays
+  // one), without spending an attempt.
+  void requeue_held(Worker& w, const char* why) {
+    if (w.tasks.empty()) return;
+    for (auto it = w.tasks.rbegin(); it != w.tasks.rend(); ++it) {
+      auto f = flights.find(*it);
+      if (f == flights.end()) continue;
+      queues[queue_key(w.stage, f->second.shard)].push_front(
+          Pending{f->second.job_id, f->second.shard, f->second.isolate});
+      flights.erase(f);
+    }
+    log::info("re-queued the tasks of a worker's previous connection",
+              {{"worker", w.name}, {"tasks", w.tasks.size()}, {"why", why}});
+    metrics.retries_total.Add({{"stage", w.stage}, {"reason", "worker_reconnected"}}).Increment(
+        static_cast<double>(w.tasks.size()));
+    w.tasks.clear();
+    w.exclusive = false;
   }
 
   void on_results(Worker& w, wire::Message& msg) {
@@ -955,6 +983,9 @@ struct Broker::Impl {
           return reply(routing, std::move(a));
         }
       }
+      // Uploads are numbered in the order they are accepted (after the idempotency check,
+      // so a retry keeps its number): the spec stage fences its write with it.
+      if (job.kind == "upload") job.params["upload_seq"] = store->next_upload_seq();
       try {
         store->create(job, idem);
       } catch (const RedisOutcomeUnknown& e) {

@@ -68,6 +68,12 @@ void JobStore::create(const StoredJob& job, const IdempotencyRecord& idempotency
   redis_.transaction(cmds, keep);
 }
 
+std::uint64_t JobStore::next_upload_seq() {
+  const std::string k = redis_.key("upload-counter");
+  RedisReply r = redis_.command({"INCR", k});
+  return static_cast<std::uint64_t>(RedisConnection::as_integer(r.get(), "INCR " + k));
+}
+
 std::vector<std::string> JobStore::active_ids() {
   RedisReply r = redis_.command({"SMEMBERS", active_key_});
   return RedisConnection::as_string_array(r.get(), "SMEMBERS " + active_key_);

@@ -183,6 +183,29 @@ class DirSpecStore final : public SpecStore {
     bump_generation();
   }
 
+  FencedPut put_fenced(const Spec& spec, std::uint64_t upload_seq) override {
+    if (upload_seq == 0) throw InputError("put_fenced: upload sequences start at 1");
+    const auto bytes = serialize_spec(spec);
+    // The stored spec's extra.upload_seq is the fence; read and written under the store's
+    // lock, so that two writers cannot both pass it.
+    Fd lock = lock_store();
+    FencedPut out;
+    if (auto bytes_now = read_file(spec_path(spec.model_id))) {
+      try {
+        const Spec now = parse_spec(*bytes_now);
+        out.stored_seq = now.extra.value("upload_seq", 0ull);
+      } catch (const SpecFormatError&) {
+        // a damaged spec fences nothing: replace it
+      }
+    }
+    if (out.stored_seq >= upload_seq) return out;
+    write_file_atomically(spec_path(spec.model_id), bytes.data(), bytes.size());
+    out.generation = bump_generation_locked();
+    out.stored = true;
+    out.stored_seq = upload_seq;
+    return out;
+  }
+
   std::optional<Spec> get(const std::string& model_id) override {
     validate_model_id(model_id);
     const fs::path path = spec_path(model_id);
@@ -319,17 +342,29 @@ class DirSpecStore final : public SpecStore {
     return value;
   }
 
-  void bump_generation() {
+  // The store's lock (flock on PATH/.lock), held until the descriptor closes.
+  Fd lock_store() {
     const fs::path lock_path = dir_ / ".lock";
     Fd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666));
     if (lock.get() < 0) throw_io("cannot open lock file", lock_path, errno);
     while (::flock(lock.get(), LOCK_EX) != 0) {
       if (errno != EINTR) throw_io("cannot lock", lock_path, errno);
     }
-    const std::string next = std::to_string(read_generation() + 1) + "\n";
-    write_file_atomically(generation_path(), reinterpret_cast<const std::uint8_t*>(next.data()),
-                          next.size());
+    return lock;
+  }
+
+  void bump_generation() {
+    Fd lock = lock_store();
+    bump_generation_locked();
     // Closing the descriptor releases the lock.
+  }
+
+  std::uint64_t bump_generation_locked() {
+    const std::uint64_t next = read_generation() + 1;
+    const std::string text = std::to_string(next) + "\n";
+    write_file_atomically(generation_path(), reinterpret_cast<const std::uint8_t*>(text.data()),
+                          text.size());
+    return next;
   }
 
   fs::path dir_;
@@ -346,7 +381,8 @@ class RedisSpecStore final : public SpecStore {
         models_key_(redis_.key("models")),
         generation_key_(redis_.key("generation")),
         changes_key_(redis_.key("spec-changes")),
-        metric_key_(redis_.key("metric")) {}
+        metric_key_(redis_.key("metric")),
+        upload_seq_key_(redis_.key("upload-seq")) {}
 
   void put(const Spec& spec) override {
     const auto bytes = serialize_spec(spec);  // validates, model id included
@@ -358,6 +394,34 @@ class RedisSpecStore final : public SpecStore {
                         {"INCR", generation_key_},
                         change_entry(spec.model_id)},
                        keep);
+  }
+
+  FencedPut put_fenced(const Spec& spec, std::uint64_t upload_seq) override {
+    if (upload_seq == 0) throw InputError("put_fenced: upload sequences start at 1");
+    const auto bytes = serialize_spec(spec);
+    // The fence (P:upload-seq, a hash model -> sequence) is checked and moved in the same
+    // script that writes the spec, its membership, the generation and the change log.
+    static constexpr const char* kScript = R"lua(
+local now = tonumber(redis.call('HGET', KEYS[5], ARGV[2]) or '0')
+if now >= tonumber(ARGV[3]) then return {0, now, 0} end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+local g = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'model', ARGV[2])
+redis.call('HSET', KEYS[5], ARGV[2], ARGV[3])
+return {1, tonumber(ARGV[3]), g}
+)lua";
+    const std::string key = spec_key(spec.model_id);
+    const std::string seq = std::to_string(upload_seq);
+    std::string_view blob(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    RedisReply r = redis_.command({"EVAL", kScript, "5", key, models_key_, generation_key_, changes_key_,
+                                   upload_seq_key_, blob, spec.model_id, seq, kChangeLogLength});
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) throw IoError("redis: unexpected reply to put_fenced");
+    FencedPut out;
+    out.stored = r->element[0]->integer == 1;
+    out.stored_seq = static_cast<std::uint64_t>(r->element[1]->integer);
+    out.generation = static_cast<std::uint64_t>(r->element[2]->integer);
+    return out;
   }
 
   std::optional<Spec> get(const std::string& model_id) override {
@@ -554,6 +618,7 @@ class RedisSpecStore final : public SpecStore {
   std::string generation_key_;
   std::string changes_key_;
   std::string metric_key_;
+  std::string upload_seq_key_;
 };
 
 }  // namespace

@@ -194,7 +194,8 @@ void validate_worker_to_broker(const json& h, const std::string& type, std::size
                      {"shard", Kind::kInt, false, 0, 4095},
                      {"shards", Kind::kInt, false, 1, 4096},
                      {"reads", Kind::kArray, false},
-                     {"credit_slot", Kind::kString, false, 0, 64}},
+                     {"credit_slot", Kind::kString, false, 0, 64},
+                     {"session", Kind::kString, false, 0, 64}},
                  "");
     check_stage(h, "");
     if (h.contains("reads")) {

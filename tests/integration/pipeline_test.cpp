@@ -20,6 +20,7 @@
 #include "gmi/image.hpp"
 #include "gmi/job_store.hpp"
 #include "gmi/redis.hpp"
+#include "gmi/spec_store.hpp"
 #include "gmi/wire.hpp"
 #include "synthetic_images.hpp"
 #include "test_support.hpp"
@@ -821,6 +822,66 @@ TEST_F(PipelineTest, AnActiveJobTheBrokerDoesNotHoldIsAdopted) {
   ASSERT_TRUE(ended.contains("result"));
   EXPECT_EQ(ended["result"]["results"][0]["model"], Hub::model(1));
   EXPECT_EQ(c.redis_counts().second, 0);
+}
+
+// Read-your-writes: a query accepted after an upload reported "finished" sees the model, on
+// every score replica, even with caches that would refresh only every 10 minutes.
+TEST_F(PipelineTest, AQueryAfterAFinishedUploadSeesItOnEveryReplica) {
+  START_CLUSTER(c, true, {"GMI_SCORE_REFRESH_MS=600000"});
+  c.start_all();
+  c.start_worker("score");  // a second replica of the one shard
+  for (int m = 0; m < Hub::kModels; ++m) {
+    json up = c.await(c.submit([&](BrokerClient& b) { return b.submit_upload(hub().uploads[static_cast<std::size_t>(m)]); }));
+    ASSERT_EQ(up.value("state", ""), "finished") << up.dump() << c.logs();
+    EXPECT_EQ(up["result"]["spec"]["extra"].value("upload_seq", 0), m + 1);  // staleness is visible
+    for (int q = 0; q < 4; ++q) {  // alternating replicas
+      json job = c.await(c.query(hub().queries[static_cast<std::size_t>(m)], 10, "rkme"));
+      ASSERT_EQ(job.value("state", ""), "finished") << job.dump() << c.logs();
+      EXPECT_EQ(job["result"]["results"].size(), static_cast<std::size_t>(m + 1)) << job.dump();
+      EXPECT_EQ(job["result"]["results"][0]["model"], Hub::model(m)) << job.dump();
+    }
+  }
+}
+
+// A spec write is fenced by its upload's sequence: an upload older than the spec stored
+// (a stale retry) fails, naming both, and leaves the newer spec in place.
+TEST_F(PipelineTest, AStaleUploadNeverReplacesANewerSpec) {
+  START_CLUSTER(c);
+  c.start_all();
+  const auto& u = hub().uploads[0];
+  json first = c.await(c.submit([&](BrokerClient& b) { return b.submit_upload(u); }));
+  ASSERT_EQ(first.value("state", ""), "finished") << first.dump() << c.logs();
+  // A newer upload of the model lands (sequence 1000, as if accepted later) ...
+  auto store = open_spec_store(c.redis().uri());
+  Spec newer = *store->get(u.model_id);
+  newer.extra["upload_seq"] = 1000;
+  newer.card = "the newer upload";
+  ASSERT_TRUE(store->put_fenced(newer, 1000).stored);
+  // ... so this one, numbered before it, is refused with its reason, and the spec stays.
+  json stale = c.await(c.submit([&](BrokerClient& b) { return b.submit_upload(u); }));
+  EXPECT_EQ(stale.value("state", ""), "failed") << stale.dump();
+  EXPECT_NE(stale.value("error", "").find("superseded"), std::string::npos) << stale.dump();
+  EXPECT_EQ(store->get(u.model_id)->card, "the newer upload");
+}
+
+// A worker that reconnects by itself (it heard nothing for a while, the broker still counts
+// it alive) has lost what it held: the broker re-queues those tasks at once when the new
+// connection registers, without spending an attempt, instead of letting them wait out
+// broker.task_timeout_s (300 s).
+TEST_F(PipelineTest, AWorkerThatReconnectsByItselfGetsItsTasksBackAtOnce) {
+  START_CLUSTER(c);
+  c.start_broker();
+  c.start_worker("decode", {"GMI_FAULT_RECONNECT_ON=RECONNECT-NOW"});
+  for (const char* s : {"embed", "interrogate", "score", "spec", "learn"}) c.start_worker(s);
+  upload_hub(c);
+  const std::string marked = hub().queries[2] + "RECONNECT-NOW";  // JPEG readers stop at EOI
+  json job = c.await(c.query(marked, 3), 60s);  // well inside the 300 s task timeout
+  ASSERT_EQ(job.value("state", ""), "finished") << job.dump() << c.logs();
+  EXPECT_EQ(job["result"]["results"][0]["model"], Hub::model(2));
+  EXPECT_NE(c.broker_metrics().find("gmi_retries_total{reason=\"worker_reconnected\",stage=\"decode\"} 1"),
+            std::string::npos)
+      << c.broker_metrics();
+  EXPECT_NE(c.worker("decode").log().find("fault injection: reconnecting"), std::string::npos);
 }
 
 TEST_F(PipelineTest, PoisonImageIsDeadLetteredWhileItsBatchMatesFinish) {

@@ -136,6 +136,13 @@ TEST_F(RedisStoreTest, StoresGetsListsReplacesAndRemoves) {
   testing::check_store_behaviour(*store);
 }
 
+TEST_F(RedisStoreTest, FencedWritesNeverLetAStaleUploadReplaceANewerSpec) {
+  START_REDIS(server);
+  auto store = open_spec_store(server.uri());
+  testing::check_fenced_put_behaviour(*store);
+  EXPECT_EQ(store->list(), std::vector<std::string>{"fenced"});
+}
+
 TEST_F(RedisStoreTest, StoresTheHubMetricInOneKeyWithIncreasingVersions) {
   START_REDIS(server);
   auto store = open_spec_store(server.uri());

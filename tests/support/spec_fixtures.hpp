@@ -187,4 +187,34 @@ inline void check_metric_store_behaviour(SpecStore& store) {
   EXPECT_FALSE(store.get_metric().has_value());
 }
 
+/// Fenced writes: a spec is stored only when its upload sequence is newer than the one
+/// stored for the model; a stale one leaves the newer spec in place, and says so.
+inline void check_fenced_put_behaviour(SpecStore& store) {
+  Spec newer = make_random_spec("fenced", 7);
+  newer.extra["upload_seq"] = 5;
+  const auto before = store.generation();
+  FencedPut put = store.put_fenced(newer, 5);
+  EXPECT_TRUE(put.stored);
+  EXPECT_EQ(put.stored_seq, 5u);
+  EXPECT_GT(put.generation, before);
+  EXPECT_EQ(store.generation(), put.generation);
+  const auto after_first = store.generation();
+  Spec stale = make_random_spec("fenced", 8);
+  stale.extra["upload_seq"] = 3;
+  put = store.put_fenced(stale, 3);  // a retry of an older upload, arriving late
+  EXPECT_FALSE(put.stored);
+  EXPECT_EQ(put.stored_seq, 5u);
+  EXPECT_EQ(store.generation(), after_first);  // nothing changed, nothing for caches to reload
+  auto got = store.get("fenced");
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->extra.value("upload_seq", 0), 5);
+  EXPECT_TRUE(got->zx.isApprox(newer.zx));
+  EXPECT_FALSE(store.put_fenced(stale, 5).stored);  // the same number is not newer
+  Spec next = make_random_spec("fenced", 9);
+  next.extra["upload_seq"] = 6;
+  EXPECT_TRUE(store.put_fenced(next, 6).stored);
+  EXPECT_EQ(store.get("fenced")->extra.value("upload_seq", 0), 6);
+  EXPECT_THROW(store.put_fenced(next, 0), InputError);
+}
+
 }  // namespace gmi::testing

@@ -492,6 +492,12 @@ TEST(DirSpecStore, StoresGetsListsReplacesAndRemoves) {
   testing::check_store_behaviour(*store);
 }
 
+TEST(DirSpecStore, FencedWritesNeverLetAStaleUploadReplaceANewerSpec) {
+  testing::TempDir tmp;
+  auto store = open_spec_store("dir:" + (tmp.path() / "specs").string());
+  testing::check_fenced_put_behaviour(*store);
+}
+
 TEST(DirSpecStore, StoresTheHubMetricWithIncreasingVersions) {
   testing::TempDir tmp;
   auto store = open_spec_store("dir:" + (tmp.path() / "specs").string());

@@ -70,10 +70,12 @@ class HubMethod final : public Method {
   std::string not_ready_reason() const override { return hub_->not_ready_reason(); }
 
   void run(std::vector<StageTask>& batch, std::vector<StageResult>& out) override {
-    auto hub = hub_->current();
+    // Read-your-writes, as in score: the specs stored before this batch began are used.
+    std::string stale;
+    auto hub = hub_->current_fresh(std::chrono::seconds(10), stale);
     if (!hub) {
-      for (auto& r : out)
-        r = StageResult::failure("interrogate: " + hub_->not_ready_reason(), true);
+      const std::string why = stale.empty() ? hub_->not_ready_reason() : stale;
+      for (auto& r : out) r = StageResult::failure("interrogate: " + why, true);
       return;
     }
     const auto& index = hub->index();

@@ -51,6 +51,30 @@ std::shared_ptr<const Identifier> HubCache::current() const {
   return current_;
 }
 
+std::shared_ptr<const Identifier> HubCache::current_fresh(std::chrono::milliseconds wait,
+                                                         std::string& why) {
+  std::uint64_t generation = 0;
+  {
+    std::lock_guard probe_lock(probe_mutex_);
+    try {
+      if (!probe_) probe_ = open_spec_store(options_.store_uri);
+      generation = probe_->generation();
+    } catch (const std::exception&) {
+      probe_.reset();
+      return current();  // the store is away: nothing newer can be loaded anyway
+    }
+  }
+  std::unique_lock lock(mutex_);
+  if (current_ && current_generation_ >= generation) return current_;
+  refresh_now_ = true;
+  cv_.notify_all();
+  refreshed_.wait_for(lock, wait, [&] { return quit_ || (current_ && current_generation_ >= generation); });
+  if (current_ && current_generation_ >= generation) return current_;
+  why = "the specs loaded (store generation " + std::to_string(current_generation_) +
+        ") have not caught up with the store (generation " + std::to_string(generation) + ") yet";
+  return nullptr;
+}
+
 std::string HubCache::not_ready_reason() const {
   std::lock_guard lock(mutex_);
   return not_ready_;
@@ -174,8 +198,10 @@ void HubCache::loop() {
         {
           std::lock_guard lock(mutex_);
           current_ = std::move(next);
+          current_generation_ = generation;
           not_ready_.clear();
         }
+        refreshed_.notify_all();
         log::info("specs refreshed", {{"stage", options_.stage}, {"shard", options_.shard},
                                       {"models", state.specs.size()}, {"fetched", fetched},
                                       {"generation", generation},
@@ -189,7 +215,8 @@ void HubCache::loop() {
       if (!current_) not_ready_ = std::string("cannot load specs: ") + e.what();
     }
     std::unique_lock lock(mutex_);
-    cv_.wait_for(lock, std::chrono::milliseconds(options_.refresh_ms), [&] { return quit_; });
+    cv_.wait_for(lock, std::chrono::milliseconds(options_.refresh_ms), [&] { return quit_ || refresh_now_; });
+    refresh_now_ = false;
   }
 }
 

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -58,6 +59,8 @@ struct StageWorker::Impl {
   Clock::time_point first_pending{};
   int computing = 0;  // units (tasks, or images) in the batch being computed
   int granted = 0;    // credit the broker still holds for us
+  std::string session;  // this connection's identity, in every "ready"
+  std::string reconnect_on;  // GMI_FAULT_RECONNECT_ON (tests only)
   Clock::time_point last_heard = Clock::now();
   Clock::time_point last_sent = Clock::now();
   bool stopping = false;
@@ -83,6 +86,9 @@ struct StageWorker::Impl {
                         .Add({{"stage", s.name()}}, Metrics::size_buckets())) {
     if (policy.max_batch < 1) throw InputError(stage.name() + ".max_batch must be >= 1");
     if (opt.name.empty()) opt.name = default_name(stage.name());
+    // Fault injection for the tests: the first task carrying this marker makes the worker
+    // drop what it holds and reconnect by itself, as a network blip would.
+    if (const char* m = std::getenv("GMI_FAULT_RECONNECT_ON"); m != nullptr && *m != '\0') reconnect_on = m;
     wake_rx.bind(wake_endpoint);
     compute = std::thread([this] { compute_loop(); });
   }
@@ -135,6 +141,9 @@ struct StageWorker::Impl {
     }
     socket->connect(opt.broker);
     pending.clear();  // tasks from a broker that forgot us are re-dispatched by it
+    // A new session: the broker re-queues, at once, whatever it still thinks the previous
+    // connection holds, and takes this one's credit as the whole of it.
+    session = wire::random_id();
     granted = 0;
     last_heard = Clock::now();
     grant(policy.max_batch - computing);
@@ -159,6 +168,7 @@ struct StageWorker::Impl {
     h["stage"] = stage.name();
     h["worker"] = opt.name;
     h["credit"] = credit;
+    h["session"] = session;
     h["shard"] = stage.shard();
     h["shards"] = stage.shards();
     const auto reads = stage.reads();
@@ -196,6 +206,15 @@ struct StageWorker::Impl {
       granted = 0;
       grant(policy.max_batch - computing);
     } else if (type == "tasks") {
+      if (!reconnect_on.empty()) {
+        for (const auto& f : msg.frames) {
+          if (f.find(reconnect_on) == std::string::npos) continue;
+          log::warn("fault injection: reconnecting, dropping the tasks held (GMI_FAULT_RECONNECT_ON)");
+          reconnect_on.clear();  // once
+          connect();
+          return;
+        }
+      }
       std::size_t frame = 0;
       json rejected = json::array();
       int rejected_credit = 0;

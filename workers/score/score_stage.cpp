@@ -34,9 +34,12 @@ class ScoreStage final : public Stage {
 
   std::vector<StageResult> process(std::vector<StageTask>& batch) override {
     std::vector<StageResult> out(batch.size());
-    auto hub = hub_->current();
+    // Read-your-writes: every spec stored before this batch began is in the snapshot used.
+    std::string stale;
+    auto hub = hub_->current_fresh(std::chrono::seconds(10), stale);
     if (!hub) {
-      for (auto& r : out) r = StageResult::failure("score: " + hub_->not_ready_reason(), true);
+      const std::string why = stale.empty() ? hub_->not_ready_reason() : stale;
+      for (auto& r : out) r = StageResult::failure("score: " + why, true);
       return out;
     }
     const auto& index = hub->index();

@@ -63,9 +63,25 @@ class SpecStage final : public Stage {
     } catch (const InputError& e) {
       return StageResult::failure(std::string("spec: ") + e.what(), false);
     }
+    // The broker numbers uploads as it accepts them; a spec write is fenced by that number so
+    // that a stale retry of an older upload never replaces a newer spec.
+    const std::uint64_t seq = task.params.value("upload_seq", 0ull);
+    std::uint64_t generation = 0;
     try {
       if (!store_) store_ = open_spec_store(store_uri_);
-      store_->put(spec);
+      if (seq > 0) {
+        spec.extra["upload_seq"] = seq;
+        const FencedPut put = store_->put_fenced(spec, seq);
+        if (!put.stored) {
+          return StageResult::failure("spec: a newer upload of model '" + spec.model_id + "' (upload " +
+                                          std::to_string(put.stored_seq) + ") is stored already; this one (upload " +
+                                          std::to_string(seq) + ") is superseded and was not stored",
+                                      false);
+        }
+        generation = put.generation;
+      } else {
+        store_->put(spec);
+      }
     } catch (const IoError& e) {
       store_.reset();
       return StageResult::failure(std::string("spec: cannot store the spec: ") + e.what(), true);
@@ -73,6 +89,7 @@ class SpecStage final : public Stage {
     StageResult r;
     r.meta = {{"model", spec.model_id}, {"spec", spec_metadata(spec)},
               {"skipped", task.meta.value("skipped", json::array())}};
+    if (generation > 0) r.meta["generation"] = generation;
     if (auto_learn_) {
       // The broker makes a metric job when the hub is due for a (new) metric. A store that
       // cannot say now only delays that to the next upload.

@@ -61,6 +61,9 @@ class JobStore {
   void create(const StoredJob& job, const IdempotencyRecord& idempotency = {});
   /// The record a scoped idempotency key already has (its job_id and fingerprint), if any.
   std::optional<IdempotencyRecord> find_idempotent(const std::string& scope, const std::string& key);
+  /// The next upload sequence (P:upload-counter, INCR): uploads are numbered in the order
+  /// the broker accepts them, and the spec stage fences spec writes with the number.
+  std::uint64_t next_upload_seq();
   /// Ids of jobs accepted and not ended.
   std::vector<std::string> active_ids();
   /// The job's record and input; nullopt when its keys are gone (then drop it from the

@@ -32,11 +32,23 @@ class MetricConflictError : public Error {
   using Error::Error;
 };
 
+/// What a fenced put did.
+struct FencedPut {
+  bool stored = false;            ///< false: a newer upload of the model is stored already
+  std::uint64_t stored_seq = 0;   ///< the model's upload sequence in the store afterwards
+  std::uint64_t generation = 0;   ///< the store's generation after the write (when stored)
+};
+
 class SpecStore {
  public:
   virtual ~SpecStore() = default;
   /// Stores (or atomically replaces) the spec under spec.model_id.
   virtual void put(const Spec& spec) = 0;
+  /// Stores the spec only if `upload_seq` is newer than the upload sequence stored for the
+  /// model (checked and written atomically with the spec), so that a stale retry of an old
+  /// upload never overwrites a newer spec. upload_seq > 0; the spec's extra.upload_seq
+  /// should carry it (staleness stays visible).
+  virtual FencedPut put_fenced(const Spec& spec, std::uint64_t upload_seq) = 0;
   /// std::nullopt when absent. Throws SpecFormatError if the stored bytes are damaged.
   virtual std::optional<Spec> get(const std::string& model_id) = 0;
   virtual bool remove(const std::string& model_id) = 0;

@@ -10,6 +10,7 @@
 /// A metric of another image encoder is refused (logged; the snapshot ranks without one).
 /// Thread-safety: current() and not_ready_reason() are safe from any thread.
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -17,6 +18,7 @@
 #include <thread>
 
 #include "gmi/pipeline.hpp"
+#include "gmi/spec_store.hpp"
 
 namespace gmi {
 class Config;
@@ -48,6 +50,11 @@ class HubCache {
 
   /// The latest snapshot; null until the first load finished.
   std::shared_ptr<const Identifier> current() const;
+  /// Read-your-writes: the snapshot once it has caught up with the store's generation as
+  /// read now (one GET), refreshing at once if it lags, waiting at most `wait`. So a query
+  /// scored after an upload finished sees that upload's spec. Null, with `why`, when it
+  /// does not catch up in time; with the store unreachable, the latest snapshot.
+  std::shared_ptr<const Identifier> current_fresh(std::chrono::milliseconds wait, std::string& why);
   std::string not_ready_reason() const;
   const HubCacheOptions& options() const { return options_; }
 
@@ -61,6 +68,11 @@ class HubCache {
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::shared_ptr<const Identifier> current_;
+  std::uint64_t current_generation_ = 0;  // the store generation current_ was loaded at
+  bool refresh_now_ = false;              // a reader wants a refresh before refresh_ms
+  std::condition_variable refreshed_;
+  std::unique_ptr<SpecStore> probe_;      // the readers' store connection (under probe_mutex_)
+  std::mutex probe_mutex_;
   std::string not_ready_ = "loading specs";
   bool quit_ = false;
   std::thread thread_;
