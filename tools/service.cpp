@@ -31,7 +31,10 @@ using nlohmann::json;
 
 std::atomic<bool> g_stop{false};
 
+std::atomic<bool> g_reload_keys{false};  // SIGHUP: re-read curve.clients_dir
+
 extern "C" void on_signal(int) { g_stop.store(true); }
+extern "C" void on_hangup(int) { g_reload_keys.store(true); }
 
 void install_signal_handlers() {
   struct sigaction sa {};
@@ -39,6 +42,10 @@ void install_signal_handlers() {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
+  struct sigaction hup {};
+  hup.sa_handler = on_hangup;
+  sigemptyset(&hup.sa_mask);
+  sigaction(SIGHUP, &hup, nullptr);
   signal(SIGPIPE, SIG_IGN);
 }
 
@@ -103,6 +110,8 @@ BrokerOptions broker_options(const Config& c) {
   Curve cv = load_curve(c, true);
   o.curve = cv.enabled;
   o.curve_server = cv.server;
+  o.curve_clients_dir = c.get_string("curve.clients_dir");
+  o.reload_keys = &g_reload_keys;
   return o;
 }
 

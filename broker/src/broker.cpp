@@ -13,6 +13,7 @@
 #include <unordered_map>
 
 #include "digest.hpp"
+#include "zap.hpp"
 #include "gmi/error.hpp"
 #include "gmi/redis.hpp"
 #include "gmi/log.hpp"
@@ -127,6 +128,7 @@ struct Broker::Impl {
   BrokerOptions opt;
   zmq::socket_t frontend;
   zmq::socket_t backend;
+  std::unique_ptr<detail::ZapAuthenticator> zap;  // CURVE client allow-list, when configured
   std::optional<JobStore> store;
   bool store_reachable = true;  // the last write to it got an answer (refusals included)
   RedisLocation redis_location;
@@ -175,6 +177,10 @@ struct Broker::Impl {
       metrics.dead_letters_total.Add({{"stage", stage}});
     }
     redis_location = parse_redis_uri(opt.redis_uri);
+    // The allow-list is in place before either socket binds, so no peer slips in first.
+    if (opt.curve && !opt.curve_clients_dir.empty()) {
+      zap = std::make_unique<detail::ZapAuthenticator>(ctx, opt.curve_clients_dir);
+    }
     for (auto* s : {&frontend, &backend}) {
       s->set(zmq::sockopt::linger, 0);
       s->set(zmq::sockopt::router_mandatory, 1);
@@ -1089,6 +1095,7 @@ struct Broker::Impl {
       if (items[1].revents & ZMQ_POLLIN) on_backend();
       if (items[0].revents & ZMQ_POLLIN) on_frontend();
       recover();
+      if (opt.reload_keys != nullptr && opt.reload_keys->exchange(false) && zap) zap->request_reload();
       release_delayed();
       retry_unsaved();
       dispatch();

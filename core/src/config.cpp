@@ -320,6 +320,9 @@ const std::vector<ConfigKey>& Config::schema() {
       {"curve.server_keys", "", "path of the broker's key file"},
       {"curve.server_public", "", "path of the broker's public key file, for clients and workers"},
       {"curve.client_keys", "", "path of this client's key file"},
+      {"curve.clients_dir", "",
+       "broker: directory of the key files of the clients and workers allowed in (empty: "
+       "anyone with the broker's public key); re-read on SIGHUP"},
 
       {"serve.decode_workers", "1", "decode workers `gmi serve` starts",
        ConfigType::integer(0, 256)},

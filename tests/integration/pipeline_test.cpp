@@ -1238,5 +1238,56 @@ TEST_F(PipelineTest, CurveEncryptsEveryLinkAndRefusesStrangers) {
   EXPECT_FALSE(stranger.ping(500));
 }
 
+// With curve.clients_dir, holding the broker's public key is not enough: a client or worker
+// whose key is not in the directory is refused on both sockets (it could read user images,
+// forge rankings or skip the gateway's API key); a key added to the directory is admitted
+// after SIGHUP.
+TEST_F(PipelineTest, CurveAdmitsOnlyTheKeysOfTheAllowList) {
+  testing::TempDir keys;
+  const fs::path allowed = keys.path() / "allowed";
+  fs::create_directories(allowed);
+  const std::string server = (keys.path() / "broker.key").string();
+  const std::string client = (allowed / "client.key").string();
+  const std::string outsider = (keys.path() / "outsider.key").string();
+  wire::generate_curve_key_files(server);
+  wire::generate_curve_key_files(client);
+  wire::generate_curve_key_files(outsider);
+  START_CLUSTER(c, true,
+                {"GMI_CURVE_ENABLED=true", "GMI_CURVE_SERVER_KEYS=" + server,
+                 "GMI_CURVE_SERVER_PUBLIC=" + server + ".pub", "GMI_CURVE_CLIENT_KEYS=" + client,
+                 "GMI_CURVE_CLIENTS_DIR=" + allowed.string()});
+  c.start_all();
+  hub().write(c.dir() / "hub");
+  // The workers and this client hold allowed keys: an upload goes through.
+  auto up = testing::run_process({testing::gmi_binary(), "upload", "--model", Hub::model(0), "--manifest",
+                                  (c.dir() / "hub" / Hub::model(0) / "manifest.jsonl").string(), "--json"},
+                                 c.env());
+  ASSERT_EQ(up.exit_code, 0) << up.err << c.logs();
+  zmq::context_t ctx;
+  BrokerClientOptions o;
+  o.endpoint = c.frontend();
+  o.curve_server_public = wire::read_curve_key_file(server + ".pub").public_key;
+  o.curve_client = wire::read_curve_key_file(outsider);
+  {
+    BrokerClient intruder(ctx, o);
+    EXPECT_FALSE(intruder.ping(1000)) << "a client outside the allow-list was served";
+  }
+  // A worker outside the list gets no tasks: its registration never reaches the broker.
+  auto& rogue = c.start_worker("score", {"GMI_CURVE_CLIENT_KEYS=" + outsider});
+  std::this_thread::sleep_for(1500ms);
+  EXPECT_TRUE(rogue.running());
+  EXPECT_NE(c.broker().log().find("refused a CURVE client"), std::string::npos) << c.broker().log();
+  // Added to the directory, then SIGHUP: admitted.
+  fs::copy_file(outsider + ".pub", allowed / "outsider.key.pub");
+  c.broker().signal(SIGHUP);
+  bool admitted = false;
+  for (int i = 0; i < 50 && !admitted; ++i) {
+    BrokerClient now_known(ctx, o);
+    admitted = now_known.ping(500);
+  }
+  EXPECT_TRUE(admitted) << c.broker().log();
+  EXPECT_TRUE(c.broker().running());
+}
+
 }  // namespace
 }  // namespace gmi

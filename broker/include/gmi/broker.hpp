@@ -57,6 +57,11 @@ struct BrokerOptions {
   int drain_timeout_ms = 30000;
   bool curve = false;
   wire::CurveKeys curve_server;
+  /// With CURVE: a directory of client key files; only those keys may connect to either
+  /// socket (a ZAP handler). Empty: anyone holding the server's public key may.
+  std::string curve_clients_dir;
+  /// Set (by a SIGHUP handler) to have the allow-list re-read; the broker clears it.
+  std::atomic<bool>* reload_keys = nullptr;
 };
 
 class Broker {
