@@ -82,6 +82,33 @@ std::string idempotency_key(const httplib::Request& req) {
   return key;
 }
 
+// Why a request's framing is unacceptable ("" when it is fine): several Content-Length
+// values that differ, one that is not a decimal number, a transfer coding other than
+// chunked, or both a Transfer-Encoding and a Content-Length.
+std::string framing_error(const httplib::Request& req) {
+  const std::size_t lengths = req.get_header_value_count("Content-Length");
+  std::string first;
+  for (std::size_t i = 0; i < lengths; ++i) {
+    const std::string v = req.get_header_value("Content-Length", i);
+    if (v.empty() || v.size() > 19 ||
+        !std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      return "Content-Length \"" + v.substr(0, 32) + "\" is not a non-negative decimal number";
+    }
+    if (i == 0) first = v;
+    else if (v != first) return "the request has Content-Length " + first + " and " + v + ": which is it?";
+  }
+  const std::size_t codings = req.get_header_value_count("Transfer-Encoding");
+  for (std::size_t i = 0; i < codings; ++i) {
+    std::string v = req.get_header_value("Transfer-Encoding", i);
+    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (v != "chunked") {
+      return "Transfer-Encoding \"" + v.substr(0, 32) + "\" is not supported (only chunked)";
+    }
+  }
+  if (codings > 0 && lengths > 0) return "the request has both Transfer-Encoding and Content-Length";
+  return {};
+}
+
 void set_json(httplib::Response& res, int status, const json& body) {
   res.status = status;
   res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
@@ -103,6 +130,7 @@ const char* code_for_status(int status) {
     case 414: return "uri_too_long";
     case 415: return "unsupported_media_type";
     case 416: return "range_not_satisfiable";
+    case 501: return "not_implemented";
     case 422: return "conflict";
     case 503: return "unavailable";
     default: return status >= 500 ? "internal" : "bad_request";
@@ -568,6 +596,15 @@ void Gateway::Impl::register_routes() {
 
   http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     tl_clock = RequestClock{&req, Clock::now()};
+    // Message framing (RFC 9112 section 6), before any body is read: a request whose length
+    // is ambiguous is refused, and its connection closed, since whatever follows it on the
+    // connection cannot be told apart from its body (request smuggling).
+    if (const std::string framing = framing_error(req); !framing.empty()) {
+      const bool unknown_coding = framing.rfind("Transfer-Encoding", 0) == 0;
+      set_error(res, unknown_coding ? 501 : 400, unknown_coding ? "not_implemented" : "bad_request", framing);
+      res.set_header("Connection", "close");
+      return httplib::Server::HandlerResponse::Handled;
+    }
     // Requests with bodies are checked by their handlers (after draining the body) or by the
     // error handler (after httplib has read it); see the top of this file.
     const bool has_body = req.method == "POST" || req.method == "PUT" || req.method == "PATCH" ||

@@ -2,6 +2,9 @@
 // inproc endpoint that speaks the real protocol (wire::decode / wire::send). The real broker
 // is tested end to end elsewhere; here the point is what the gateway makes of each answer.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -323,6 +326,59 @@ TEST_F(GatewayTest, OversizedBodyIs413AndTheConnectionStaysUsable) {
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 202) << res->body;
   EXPECT_EQ(broker.received("submit_query").size(), 1u);
+}
+
+// Sends raw bytes on a new connection; returns what came back within `wait_ms`.
+std::string raw_exchange(int port, const std::string& bytes, int wait_ms = 2000) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<std::uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return "<no connection>";
+  }
+  timeval tv{wait_ms / 1000, (wait_ms % 1000) * 1000};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    out.append(buf, static_cast<std::size_t>(n));
+    if (out.find("\r\n\r\n") != std::string::npos && out.find("}") != std::string::npos) break;
+  }
+  ::close(fd);
+  return out;
+}
+
+// RFC 9112 framing: a request whose body length is ambiguous is refused before any of it
+// is read (two different Content-Length values were accepted with 202: a request
+// smuggling vector; a negative length and an unknown coding hung the connection).
+TEST_F(GatewayTest, AmbiguousFramingIsRefusedBeforeTheBodyIsRead) {
+  start();
+  const std::string head = "POST /v1/queries HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n";
+  struct Case {
+    std::string headers;
+    std::string status;
+    std::string code;
+  };
+  for (const Case& k : {Case{"Content-Length: 5\r\nContent-Length: 40\r\n", "400", "bad_request"},
+                        Case{"Content-Length: -5\r\n", "400", "bad_request"},
+                        Case{"Content-Length: 5x\r\n", "400", "bad_request"},
+                        Case{"Transfer-Encoding: gzip\r\n", "501", "not_implemented"},
+                        Case{"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", "400", "bad_request"}}) {
+    const std::string reply = raw_exchange(gateway->port(), head + k.headers + "\r\nhello");
+    EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 " + k.status) << k.headers << "\n" << reply;
+    EXPECT_NE(reply.find("\"code\":\"" + k.code + "\""), std::string::npos) << reply;
+    EXPECT_NE(reply.find("Connection: close"), std::string::npos) << reply;
+  }
+  EXPECT_TRUE(broker.received("submit_query").empty());  // nothing was submitted
+  // The same Content-Length twice is one length.
+  const std::string same = raw_exchange(gateway->port(), head + "Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello");
+  EXPECT_EQ(same.substr(0, 12), "HTTP/1.1 202") << same;
 }
 
 TEST_F(GatewayTest, ChunkedBodiesAreCountedAgainstTheLimit) {
