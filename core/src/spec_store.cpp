@@ -198,7 +198,7 @@ class DirSpecStore final : public SpecStore {
         // a damaged spec fences nothing: replace it
       }
     }
-    if (out.stored_seq >= upload_seq) return out;
+    if (out.stored_seq > upload_seq) return out;  // equal: a retry of the same upload
     write_file_atomically(spec_path(spec.model_id), bytes.data(), bytes.size());
     out.generation = bump_generation_locked();
     out.stored = true;
@@ -403,7 +403,7 @@ class RedisSpecStore final : public SpecStore {
     // script that writes the spec, its membership, the generation and the change log.
     static constexpr const char* kScript = R"lua(
 local now = tonumber(redis.call('HGET', KEYS[5], ARGV[2]) or '0')
-if now >= tonumber(ARGV[3]) then return {0, now, 0} end
+if now > tonumber(ARGV[3]) then return {0, now, 0} end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 local g = redis.call('INCR', KEYS[3])

@@ -209,7 +209,11 @@ inline void check_fenced_put_behaviour(SpecStore& store) {
   ASSERT_TRUE(got.has_value());
   EXPECT_EQ(got->extra.value("upload_seq", 0), 5);
   EXPECT_TRUE(got->zx.isApprox(newer.zx));
-  EXPECT_FALSE(store.put_fenced(stale, 5).stored);  // the same number is not newer
+  // The same number is a retry of the same upload (a crash between write and report): it
+  // writes again, and must not fail as superseded.
+  Spec again = newer;
+  EXPECT_TRUE(store.put_fenced(again, 5).stored);
+  EXPECT_TRUE(store.get("fenced")->zx.isApprox(newer.zx));
   Spec next = make_random_spec("fenced", 9);
   next.extra["upload_seq"] = 6;
   EXPECT_TRUE(store.put_fenced(next, 6).stored);

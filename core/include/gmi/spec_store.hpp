@@ -44,9 +44,10 @@ class SpecStore {
   virtual ~SpecStore() = default;
   /// Stores (or atomically replaces) the spec under spec.model_id.
   virtual void put(const Spec& spec) = 0;
-  /// Stores the spec only if `upload_seq` is newer than the upload sequence stored for the
-  /// model (checked and written atomically with the spec), so that a stale retry of an old
-  /// upload never overwrites a newer spec. upload_seq > 0; the spec's extra.upload_seq
+  /// Stores the spec unless the upload sequence stored for the model is newer than
+  /// `upload_seq` (checked and written atomically with the spec), so that a stale retry of
+  /// an old upload never overwrites a newer spec; the same sequence (a retry of the same
+  /// upload, e.g. after a crash between the write and its report) writes again. upload_seq > 0; the spec's extra.upload_seq
   /// should carry it (staleness stays visible).
   virtual FencedPut put_fenced(const Spec& spec, std::uint64_t upload_seq) = 0;
   /// std::nullopt when absent. Throws SpecFormatError if the stored bytes are damaged.
