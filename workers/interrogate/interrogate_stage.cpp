@@ -71,11 +71,10 @@ class HubMethod final : public Method {
 
   void run(std::vector<StageTask>& batch, std::vector<StageResult>& out) override {
     // Read-your-writes, as in score: the specs stored before this batch began are used.
-    std::string stale;
+    std::string stale;  // why there is no snapshot to use
     auto hub = hub_->current_fresh(std::chrono::seconds(10), stale);
     if (!hub) {
-      const std::string why = stale.empty() ? hub_->not_ready_reason() : stale;
-      for (auto& r : out) r = StageResult::failure("interrogate: " + why, true);
+      for (auto& r : out) r = StageResult::failure("interrogate: " + stale, true);
       return;
     }
     const auto& index = hub->index();

@@ -61,7 +61,10 @@ std::shared_ptr<const Identifier> HubCache::current_fresh(std::chrono::milliseco
       generation = probe_->generation();
     } catch (const std::exception&) {
       probe_.reset();
-      return current();  // the store is away: nothing newer can be loaded anyway
+      // The store is away: nothing newer can be loaded anyway.
+      std::lock_guard lock(mutex_);
+      if (!current_) why = not_ready_;
+      return current_;
     }
   }
   std::unique_lock lock(mutex_);
@@ -70,8 +73,10 @@ std::shared_ptr<const Identifier> HubCache::current_fresh(std::chrono::milliseco
   cv_.notify_all();
   refreshed_.wait_for(lock, wait, [&] { return quit_ || (current_ && current_generation_ >= generation); });
   if (current_ && current_generation_ >= generation) return current_;
-  why = "the specs loaded (store generation " + std::to_string(current_generation_) +
-        ") have not caught up with the store (generation " + std::to_string(generation) + ") yet";
+  why = !current_ ? not_ready_
+                  : "the specs loaded (store generation " + std::to_string(current_generation_) +
+                        ") have not caught up with the store (generation " + std::to_string(generation) +
+                        ") yet";
   return nullptr;
 }
 

@@ -35,11 +35,10 @@ class ScoreStage final : public Stage {
   std::vector<StageResult> process(std::vector<StageTask>& batch) override {
     std::vector<StageResult> out(batch.size());
     // Read-your-writes: every spec stored before this batch began is in the snapshot used.
-    std::string stale;
+    std::string stale;  // why there is no snapshot to use
     auto hub = hub_->current_fresh(std::chrono::seconds(10), stale);
     if (!hub) {
-      const std::string why = stale.empty() ? hub_->not_ready_reason() : stale;
-      for (auto& r : out) r = StageResult::failure("score: " + why, true);
+      for (auto& r : out) r = StageResult::failure("score: " + stale, true);
       return out;
     }
     const auto& index = hub->index();

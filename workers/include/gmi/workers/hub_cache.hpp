@@ -52,8 +52,8 @@ class HubCache {
   std::shared_ptr<const Identifier> current() const;
   /// Read-your-writes: the snapshot once it has caught up with the store's generation as
   /// read now (one GET), refreshing at once if it lags, waiting at most `wait`. So a query
-  /// scored after an upload finished sees that upload's spec. Null, with `why`, when it
-  /// does not catch up in time; with the store unreachable, the latest snapshot.
+  /// scored after an upload finished sees that upload's spec. Null, with `why`, when none
+  /// is loaded yet or it does not catch up in time; with the store unreachable, the latest.
   std::shared_ptr<const Identifier> current_fresh(std::chrono::milliseconds wait, std::string& why);
   std::string not_ready_reason() const;
   const HubCacheOptions& options() const { return options_; }
