@@ -102,6 +102,11 @@ BrokerOptions broker_options(const Config& c) {
   o.max_pending_jobs = static_cast<std::size_t>(c.get_int("broker.max_pending_jobs"));
   o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s"));
   o.reconcile_s = static_cast<int>(c.get_int("broker.reconcile_s"));
+  o.query_deadline_s = static_cast<int>(c.get_int("broker.query_deadline_s"));
+  o.upload_deadline_s = static_cast<int>(c.get_int("broker.upload_deadline_s"));
+  o.metric_deadline_s = static_cast<int>(c.get_int("broker.metric_deadline_s"));
+  o.no_worker_wait_s = static_cast<int>(c.get_int("broker.no_worker_wait_s"));
+  o.allow_partial = c.get_bool("score.allow_partial");
   o.max_message_bytes = c.get_int("broker.max_message_bytes");
   o.score_shards = static_cast<int>(c.get_int("score.shards"));
   o.query_route = split_route(c.get_string("routes.query"));
@@ -191,6 +196,7 @@ struct ServiceCommands::State {
   int wait_ms = 60000;
   bool json_out = false;
   bool no_wait = false;
+  std::int64_t deadline_ms = 0;
   std::string model, manifest, card;
   double downloads = 0;
   std::string job_id;
@@ -410,6 +416,7 @@ struct ServiceCommands::State {
     q.top = top;
     q.scorer = scorer;
     q.prompt = prompt;
+    q.deadline_ms = deadline_ms;
     const std::string id = client.submit_query(q);
     return follow(client, id, true);
   }
@@ -426,6 +433,7 @@ struct ServiceCommands::State {
     u.model_id = model;
     u.downloads = downloads;
     u.card = card;
+    u.deadline_ms = deadline_ms;
     for (const auto& e : man.entries) {
       u.images.push_back(read_file_bytes(e.image.string()));
       u.prompts.push_back(e.prompt);
@@ -510,6 +518,10 @@ ServiceCommands::ServiceCommands(CLI::App& app) : state_(std::make_unique<State>
   }
   for (auto* cmd : {s.query, s.upload}) {
     cmd->add_flag("--no-wait", s.no_wait, "print the job id and return at once");
+    cmd->add_option("--deadline-ms", s.deadline_ms,
+                    "the job fails \"deadline exceeded\" unless it ends this long after acceptance "
+                    "(default: broker.query_deadline_s or broker.upload_deadline_s)")
+        ->check(CLI::Range(std::int64_t{1}, std::int64_t{86400000}));
   }
 
   s.keygen = app.add_subcommand("keygen", "write a CURVE key pair for encrypted ZeroMQ links");

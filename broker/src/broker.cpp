@@ -8,8 +8,10 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
+#include <sstream>
 #include <unordered_map>
 
 #include "digest.hpp"
@@ -79,6 +81,9 @@ struct Job {
   json stage_seconds = json::object();
   std::vector<Waiter> waiters;
   std::string state = "queued";
+  std::int64_t deadline_ms = 0;              // epoch ms after which it fails; 0: none
+  Clock::time_point stage_entered = Clock::now();  // when it was queued at its current stage
+  std::optional<std::multimap<std::int64_t, std::string>::iterator> deadline_entry;
   // Ended but not yet saved (Redis unreachable): the job object to save, and how.
   std::optional<json> unsaved_end;
   bool unsaved_dead_letter = false;
@@ -136,6 +141,10 @@ struct Broker::Impl {
   std::unordered_map<std::string, Job> jobs;
   std::map<std::string, std::deque<Pending>> queues;
   std::multimap<Clock::time_point, Pending> delayed;
+  std::multimap<std::int64_t, std::string> deadlines;  // epoch ms -> job id
+  // When each queue (stage#shard) last had a live worker; absent: not since this broker began.
+  std::map<std::string, Clock::time_point> last_served;
+  const Clock::time_point started = Clock::now();
   std::unordered_map<std::string, Flight> flights;
   std::unordered_map<std::string, Worker> workers;
   std::set<std::string> unsaved;  // job ids whose end awaits Redis
@@ -277,8 +286,112 @@ struct Broker::Impl {
                                       : (job.kind == "upload" ? opt.upload_route : opt.query_route);
     job.slots = std::move(stored.input);
     job.meta = json::object();
+    // A record from before deadlines were stored gets its kind's default.
+    job.deadline_ms = job.params.value("deadline_at_ms", std::int64_t{0});
+    if (job.deadline_ms <= 0) job.deadline_ms = job.created_ms + 1000LL * default_deadline_s(job.kind);
     auto [it, inserted] = jobs.emplace(job.id, std::move(job));
+    if (inserted) it->second.deadline_entry = deadlines.emplace(it->second.deadline_ms, it->first);
     return it->second;
+  }
+
+  int default_deadline_s(const std::string& kind) const {
+    if (kind == "query") return opt.query_deadline_s;
+    if (kind == "metric") return opt.metric_deadline_s;
+    return opt.upload_deadline_s;
+  }
+
+  // ---------------------------------------------------------------- deadlines
+
+  bool overdue(const Job& job) const { return job.deadline_ms > 0 && now_ms() >= job.deadline_ms; }
+
+  bool in_flight(const std::string& job_id) const {
+    for (const auto& [task, f] : flights) {
+      if (f.job_id == job_id) return true;
+    }
+    return false;
+  }
+
+  // `job` is gone after this call.
+  void fail_overdue(Job& job) {
+    const double allowed = static_cast<double>(job.deadline_ms - job.created_ms) / 1000.0;
+    std::ostringstream text;
+    text << "deadline exceeded: the job did not finish within " << allowed << " s of its acceptance (it was at stage "
+         << (job.stage < job.route.size() ? job.stage_name() : "end") << ")";
+    metrics.jobs_total.Add({{"stage", "job"}, {"outcome", "deadline"}}).Increment();
+    fail(job, text.str(), false);
+  }
+
+  // Jobs past their deadline that hold no worker fail now. One with a task in flight fails
+  // when that task comes back with more to do (advance, retry): a stage that is computing,
+  // an upload's spec write above all, is never cut short.
+  void expire_deadlines() {
+    const std::int64_t now = now_ms();
+    while (!deadlines.empty() && deadlines.begin()->first <= now) {
+      const std::string id = deadlines.begin()->second;
+      deadlines.erase(deadlines.begin());
+      auto j = jobs.find(id);
+      if (j == jobs.end()) continue;
+      j->second.deadline_entry.reset();
+      if (j->second.unsaved_end) continue;
+      if (!in_flight(id)) fail_overdue(j->second);
+    }
+  }
+
+  // A query waiting at a stage (or score shard) no live worker has served for
+  // no_worker_wait_s fails naming it, or with allow_partial a sharded ranking goes on
+  // without that shard.
+  void fail_unserved() {
+    if (opt.no_worker_wait_s <= 0) return;
+    const auto now = Clock::now();
+    const auto wait = std::chrono::seconds(opt.no_worker_wait_s);
+    std::set<std::string> served;
+    for (const auto& [id, w] : workers) served.insert(queue_key(w.stage, w.shard));
+    for (const auto& key : served) last_served[key] = now;
+    std::vector<std::pair<Pending, double>> unserved;
+    for (auto& [key, queue] : queues) {
+      if (queue.empty() || served.count(key) != 0) continue;
+      auto ls = last_served.find(key);
+      const auto since = ls == last_served.end() ? started : ls->second;
+      if (now - since < wait) continue;
+      std::deque<Pending> keep;
+      for (const auto& p : queue) {
+        auto j = jobs.find(p.job_id);
+        if (j == jobs.end() || j->second.unsaved_end) continue;
+        if (j->second.kind != "query" || now - j->second.stage_entered < wait) {
+          keep.push_back(p);
+        } else {
+          unserved.emplace_back(p, std::chrono::duration<double>(now - std::max(since, j->second.stage_entered)).count());
+        }
+      }
+      queue.swap(keep);
+    }
+    for (const auto& [p, waited] : unserved) {
+      auto j = jobs.find(p.job_id);
+      if (j == jobs.end() || j->second.unsaved_end) continue;
+      Job& job = j->second;
+      const bool sharded = job.shards > 1;
+      if (sharded && opt.allow_partial) {
+        int missing = 0;
+        for (const auto& r : job.shard_results) missing += (r && r->value("missing", false)) ? 1 : 0;
+        if (missing + 1 < job.shards) {
+          log::warn("ranking without a shard that has no live worker (score.allow_partial)",
+                    {{"job_id", job.id}, {"stage", job.stage_name()}, {"shard", p.shard}});
+          advance(job, p.shard, json{{"missing", true}}, wire::Slots{});
+          continue;
+        }
+      }
+      std::ostringstream text;
+      text.precision(3);
+      text << "no live worker serves ";
+      if (sharded) {
+        text << job.stage_name() << " shard " << p.shard << " of " << job.shards;
+      } else {
+        text << "stage " << job.stage_name();
+      }
+      text << " (waited " << waited << " s, broker.no_worker_wait_s)";
+      metrics.jobs_total.Add({{"stage", job.stage_name()}, {"outcome", "unserved"}}).Increment();
+      fail(job, text.str(), false);
+    }
   }
 
   // ---------------------------------------------------------------- queues
@@ -289,6 +402,7 @@ struct Broker::Impl {
     job.shards = shards_of(job.stage_name());
     job.shard_results.assign(static_cast<std::size_t>(job.shards), std::nullopt);
     job.attempts = 0;
+    job.stage_entered = Clock::now();
     for (int s = 0; s < job.shards; ++s) {
       queues[queue_key(job.stage_name(), s)].push_back(Pending{job.id, s, false});
     }
@@ -307,13 +421,17 @@ struct Broker::Impl {
     }
   }
 
-  // Pops queue entries whose job ended meanwhile.
+  // Pops queue entries whose job ended meanwhile, or is past its deadline (failing it when
+  // no task of it is in flight).
   void drop_ended(std::deque<Pending>& queue) {
     while (!queue.empty()) {
       auto it = jobs.find(queue.front().job_id);
       if (it != jobs.end() && !it->second.unsaved_end &&
           it->second.shard_results.size() > static_cast<std::size_t>(queue.front().shard)) {
-        return;
+        if (!overdue(it->second)) return;
+        queue.pop_front();
+        if (!in_flight(it->first)) fail_overdue(it->second);
+        continue;
       }
       queue.pop_front();
     }
@@ -614,12 +732,17 @@ struct Broker::Impl {
     if (job.shards > 1) {
       job.shard_results[static_cast<std::size_t>(shard)] = std::move(meta);
       for (const auto& r : job.shard_results) {
-        if (!r) return;  // wait for the other shards
+        if (r) continue;
+        // Wait for the other shards; past the deadline, only for those already computing.
+        if (overdue(job) && !in_flight(job.id)) fail_overdue(job);
+        return;
       }
       // Scores of different metric versions are not comparable: while a new version is
       // being swapped in, shards may briefly disagree; rank again on every shard.
       std::set<std::string> versions;
-      for (const auto& r : job.shard_results) versions.insert(r->value("metric", json()).dump());
+      for (const auto& r : job.shard_results) {
+        if (!r->value("missing", false)) versions.insert(r->value("metric", json()).dump());
+      }
       if (versions.size() > 1) {
         std::string seen;
         for (const auto& v : versions) seen += (seen.empty() ? "" : ", ") + v;
@@ -628,6 +751,7 @@ struct Broker::Impl {
       }
       meta = merge_shards(job);
     }
+    if (job.stage + 1 < job.route.size() && overdue(job)) return fail_overdue(job);
     job.stage += 1;
     for (auto& [k, v] : meta.items()) job.meta[k] = std::move(v);
     job.slots.merge(std::move(slots));
@@ -656,15 +780,24 @@ struct Broker::Impl {
   }
 
   // Each shard ranked its own models; scores are comparable, so the merge is exact.
+  // Shards ranked without (allow_partial) are named in missing_shards.
   json merge_shards(Job& job) {
-    json merged = *job.shard_results.front();
-    bool asc = merged.value("ascending", true);
+    json merged;
+    json missing = json::array();
     std::vector<json> all;
     std::size_t models = 0;
-    for (const auto& r : job.shard_results) {
-      for (const auto& m : (*r)["results"]) all.push_back(m);
-      models += r->value("models", 0);
+    for (std::size_t s = 0; s < job.shard_results.size(); ++s) {
+      const json& r = *job.shard_results[s];
+      if (r.value("missing", false)) {
+        missing.push_back(s);
+        continue;
+      }
+      if (merged.is_null()) merged = r;
+      for (const auto& m : r["results"]) all.push_back(m);
+      models += r.value("models", 0);
     }
+    if (!missing.empty()) merged["missing_shards"] = missing;
+    bool asc = merged.value("ascending", true);
     std::stable_sort(all.begin(), all.end(), [asc](const json& a, const json& b) {
       double sa = a["score"].get<double>(), sb = b["score"].get<double>();
       if (sa != sb) return asc ? sa < sb : sa > sb;
@@ -681,15 +814,20 @@ struct Broker::Impl {
   // Every shard of the job's stage again, after a backoff; one attempt.
   void rerun_all_shards(Job& job, const std::string& why) {
     job.shard_results.assign(static_cast<std::size_t>(job.shards), std::nullopt);
-    retry(job, 0, why, "metric_skew", false);
-    if (job.state == "failed") return;
+    if (!retry(job, 0, why, "metric_skew", false)) return;  // it failed: `job` is gone
     auto at = Clock::now();
     for (const auto& [when, p] : delayed)
       if (p.job_id == job.id && p.shard == 0) at = when;  // the other shards go with shard 0
     for (int s = 1; s < job.shards; ++s) delayed.emplace(at, Pending{job.id, s, false});
   }
 
-  void retry(Job& job, int shard, const std::string& why, const std::string& reason, bool isolate) {
+  // False when the job failed instead (its last attempt, or its deadline): `job` is gone.
+  bool retry(Job& job, int shard, const std::string& why, const std::string& reason, bool isolate) {
+    if (overdue(job)) {
+      job.last_error = why;
+      fail_overdue(job);
+      return false;
+    }
     job.attempts += 1;
     job.last_error = why;
     metrics.retries_total.Add({{"stage", job.stage_name()}, {"reason", reason}}).Increment();
@@ -697,7 +835,7 @@ struct Broker::Impl {
       metrics.dead_letters_total.Add({{"stage", job.stage_name()}}).Increment();
       fail(job, "gave up after " + std::to_string(job.attempts) + " attempts at stage " +
                     job.stage_name() + ": " + why, true);
-      return;
+      return false;
     }
     double delay = std::min<double>(opt.backoff_max_ms, opt.backoff_ms * std::pow(2.0, job.attempts - 1));
     delay *= std::uniform_real_distribution<double>(0.5, 1.0)(rng);
@@ -705,6 +843,7 @@ struct Broker::Impl {
                            {"delay_ms", static_cast<int>(delay)}, {"error", why}});
     delayed.emplace(Clock::now() + milliseconds(static_cast<long long>(delay)),
                     Pending{job.id, shard, isolate});
+    return true;
   }
 
   json job_object(const Job& job) const {
@@ -738,6 +877,7 @@ struct Broker::Impl {
       j["result"]["metric"] = job.meta.value("metric", json());
       if (job.meta.contains("interrogator")) j["result"]["interrogator"] = job.meta["interrogator"];
       if (job.meta.contains("captions")) j["result"]["captions"] = job.meta["captions"];
+      if (job.meta.contains("missing_shards")) j["result"]["missing_shards"] = job.meta["missing_shards"];
     } else if (job.kind == "metric") {
       j["result"] = {{"metric", job.meta.value("metric", json())}, {"learnt", job.meta.value("learnt", false)}};
       if (job.meta.contains("note")) j["result"]["note"] = job.meta["note"];
@@ -829,6 +969,7 @@ struct Broker::Impl {
         .Observe(seconds_since(job.accepted));
     metrics.jobs_total.Add({{"stage", "job"}, {"outcome", outcome}}).Increment();
     for (const auto& w : job.waiters) reply_job(w.routing, w.req, *job.unsaved_end);
+    if (job.deadline_entry) deadlines.erase(*job.deadline_entry);
     jobs.erase(job.id);  // `job` is gone after this line
     return true;
   }
@@ -969,6 +1110,11 @@ struct Broker::Impl {
       idem.scope = job.kind + "|" + h.value("idempotency_scope", "");
       idem.fingerprint = request_fingerprint(job.kind, job.params, msg.frames);
     }
+    // Stored with the job, so that a restarted broker keeps it (not part of the fingerprint:
+    // a retry carries the same request, whatever its deadline).
+    const std::int64_t allowed_ms = h.contains("deadline_ms") ? h["deadline_ms"].get<std::int64_t>()
+                                                              : 1000LL * default_deadline_s(job.kind);
+    job.params["deadline_at_ms"] = job.created_ms + allowed_ms;
     job.input.put(wire::Slot{wire::slot::kImages, wire::SlotKind::kImageBytes, json::object(), std::move(msg.frames)});
     try {
       try_connect_store();
@@ -1102,6 +1248,8 @@ struct Broker::Impl {
       if (Clock::now() - last_housekeeping >= milliseconds(std::max(opt.heartbeat_ms / 4, 5))) {
         last_housekeeping = Clock::now();
         check_liveness();
+        expire_deadlines();
+        fail_unserved();
         expire_waiters();
         update_gauges();
         dispatch();

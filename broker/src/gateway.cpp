@@ -54,6 +54,7 @@ constexpr std::size_t kMaxScorerChars = 32;
 constexpr std::size_t kMaxPromptChars = 4096;
 constexpr std::size_t kMaxCardChars = 65536;
 constexpr int kMaxTop = 1000;
+constexpr long long kMaxDeadlineMs = 86400000;  // a day, as the broker allows
 // How long a /readyz answer is reused, and how long its ping may take.
 constexpr auto kReadyCacheFor = std::chrono::seconds(1);
 constexpr int kReadyPingMs = 1000;
@@ -735,6 +736,7 @@ void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& r
   if (auto top = param("top")) q.top = static_cast<int>(parse_int(*top, "top", 1, kMaxTop));
   if (auto scorer = param("scorer")) q.scorer = *scorer;
   if (auto prompt = param("prompt")) q.prompt = *prompt;
+  if (auto d = param("deadline_ms")) q.deadline_ms = parse_int(*d, "deadline_ms", 1, kMaxDeadlineMs);
   if (q.scorer.size() > kMaxScorerChars) {
     throw HttpError(400, "bad_request",
                     "scorer is longer than " + std::to_string(kMaxScorerChars) + " characters");
@@ -847,6 +849,9 @@ void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& 
     }
   }
   body.parts.clear();  // the images now live in `up`; do not hold them twice longer than needed
+  if (req.has_param("deadline_ms")) {
+    up.deadline_ms = parse_int(req.get_param_value("deadline_ms"), "deadline_ms", 1, kMaxDeadlineMs);
+  }
 
   const std::string job_id = lease()->submit_upload(up);
   const std::string url = "/v1/jobs/" + job_id;

@@ -144,6 +144,7 @@ std::string BrokerClient::submit_query(const QueryRequest& request) {
   h["top"] = request.top;
   if (!request.scorer.empty()) h["scorer"] = request.scorer;
   if (!request.prompt.empty()) h["prompt"] = request.prompt;
+  if (request.deadline_ms > 0) h["deadline_ms"] = request.deadline_ms;
   return submit(std::move(h), {request.image}, request.idempotency_key, request.idempotency_scope);
 }
 
@@ -153,6 +154,7 @@ std::string BrokerClient::submit_upload(const UploadRequest& request) {
   h["prompts"] = request.prompts;
   h["downloads"] = request.downloads;
   if (!request.card.empty()) h["card"] = request.card;
+  if (request.deadline_ms > 0) h["deadline_ms"] = request.deadline_ms;
   return submit(std::move(h), request.images, request.idempotency_key, request.idempotency_scope);
 }
 

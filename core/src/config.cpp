@@ -201,6 +201,18 @@ const std::vector<ConfigKey>& Config::schema() {
       {"broker.reconcile_s", "30",
        "seconds between adopting active jobs in Redis this broker does not hold",
        ConfigType::integer(1, 86400)},
+      {"broker.query_deadline_s", "120",
+       "seconds a query may take from acceptance before it fails \"deadline exceeded\" "
+       "(a request may set its own, up to a day)",
+       ConfigType::integer(1, 86400)},
+      {"broker.upload_deadline_s", "3600", "the same for an upload (spec build)",
+       ConfigType::integer(1, 86400)},
+      {"broker.metric_deadline_s", "21600", "the same for a metric (learn) job",
+       ConfigType::integer(1, 86400)},
+      {"broker.no_worker_wait_s", "30",
+       "seconds a query waits at a stage or score shard with no live worker before it fails "
+       "naming it (0: until its deadline)",
+       ConfigType::integer(0, 86400)},
       {"broker.max_message_bytes", "268435456", "largest message accepted on either socket",
        ConfigType::integer(1024, 1ll << 34)},
       {"broker.ops_port", "9100",
@@ -274,6 +286,10 @@ const std::vector<ConfigKey>& Config::schema() {
       {"score.max_wait_ms", "0",
        "how long a score worker waits to fill a batch (0: batches form while it computes)",
        ConfigType::integer(0, 60000)},
+      {"score.allow_partial", "false",
+       "a query whose score shard has no live worker (broker.no_worker_wait_s) is ranked "
+       "without it, naming it in missing_shards, instead of failing",
+       ConfigType::boolean()},
       {"score.scorer", "weighted", "how specs are ranked against a query: weighted",
        ConfigType::one_of("weighted|rkme|mean|nearest|popularity")},
 

@@ -121,7 +121,8 @@ void validate_client_to_broker(const json& h, const std::string& type, std::size
                      {"scorer", Kind::kString, false, 0, 32},
                      {"prompt", Kind::kString, false, 0, 4096},
                      {"idempotency_key", Kind::kString, false, 0, 128},
-                     {"idempotency_scope", Kind::kString, false, 0, 128}},
+                     {"idempotency_scope", Kind::kString, false, 0, 128},
+                     {"deadline_ms", Kind::kInt, false, 1, 86400000}},
                  "");
     expect_frames(frames, 1, type);
   } else if (type == "submit_upload") {
@@ -131,7 +132,8 @@ void validate_client_to_broker(const json& h, const std::string& type, std::size
                      {"downloads", Kind::kNumber, false, 0, 0},
                      {"card", Kind::kString, false, 0, 65536},
                      {"idempotency_key", Kind::kString, false, 0, 128},
-                     {"idempotency_scope", Kind::kString, false, 0, 128}},
+                     {"idempotency_scope", Kind::kString, false, 0, 128},
+                     {"deadline_ms", Kind::kInt, false, 1, 86400000}},
                  "");
     const auto& prompts = h["prompts"];
     for (std::size_t i = 0; i < prompts.size(); ++i) {

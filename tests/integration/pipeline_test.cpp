@@ -948,6 +948,81 @@ TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
   }
 }
 
+// Item 9 of the reliability issue: a job waits for a worker that never comes no longer than
+// its deadline (the request's, or the broker's default), and the broker goes on serving.
+TEST_F(PipelineTest, AJobPastItsDeadlineFailsSayingSoAndTheBrokerGoesOnServing) {
+  START_CLUSTER(c, true, {"GMI_BROKER_QUERY_DEADLINE_S=2", "GMI_BROKER_NO_WORKER_WAIT_S=0"});
+  c.start_broker();
+  c.start_worker("decode");  // no embed worker yet: queries wait at embed
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string own = c.submit([&](BrokerClient& b) {
+    QueryRequest q;
+    q.image = hub().queries[0];
+    q.deadline_ms = 700;
+    return b.submit_query(q);
+  });
+  const std::string by_default = c.query(hub().queries[1]);
+  json a = c.await(own, 30s);
+  const double a_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  json b = c.await(by_default, 30s);
+  const double b_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (const json* j : {&a, &b}) {
+    EXPECT_EQ(j->value("state", ""), "failed") << j->dump();
+    EXPECT_NE(j->value("error", "").find("deadline exceeded"), std::string::npos) << j->dump();
+    EXPECT_EQ(j->value("failed_stage", ""), "embed") << j->dump();
+    EXPECT_FALSE(j->value("dead_letter", true)) << j->dump();
+  }
+  EXPECT_NE(a.value("error", "").find("within 0.7 s"), std::string::npos) << a.dump();
+  EXPECT_LT(a_s, b_s) << "the request's own deadline (0.7 s) came before the default (2 s)";
+  EXPECT_GE(b_s, 1.9);
+  // The same broker serves the next jobs as soon as the workers are there.
+  for (const char* s : {"embed", "interrogate", "score", "spec"}) c.start_worker(s);
+  upload_hub(c);
+  json ok = c.await(c.query(hub().queries[2], 3));
+  ASSERT_EQ(ok.value("state", ""), "finished") << ok.dump() << c.logs();
+  EXPECT_EQ(ok["result"]["results"][0]["model"], Hub::model(2));
+  const auto [results, active] = c.redis_counts();
+  EXPECT_EQ(active, 0) << "every job ended";
+}
+
+// A query whose score shard has no live worker fails naming the shard after
+// broker.no_worker_wait_s, or with score.allow_partial is ranked without it and says so.
+TEST_F(PipelineTest, AQueryWhoseScoreShardHasNoWorkerFailsNamingItOrIsRankedWithoutIt) {
+  START_CLUSTER(c, true, {"GMI_SCORE_SHARDS=2", "GMI_BROKER_NO_WORKER_WAIT_S=1"});
+  c.start_broker();
+  for (const char* s : {"decode", "embed", "interrogate", "spec"}) c.start_worker(s);
+  c.start_worker("score", {"GMI_SCORE_SHARD=0"});
+  for (const auto& u : hub().uploads) {
+    json job = c.await(c.submit([&](BrokerClient& b) { return b.submit_upload(u); }));
+    ASSERT_EQ(job.value("state", ""), "finished") << job.dump() << c.logs();
+  }
+  json failed = c.await(c.query(hub().queries[0], 3), 30s);
+  EXPECT_EQ(failed.value("state", ""), "failed") << failed.dump();
+  EXPECT_NE(failed.value("error", "").find("no live worker serves score shard 1 of 2"), std::string::npos)
+      << failed.dump();
+  EXPECT_EQ(failed.value("failed_stage", ""), "score");
+
+  c.broker().signal(SIGTERM);
+  ASSERT_TRUE(c.broker().wait(20s).has_value());
+  c.start_broker({"GMI_SCORE_ALLOW_PARTIAL=true"});
+  json partial = c.await(c.query(hub().queries[0], 3), 30s);
+  ASSERT_EQ(partial.value("state", ""), "finished") << partial.dump() << c.logs();
+  EXPECT_EQ(partial["result"].value("missing_shards", json()), json::array({1})) << partial.dump();
+  EXPECT_LT(partial["result"].value("models", 99), Hub::kModels) << "shard 1's models are not in it";
+  // Once shard 1 has a worker, rankings are whole again.
+  c.start_worker("score", {"GMI_SCORE_SHARD=1"});
+  for (int i = 0; i < 100; ++i) {
+    json whole = c.await(c.query(hub().queries[0], 3), 30s);
+    if (whole.value("state", "") == "finished" && !whole["result"].contains("missing_shards") &&
+        whole["result"].value("models", 0) == Hub::kModels) {
+      EXPECT_EQ(whole["result"]["results"][0]["model"], Hub::model(0));
+      return;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  FAIL() << "rankings never became whole again\n" << c.logs();
+}
+
 // The hub-learned metric through the pipeline: once uploads make the hub due, the broker
 // makes a metric job, a learn worker stores version 1, every score shard swaps it in, and
 // the pipeline, `gmi query`, HTTP and `gmi identify` give the same ranking with it.

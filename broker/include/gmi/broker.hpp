@@ -20,7 +20,9 @@
 ///     job fails as a dead letter with its last error; non-retryable failures (bad input)
 ///     fail the job at once with the reason;
 ///   - results are written keyed by job id (idempotent), with a TTL;
-///   - at max_pending_jobs new jobs are refused with "busy" instead of queueing without bound.
+///   - at max_pending_jobs new jobs are refused with "busy" instead of queueing without bound;
+///   - every job has a deadline; a query at a stage no live worker serves fails naming it
+///     after no_worker_wait_s, so that nothing waits for a worker that may never come.
 /// Thread-safety: run() owns the sockets; not_ready_reason() may be called from any thread.
 #include <atomic>
 #include <memory>
@@ -49,6 +51,16 @@ struct BrokerOptions {
   int task_timeout_s = 300;
   /// Seconds between reconciliations of Redis's active set with the jobs this broker holds.
   int reconcile_s = 30;
+  /// A job not finished this long after its acceptance fails "deadline exceeded" (a request
+  /// may set its own, deadline_ms). A task in flight is never cut short: its result decides.
+  int query_deadline_s = 120;
+  int upload_deadline_s = 3600;
+  int metric_deadline_s = 21600;
+  /// A query waiting this long at a stage, or a score shard, that has no live worker fails
+  /// naming it (0: wait for its deadline). With allow_partial, a sharded ranking goes on
+  /// without the unserved shards and names them (missing_shards) instead.
+  int no_worker_wait_s = 30;
+  bool allow_partial = false;
   std::int64_t max_message_bytes = 256ll << 20;
   int score_shards = 1;
   Route query_route{"decode", "embed", "interrogate", "score"};  ///< routes.query, for new jobs

@@ -51,6 +51,9 @@ struct QueryRequest {
   std::string idempotency_key;
   /// Whose keys these are (the gateway names the API key it checked); empty: no credential.
   std::string idempotency_scope;
+  /// Milliseconds after acceptance by which the job must end ("deadline exceeded" if not);
+  /// 0: the broker's default (broker.query_deadline_s).
+  std::int64_t deadline_ms = 0;
 };
 
 struct UploadRequest {
@@ -61,6 +64,7 @@ struct UploadRequest {
   std::string card;
   std::string idempotency_key;    ///< as in QueryRequest
   std::string idempotency_scope;  ///< as in QueryRequest
+  std::int64_t deadline_ms = 0;   ///< as in QueryRequest (default broker.upload_deadline_s)
 };
 
 class BrokerClient {
