@@ -94,6 +94,7 @@ BrokerOptions broker_options(const Config& c) {
   o.redis_uri = c.get_string("redis.uri");
   o.store.result_ttl_s = static_cast<int>(c.get_int("redis.result_ttl_s"));
   o.store.dead_letter_ttl_s = static_cast<int>(c.get_int("redis.dead_letter_ttl_s"));
+  o.store.events_maxlen = c.get_int("redis.job_events_maxlen");
   o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms"));
   o.liveness = static_cast<int>(c.get_int("broker.liveness"));
   o.max_attempts = static_cast<int>(c.get_int("broker.max_attempts"));
@@ -125,6 +126,8 @@ workers::WorkerOptions worker_options(const Config& c) {
   o.broker = c.get_string("worker.broker");
   o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms"));
   o.liveness = static_cast<int>(c.get_int("broker.liveness"));
+  // The watchdog's deadline is the broker's: past it, the broker retries the task elsewhere.
+  o.compute_deadline_s = static_cast<int>(c.get_int("broker.task_timeout_s"));
   Curve cv = load_curve(c, false);
   o.curve_server_public = cv.server_public;
   o.curve_client = cv.client;
@@ -159,14 +162,16 @@ GatewayOptions gateway_options(const Config& c) {
   return o;
 }
 
-// An OpsServer on ops.host:`port` (-1: none) reporting `ready`.
-std::unique_ptr<OpsServer> start_ops(const Config& c, int port,
-                                     std::function<std::string()> ready) {
+// An OpsServer on ops.host:`port` (-1: none) reporting `ready` (/readyz) and `alive`
+// (/healthz; none: always alive).
+std::unique_ptr<OpsServer> start_ops(const Config& c, int port, std::function<std::string()> ready,
+                                     std::function<std::string()> alive = {}) {
   if (port < 0) return nullptr;
   OpsServerOptions o;
   o.host = c.get_string("ops.host");
   o.port = port;
   o.not_ready_reason = std::move(ready);
+  o.not_alive_reason = std::move(alive);
   auto ops = std::make_unique<OpsServer>(o);
   ops->start();
   log::info("ops endpoints", {{"port", ops->port()}, {"paths", {"/metrics", "/healthz", "/readyz"}}});
@@ -255,7 +260,8 @@ struct ServiceCommands::State {
     zmq::context_t ctx;
     workers::StageWorker worker(ctx, worker_options(c), workers::make_stage(stage, c));
     auto ops = start_ops(c, static_cast<int>(c.get_int("worker.ops_port")),
-                         [&] { return worker.not_ready_reason(); });
+                         [&] { return worker.not_ready_reason(); },
+                         [&] { return worker.not_alive_reason(); });
     worker.run(g_stop);
     return 0;
   }
@@ -330,7 +336,13 @@ struct ServiceCommands::State {
       }
       return {};
     };
-    auto ops = start_ops(c, static_cast<int>(c.get_int("serve.ops_port")), ready);
+    auto alive = [&]() -> std::string {
+      for (auto& w : stage_workers) {
+        if (auto r = w->not_alive_reason(); !r.empty()) return r;
+      }
+      return {};
+    };
+    auto ops = start_ops(c, static_cast<int>(c.get_int("serve.ops_port")), ready, alive);
     gateway.start();
     log::info("serving", {{"http_port", gateway.port()}, {"workers", stage_workers.size()}});
     std::printf("gmi serve: HTTP on port %d, %zu stage workers; SIGTERM or Ctrl-C to stop\n",

@@ -15,6 +15,7 @@
 #include <unordered_map>
 
 #include "digest.hpp"
+#include "persister.hpp"
 #include "zap.hpp"
 #include "gmi/error.hpp"
 #include "gmi/redis.hpp"
@@ -87,6 +88,7 @@ struct Job {
   // Ended but not yet saved (Redis unreachable): the job object to save, and how.
   std::optional<json> unsaved_end;
   bool unsaved_dead_letter = false;
+  bool end_posted = false;  // its end is with the persister now
 
   const std::string& stage_name() const { return route[stage]; }
 };
@@ -119,6 +121,10 @@ struct Worker {
   Clock::time_point last_dispatch{};
   std::set<std::string> tasks;
   bool exclusive = false;  // holds a suspect task: gets nothing else until it answers
+  // Suspect workers get no task at all, retries above all: one whose compute watchdog fired
+  // (its heartbeats say stuck_s), or one that let a task time out (until it answers again).
+  bool stuck = false;
+  bool timed_out = false;
   std::string session;     // the connection's identity ("ready"); a new one lost its tasks
 };
 
@@ -134,8 +140,10 @@ struct Broker::Impl {
   zmq::socket_t frontend;
   zmq::socket_t backend;
   std::unique_ptr<detail::ZapAuthenticator> zap;  // CURVE client allow-list, when configured
-  std::optional<JobStore> store;
-  bool store_reachable = true;  // the last write to it got an answer (refusals included)
+  // Every Redis read and write goes through it, on its own thread (persister.hpp).
+  std::unique_ptr<detail::Persister> persister;
+  std::size_t creating = 0;  // creations posted and not yet done (count toward max_pending_jobs)
+  bool recovering = false;   // a RecoverRequest is with the persister
   RedisLocation redis_location;
 
   std::unordered_map<std::string, Job> jobs;
@@ -149,6 +157,7 @@ struct Broker::Impl {
   std::unordered_map<std::string, Worker> workers;
   std::set<std::string> unsaved;  // job ids whose end awaits Redis
   std::string metric_job;         // the metric job on its way, if any (one at a time)
+  bool metric_creating = false;   // ... and its record is being written
   // The slots each stage reads, as its workers said; a slot no later stage of a job's route
   // reads is dropped from the job once every such stage has said.
   std::map<std::string, std::set<std::string>> stage_reads;
@@ -211,7 +220,7 @@ struct Broker::Impl {
     };
     bind_all(frontend, opt.frontend, "frontend");
     bind_all(backend, opt.backend, "backend");
-    try_connect_store();
+    persister = std::make_unique<detail::Persister>(ctx, detail::PersisterOptions{redis_location, opt.store});
   }
 
   void set_not_ready(std::string why) {
@@ -219,15 +228,6 @@ struct Broker::Impl {
     not_ready = std::move(why);
   }
 
-  void try_connect_store() {
-    if (store) return;
-    try {
-      store.emplace(redis_location, opt.store);
-    } catch (const Error& e) {
-      set_not_ready(std::string("redis unreachable: ") + e.what());
-      log::warn("cannot reach redis yet", {{"error", e.what()}});
-    }
-  }
 
   // ---------------------------------------------------------------- recovery
 
@@ -235,23 +235,29 @@ struct Broker::Impl {
   // broker.reconcile_s: adopt any active job this broker does not hold (one whose intake
   // was answered "unavailable" after an unknown outcome, though Redis had applied it).
   void recover() {
-    if (Clock::now() < next_recovery) return;
+    if (recovering || Clock::now() < next_recovery) return;
+    detail::RecoverRequest r;
+    for (const auto& [id, job] : jobs) r.held.push_back(id);
+    recovering = true;
+    persister->post(std::move(r));
+  }
+
+  // The persister's answer; jobs created or ended since the request are told apart by
+  // `jobs` (completions come in the order the requests were served).
+  void on_recovered(detail::RecoverDone done) {
+    recovering = false;
     next_recovery = Clock::now() + (recovered ? std::chrono::milliseconds(1000LL * opt.reconcile_s)
                                               : milliseconds(1000));
-    try_connect_store();
-    if (!store) return;
-    try {
-      auto ids = store->active_ids();
+    if (!done.ok) {
+      set_not_ready(std::string("recovering jobs: ") + done.error);
+      log::warn("job recovery failed; retrying", {{"error", done.error}});
+      return;
+    }
+    {
       std::size_t resumed = 0;
-      for (const auto& id : ids) {
-        if (jobs.count(id) != 0) continue;
-        auto stored = store->load(id);
-        if (!stored) {
-          log::warn("dropping an active job whose record is gone", {{"job_id", id}});
-          store->forget(id);
-          continue;
-        }
-        Job& job = insert_job(std::move(*stored));
+      for (auto& stored : done.jobs) {
+        if (jobs.count(stored.id) != 0) continue;
+        Job& job = insert_job(std::move(stored));
         if (job.kind == "metric") metric_job = job.id;
         if (!known_stages(job.route)) {
           fail(job, "the job's stored route \"" + join_route(job.route) + "\" names a stage this broker does not know",
@@ -267,11 +273,8 @@ struct Broker::Impl {
                   {{"jobs", resumed}});
         if (recovered) metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "adopted"}}).Increment(resumed);
       }
-      if (!recovered) set_not_ready("");
+      if (!draining) set_not_ready("");  // a failed reconciliation said otherwise
       recovered = true;
-    } catch (const Error& e) {
-      set_not_ready(std::string("recovering jobs: ") + e.what());
-      log::warn("job recovery failed; retrying", {{"error", e.what()}});
     }
   }
 
@@ -345,7 +348,9 @@ struct Broker::Impl {
     const auto now = Clock::now();
     const auto wait = std::chrono::seconds(opt.no_worker_wait_s);
     std::set<std::string> served;
-    for (const auto& [id, w] : workers) served.insert(queue_key(w.stage, w.shard));
+    for (const auto& [id, w] : workers) {
+      if (!w.stuck && !w.timed_out) served.insert(queue_key(w.stage, w.shard));
+    }
     for (const auto& key : served) last_served[key] = now;
     std::vector<std::pair<Pending, double>> unserved;
     for (auto& [key, queue] : queues) {
@@ -403,6 +408,7 @@ struct Broker::Impl {
     job.shard_results.assign(static_cast<std::size_t>(job.shards), std::nullopt);
     job.attempts = 0;
     job.stage_entered = Clock::now();
+    post_event(job, "stage");
     for (int s = 0; s < job.shards; ++s) {
       queues[queue_key(job.stage_name(), s)].push_back(Pending{job.id, s, false});
     }
@@ -443,7 +449,7 @@ struct Broker::Impl {
     const Job& job = jobs.at(head.job_id);
     Worker* best = nullptr;
     for (auto& [id, w] : workers) {
-      if (w.credit <= 0 || queue_key(w.stage, w.shard) != key) continue;
+      if (w.credit <= 0 || w.stuck || w.timed_out || queue_key(w.stage, w.shard) != key) continue;
       if (w.tasks.empty()) w.exclusive = false;
       // A suspect goes to an idle worker and is the only task it holds, so that if it
       // kills the worker it takes nothing else down with it.
@@ -559,9 +565,22 @@ struct Broker::Impl {
       if (type != "bye") send_worker(id, wire::header("reconnect"));
       return;
     }
-    it->second.last_heard = Clock::now();
-    if (type == "results") {
-      on_results(it->second, msg);
+    Worker& w = it->second;
+    w.last_heard = Clock::now();
+    if (type == "heartbeat") {
+      const bool stuck = msg.header.contains("stuck_s");
+      if (stuck != w.stuck) {
+        if (stuck) {
+          log::warn("a worker's compute is stuck; it gets no more tasks",
+                    {{"worker", w.name}, {"stage", w.stage}, {"stuck_s", msg.header["stuck_s"]}});
+        } else {
+          log::info("a stuck worker is computing again", {{"worker", w.name}, {"stage", w.stage}});
+        }
+      }
+      w.stuck = stuck;
+    } else if (type == "results") {
+      w.timed_out = false;  // it answers again
+      on_results(w, msg);
     } else if (type == "bye") {
       worker_lost(id, "left");
     }
@@ -718,7 +737,16 @@ struct Broker::Impl {
     for (const auto& task : late) {
       Flight f = flights[task];
       flights.erase(task);
-      if (auto w = workers.find(f.worker); w != workers.end()) w->second.tasks.erase(task);
+      if (auto w = workers.find(f.worker); w != workers.end()) {
+        w->second.tasks.erase(task);
+        // Alive but silent about its work: most likely hung. It must not look idle and
+        // attract the retry (sent alone, to an idle worker) of the very task it sits on.
+        if (!w->second.timed_out) {
+          log::warn("a worker let a task time out; it gets no more tasks until it answers",
+                    {{"worker", w->second.name}, {"stage", w->second.stage}, {"task", task}});
+        }
+        w->second.timed_out = true;
+      }
       if (auto j = jobs.find(f.job_id); j != jobs.end()) {
         retry(j->second, f.shard, "no result within " + std::to_string(opt.task_timeout_s) + " s",
               "timeout", true);
@@ -837,6 +865,7 @@ struct Broker::Impl {
                     job.stage_name() + ": " + why, true);
       return false;
     }
+    post_event(job, "retry");
     double delay = std::min<double>(opt.backoff_max_ms, opt.backoff_ms * std::pow(2.0, job.attempts - 1));
     delay *= std::uniform_real_distribution<double>(0.5, 1.0)(rng);
     log::info("retrying", {{"job_id", job.id}, {"stage", job.stage_name()}, {"attempt", job.attempts + 1},
@@ -895,7 +924,7 @@ struct Broker::Impl {
   // metric (the spec stage said so). Made like any job (recorded in Redis, resumed after a
   // restart); when Redis cannot record it now, the next due upload makes it.
   void start_metric_job(const json& due) {
-    if (!metric_job.empty() && jobs.count(metric_job) != 0) return;
+    if (metric_creating || (!metric_job.empty() && jobs.count(metric_job) != 0)) return;
     StoredJob job;
     job.id = wire::random_id();
     job.created_ms = now_ms();
@@ -906,19 +935,97 @@ struct Broker::Impl {
                                  : "the hub grew from " + std::to_string(due.value("stamp_models", 0)) + " to " +
                                        std::to_string(due.value("models", 0)) + " models"}};
     job.route = {"learn"};
-    try {
-      try_connect_store();
-      if (!store) throw IoError("no redis connection");
-      store->create(job);
-    } catch (const IoError& e) {
-      log::warn("cannot record a metric job; the next due upload retries", {{"error", e.what()}});
+    metric_job = job.id;
+    metric_creating = true;
+    ++creating;
+    persister->post(detail::CreateRequest{std::move(job), {}, "", ""});
+  }
+
+  // ---------------------------------------------------------------- persistence
+
+  void on_persisted() {
+    for (auto& done : persister->take()) {
+      if (auto* c = std::get_if<detail::CreateDone>(&done)) {
+        on_created(std::move(*c));
+      } else if (auto* e = std::get_if<detail::EndDone>(&done)) {
+        on_ended(*e);
+      } else if (auto* r = std::get_if<detail::ReadDone>(&done)) {
+        on_read(*r);
+      } else if (auto* rc = std::get_if<detail::RecoverDone>(&done)) {
+        on_recovered(std::move(*rc));
+      }
+    }
+  }
+
+  void on_created(detail::CreateDone done) {
+    --creating;
+    const std::string& routing = done.request.routing;
+    const std::string& req = done.request.req;
+    const bool metric = done.request.job.kind == "metric";
+    if (metric) metric_creating = false;
+    switch (done.outcome) {
+      case detail::CreateOutcome::kCreated: {
+        metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "accepted"}}).Increment();
+        if (metric) log::info("metric job made", {{"job_id", done.request.job.id}, {"reason", done.request.job.params["reason"]}});
+        Job& j = insert_job(std::move(done.request.job));
+        enqueue(j);
+        if (!routing.empty()) reply_accepted(routing, req, j.id);
+        break;
+      }
+      case detail::CreateOutcome::kExisting:
+        reply_accepted(routing, req, done.job_id);
+        break;
+      case detail::CreateOutcome::kConflict:
+        metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "rejected"}}).Increment();
+        reply_error(routing, req, "conflict", done.error);
+        break;
+      case detail::CreateOutcome::kUnavailable:
+        metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "unavailable"}}).Increment();
+        if (metric) {
+          metric_job.clear();
+          log::warn("cannot record a metric job; the next due upload retries", {{"error", done.error}});
+        } else {
+          reply_error(routing, req, "unavailable", done.error);
+        }
+        break;
+    }
+  }
+
+  void on_ended(const detail::EndDone& done) {
+    auto it = jobs.find(done.id);
+    if (it == jobs.end()) return;
+    Job& job = it->second;
+    job.end_posted = false;
+    if (!done.saved) {
+      log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", done.error}});
+      unsaved.insert(job.id);
       return;
     }
-    log::info("metric job made", {{"job_id", job.id}, {"reason", job.params["reason"]}});
-    metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "accepted"}}).Increment();
-    Job& j = insert_job(std::move(job));
-    metric_job = j.id;
-    enqueue(j);
+    if (done.repeat) {
+      log::info("a job's end was already saved (a repeat after an unknown outcome)", {{"job_id", job.id}});
+    }
+    unsaved.erase(job.id);
+    const std::string outcome =
+        job.unsaved_dead_letter ? "dead_letter" : job.unsaved_end->value("state", "failed");
+    metrics.job_seconds.Add({{"kind", job.kind}, {"outcome", outcome}}, Metrics::latency_buckets())
+        .Observe(seconds_since(job.accepted));
+    metrics.jobs_total.Add({{"stage", "job"}, {"outcome", outcome}}).Increment();
+    for (const auto& w : job.waiters) reply_job(w.routing, w.req, *job.unsaved_end);
+    if (job.deadline_entry) deadlines.erase(*job.deadline_entry);
+    jobs.erase(it);
+  }
+
+  void on_read(const detail::ReadDone& done) {
+    const auto& r = done.request;
+    if (!done.error.empty()) {
+      return reply_error(r.routing, r.req, "unavailable", "cannot read the job: " + done.error);
+    }
+    // Ended meanwhile and still here (its end not saved yet): answer from memory.
+    if (auto it = jobs.find(r.id); it != jobs.end() && it->second.unsaved_end) {
+      return reply_job(r.routing, r.req, *it->second.unsaved_end);
+    }
+    if (done.job) return reply_job(r.routing, r.req, *done.job);
+    reply_error(r.routing, r.req, "not_found", "no job " + r.id + " (unknown, or its result expired)");
   }
 
   void fail(Job& job, const std::string& error, bool dead_letter) {
@@ -934,59 +1041,38 @@ struct Broker::Impl {
     end_job(job, std::move(j), dead_letter);
   }
 
-  // Saves the end, answers waiters, forgets the job. If Redis is down, the end is kept in
-  // memory and saved later; until then the job stays here and answers from memory.
+  // Hands the end to the persister; once it is saved, the waiters get it and the job is
+  // forgotten (on_ended). Until then, and while Redis is away, the job stays here and
+  // answers from memory.
   void end_job(Job& job, json j, bool dead_letter) {
     job.unsaved_end = std::move(j);
     job.unsaved_dead_letter = dead_letter;
-    if (!save_end(job)) unsaved.insert(job.id);
+    post_end(job);
   }
 
-  bool save_end(Job& job) {
-    try {
-      if (!store) throw IoError("no redis connection");
-      if (!store->end(job.id, *job.unsaved_end, job.unsaved_dead_letter)) {
-        log::info("a job's end was already saved (a repeat after an unknown outcome)", {{"job_id", job.id}});
-      }
-      store_reachable = true;
-    } catch (const RedisUnreachable& e) {
-      store_reachable = false;
-      log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", e.what()}});
-      return false;
-    } catch (const RedisNotApplied& e) {
-      // Redis answered (and refused, e.g. OOM): the connection is fine, this write is not.
-      store_reachable = true;
-      log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", e.what()}});
-      return false;
-    } catch (const Error& e) {
-      store_reachable = false;
-      log::warn("cannot save a job's end yet", {{"job_id", job.id}, {"error", e.what()}});
-      return false;
-    }
-    const std::string outcome =
-        job.unsaved_dead_letter ? "dead_letter" : job.unsaved_end->value("state", "failed");
-    metrics.job_seconds.Add({{"kind", job.kind}, {"outcome", outcome}}, Metrics::latency_buckets())
-        .Observe(seconds_since(job.accepted));
-    metrics.jobs_total.Add({{"stage", "job"}, {"outcome", outcome}}).Increment();
-    for (const auto& w : job.waiters) reply_job(w.routing, w.req, *job.unsaved_end);
-    if (job.deadline_entry) deadlines.erase(*job.deadline_entry);
-    jobs.erase(job.id);  // `job` is gone after this line
-    return true;
+  // A state change for P:job-events (creation and end are written with their records).
+  void post_event(const Job& job, const char* event) {
+    if (opt.store.events_maxlen <= 0) return;
+    persister->post(detail::EventRequest{job.id, event, job.stage < job.route.size() ? job.stage_name() : ""});
+  }
+
+  void post_end(Job& job) {
+    if (job.end_posted) return;
+    job.end_posted = true;
+    persister->post(detail::EndRequest{job.id, *job.unsaved_end, job.unsaved_dead_letter});
   }
 
   void retry_unsaved() {
     if (unsaved.empty() || Clock::now() < next_unsaved_retry) return;
     next_unsaved_retry = Clock::now() + milliseconds(250);
-    try_connect_store();
     for (auto it = unsaved.begin(); it != unsaved.end();) {
       auto j = jobs.find(*it);
-      if (j == jobs.end() || save_end(j->second)) {
+      if (j == jobs.end()) {
         it = unsaved.erase(it);
-      } else if (!store || !store_reachable) {
-        break;  // Redis is away: try them all again later
-      } else {
-        ++it;  // this one was refused (e.g. out of memory); the rest may still go through
+        continue;
       }
+      post_end(j->second);  // each on its own: one refused (out of memory) holds back no other
+      ++it;
     }
   }
 
@@ -1066,10 +1152,10 @@ struct Broker::Impl {
 
   void submit(const std::string& routing, const std::string& req, wire::Message& msg) {
     if (draining) return reply_error(routing, req, "unavailable", "the broker is shutting down");
-    if (jobs.size() >= opt.max_pending_jobs) {
+    if (jobs.size() + creating >= opt.max_pending_jobs) {
       metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "busy"}}).Increment();
       return reply_error(routing, req, "busy",
-                         "the broker holds " + std::to_string(jobs.size()) +
+                         "the broker holds " + std::to_string(jobs.size() + creating) +
                              " unfinished jobs (broker.max_pending_jobs); retry later");
     }
     std::int64_t bytes = 0;
@@ -1116,52 +1202,16 @@ struct Broker::Impl {
                                                               : 1000LL * default_deadline_s(job.kind);
     job.params["deadline_at_ms"] = job.created_ms + allowed_ms;
     job.input.put(wire::Slot{wire::slot::kImages, wire::SlotKind::kImageBytes, json::object(), std::move(msg.frames)});
-    try {
-      try_connect_store();
-      if (!store) throw IoError("no redis connection");
-      // A retried submission (its reply was lost) gets the job it already made.
-      if (!idem.key.empty()) {
-        if (auto existing = store->find_idempotent(idem.scope, idem.key)) {
-          if (existing->fingerprint != idem.fingerprint) {
-            metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "rejected"}}).Increment();
-            return reply_error(routing, req, "conflict",
-                               "the idempotency key '" + idem.key + "' already named another " + job.kind +
-                                   " request (other images or parameters) within redis.result_ttl_s; "
-                                   "use a new key for a new request");
-          }
-          json a = wire::header("accepted");
-          if (!req.empty()) a["req"] = req;
-          a["job_id"] = existing->job_id;
-          return reply(routing, std::move(a));
-        }
-      }
-      // Uploads are numbered in the order they are accepted (after the idempotency check,
-      // so a retry keeps its number): the spec stage fences its write with it.
-      if (job.kind == "upload") job.params["upload_seq"] = store->next_upload_seq();
-      try {
-        store->create(job, idem);
-      } catch (const RedisOutcomeUnknown& e) {
-        // Sent, no answer: read back before telling the client anything.
-        bool applied = false;
-        try {
-          applied = store->record(job.id).has_value();
-        } catch (const IoError&) {
-          throw IoError(std::string(e.what()) + "; and it cannot be read back (the job, if it was " +
-                        "recorded, will be adopted within broker.reconcile_s)");
-        }
-        if (!applied) throw;
-        log::info("a job recorded despite a lost reply was accepted", {{"job_id", job.id}});
-      }
-    } catch (const IoError& e) {
-      metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "unavailable"}}).Increment();
-      return reply_error(routing, req, "unavailable", std::string("cannot record the job: ") + e.what());
-    }
-    metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "accepted"}}).Increment();
-    Job& j = insert_job(std::move(job));
-    enqueue(j);
+    // The persister checks the key, numbers an upload and records the job; the client is
+    // answered when it has (on_created), and nothing here waits for Redis.
+    ++creating;
+    persister->post(detail::CreateRequest{std::move(job), std::move(idem), routing, req});
+  }
+
+  void reply_accepted(const std::string& routing, const std::string& req, const std::string& job_id) {
     json a = wire::header("accepted");
     if (!req.empty()) a["req"] = req;
-    a["job_id"] = j.id;
+    a["job_id"] = job_id;
     reply(routing, std::move(a));
   }
 
@@ -1176,14 +1226,7 @@ struct Broker::Impl {
       }
       return reply_job(routing, req, job_object(job));
     }
-    try {
-      if (!store) throw IoError("no redis connection");
-      if (auto ended = store->ended(id)) return reply_job(routing, req, *ended);
-      if (auto rec = store->record(id)) return reply_job(routing, req, *rec);
-    } catch (const IoError& e) {
-      return reply_error(routing, req, "unavailable", std::string("cannot read the job: ") + e.what());
-    }
-    reply_error(routing, req, "not_found", "no job " + id + " (unknown, or its result expired)");
+    persister->post(detail::ReadRequest{id, routing, req});  // answered in on_read
   }
 
   void expire_waiters() {
@@ -1202,12 +1245,16 @@ struct Broker::Impl {
   }
 
   void update_gauges() {
-    std::map<std::string, double> depth, count;
+    std::map<std::string, double> depth, count, suspect;
     for (const auto& [key, q] : queues) depth[key.substr(0, key.find('#'))] += static_cast<double>(q.size());
-    for (const auto& [id, w] : workers) count[w.stage] += 1;
+    for (const auto& [id, w] : workers) {
+      count[w.stage] += 1;
+      if (w.stuck || w.timed_out) suspect[w.stage] += 1;
+    }
     for (const auto& s : wire::stage_names()) {
       metrics.queue_depth.Add({{"stage", s}}).Set(depth[s]);
       metrics.workers.Add({{"stage", s}}).Set(count[s]);
+      metrics.workers_suspect.Add({{"stage", s}}).Set(suspect[s]);
     }
   }
 
@@ -1234,10 +1281,15 @@ struct Broker::Impl {
         set_not_ready("draining");
         log::info("draining", {{"tasks_in_flight", flights.size()}, {"jobs", jobs.size()}});
       }
-      if (draining && ((flights.empty() && unsaved.empty()) || Clock::now() > drain_deadline)) break;
+      if (draining && ((flights.empty() && unsaved.empty() && persister->backlog() == 0) ||
+                       Clock::now() > drain_deadline)) {
+        break;
+      }
       zmq::pollitem_t items[] = {{static_cast<void*>(frontend), 0, ZMQ_POLLIN, 0},
-                                 {static_cast<void*>(backend), 0, ZMQ_POLLIN, 0}};
-      wire::poll(items, 2, milliseconds(std::min(poll_timeout_ms(), 100)));
+                                 {static_cast<void*>(backend), 0, ZMQ_POLLIN, 0},
+                                 {static_cast<void*>(persister->wake()), 0, ZMQ_POLLIN, 0}};
+      wire::poll(items, 3, milliseconds(std::min(poll_timeout_ms(), 100)));
+      if (items[2].revents & ZMQ_POLLIN) on_persisted();
       if (items[1].revents & ZMQ_POLLIN) on_backend();
       if (items[0].revents & ZMQ_POLLIN) on_frontend();
       recover();
@@ -1264,8 +1316,11 @@ Broker::Broker(zmq::context_t& context, BrokerOptions options)
 Broker::~Broker() = default;
 void Broker::run(const std::atomic<bool>& stop) { impl_->run(stop); }
 std::string Broker::not_ready_reason() const {
-  std::lock_guard lock(impl_->ready_mutex);
-  return impl_->not_ready;
+  {
+    std::lock_guard lock(impl_->ready_mutex);
+    if (!impl_->not_ready.empty()) return impl_->not_ready;
+  }
+  return impl_->persister->not_ready_reason();
 }
 
 }  // namespace gmi

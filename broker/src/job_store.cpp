@@ -3,6 +3,7 @@
 #include <hiredis/hiredis.h>
 
 #include <chrono>
+#include <deque>
 
 #include "gmi/error.hpp"
 
@@ -20,12 +21,14 @@ JobStore::JobStore(RedisLocation location, JobStoreOptions options)
     : redis_(std::move(location), 2000, 5000),
       options_(options),
       active_key_(redis_.key("jobs:active")),
-      dead_key_(redis_.key("dead-letters")) {}
+      dead_key_(redis_.key("dead-letters")),
+      events_key_(redis_.key("job-events")),
+      maxlen_(std::to_string(options_.events_maxlen)) {}
 
-std::optional<IdempotencyRecord> JobStore::find_idempotent(const std::string& scope, const std::string& key) {
-  const std::string k = redis_.key("idem:" + scope + ":" + key);
-  RedisReply r = redis_.command({"GET", k});
-  auto value = RedisConnection::as_optional_string(r.get(), "GET " + k);
+namespace {
+
+std::optional<IdempotencyRecord> parse_idempotency(const std::string& scope, const std::string& key,
+                                                   const std::optional<std::string>& value) {
   if (!value) return std::nullopt;
   IdempotencyRecord rec{scope, key, "", ""};
   const auto space = value->find(' ');
@@ -38,34 +41,100 @@ std::optional<IdempotencyRecord> JobStore::find_idempotent(const std::string& sc
   return rec;
 }
 
-void JobStore::create(const StoredJob& job, const IdempotencyRecord& idempotency) {
-  const std::string jk = job_key(job.id), ik = input_key(job.id);
-  const std::string params = job.params.dump(-1, ' ', false, json::error_handler_t::replace);
-  const std::string created = std::to_string(job.created_ms);
-  std::vector<std::string> frames;
-  job.input.append_frames(frames);
-  const std::string nframes = std::to_string(frames.size());
-  // Args holds views: every string it names must outlive the transaction.
-  const std::string slots = job.input.describe().dump();
-  const std::string route = join_route(job.route);
-  std::vector<std::string> names;
-  names.reserve(frames.size());
-  for (std::size_t i = 0; i < frames.size(); ++i) names.push_back("f" + std::to_string(i));
-  RedisConnection::Args input{"HSET", ik, "frames", nframes, "slots", slots};
-  for (std::size_t i = 0; i < frames.size(); ++i) {
-    input.push_back(names[i]);
-    input.push_back(frames[i]);
+}  // namespace
+
+std::optional<IdempotencyRecord> JobStore::find_idempotent(const std::string& scope, const std::string& key) {
+  return find_idempotent_many({{scope, key}}).front();
+}
+
+std::vector<std::optional<IdempotencyRecord>> JobStore::find_idempotent_many(
+    const std::vector<std::pair<std::string, std::string>>& scoped_keys) {
+  std::vector<std::string> keys;
+  keys.reserve(scoped_keys.size());
+  for (const auto& [scope, key] : scoped_keys) keys.push_back(redis_.key("idem:" + scope + ":" + key));
+  std::vector<RedisConnection::Args> gets;
+  for (const auto& k : keys) gets.push_back({"GET", k});
+  auto replies = redis_.pipeline(gets);
+  std::vector<std::optional<IdempotencyRecord>> out;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    out.push_back(parse_idempotency(scoped_keys[i].first, scoped_keys[i].second,
+                                    RedisConnection::as_optional_string(replies[i].get(), "GET " + keys[i])));
   }
-  std::vector<RedisConnection::Args> cmds{{"HSET", jk, "kind", job.kind, "state", "queued", "params", params,
-                                           "route", route, "created_ms", created, "attempts", "0"},
-                                          input,
-                                          {"SADD", active_key_, job.id}};
-  const std::string idem_key = redis_.key("idem:" + idempotency.scope + ":" + idempotency.key);
-  const std::string idem_value = idempotency.fingerprint + " " + job.id;
+  return out;
+}
+
+void JobStore::create(const StoredJob& job, const IdempotencyRecord& idempotency) {
+  create_many({&job}, {&idempotency});
+}
+
+void JobStore::create_many(const std::vector<const StoredJob*>& jobs,
+                           const std::vector<const IdempotencyRecord*>& idempotency) {
+  // Args holds views: every string it names must outlive the transaction (deques never
+  // move what they hold).
+  std::deque<std::string> text;
+  std::vector<std::vector<std::string>> frames(jobs.size());
+  const auto keep = [&text](std::string s) -> std::string_view { return text.emplace_back(std::move(s)); };
   const std::string ttl = std::to_string(options_.result_ttl_s);
-  if (!idempotency.key.empty()) cmds.push_back({"SET", idem_key, idem_value, "EX", ttl});
-  std::vector<RedisReply> keep;
-  redis_.transaction(cmds, keep);
+  const std::string now = std::to_string(now_ms());
+  std::vector<RedisConnection::Args> cmds;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    const StoredJob& job = *jobs[j];
+    const auto jk = keep(job_key(job.id)), ik = keep(input_key(job.id));
+    job.input.append_frames(frames[j]);
+    cmds.push_back({"HSET", jk, "kind", job.kind, "state", "queued", "params",
+                    keep(job.params.dump(-1, ' ', false, json::error_handler_t::replace)), "route",
+                    keep(join_route(job.route)), "created_ms", keep(std::to_string(job.created_ms)), "attempts",
+                    "0"});
+    RedisConnection::Args input{"HSET", ik, "frames", keep(std::to_string(frames[j].size())), "slots",
+                                keep(job.input.describe().dump())};
+    for (std::size_t i = 0; i < frames[j].size(); ++i) {
+      input.push_back(keep("f" + std::to_string(i)));
+      input.push_back(frames[j][i]);
+    }
+    cmds.push_back(std::move(input));
+    cmds.push_back({"SADD", active_key_, job.id});
+    const IdempotencyRecord* idem = j < idempotency.size() ? idempotency[j] : nullptr;
+    if (idem != nullptr && !idem->key.empty()) {
+      cmds.push_back({"SET", keep(redis_.key("idem:" + idem->scope + ":" + idem->key)),
+                      keep(idem->fingerprint + " " + job.id), "EX", ttl});
+    }
+    if (options_.events_maxlen > 0) {
+      cmds.push_back({"XADD", events_key_, "MAXLEN", "~", maxlen_, "*", "job", job.id, "event", "accepted",
+                      "stage", "", "ms", now});
+    }
+  }
+  std::vector<RedisReply> replies;
+  redis_.transaction(cmds, replies);
+}
+
+std::uint64_t JobStore::reserve_upload_seqs(std::uint64_t n) {
+  const std::string k = redis_.key("upload-counter");
+  RedisReply r = redis_.command({"INCRBY", k, std::to_string(n)});
+  return static_cast<std::uint64_t>(RedisConnection::as_integer(r.get(), "INCRBY " + k)) - n + 1;
+}
+
+std::vector<bool> JobStore::exist(const std::vector<std::string>& ids) {
+  std::vector<std::string> keys;
+  for (const auto& id : ids) keys.push_back(job_key(id));
+  std::vector<RedisConnection::Args> cmds;
+  for (const auto& k : keys) cmds.push_back({"EXISTS", k});
+  auto replies = redis_.pipeline(cmds);
+  std::vector<bool> out;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    out.push_back(RedisConnection::as_integer(replies[i].get(), "EXISTS " + keys[i]) == 1);
+  }
+  return out;
+}
+
+void JobStore::append_events(const std::vector<std::array<std::string, 3>>& events) {
+  if (options_.events_maxlen <= 0 || events.empty()) return;
+  const std::string now = std::to_string(now_ms());
+  std::vector<RedisConnection::Args> cmds;
+  for (const auto& e : events) {
+    cmds.push_back({"XADD", events_key_, "MAXLEN", "~", maxlen_, "*", "job", e[0], "event", e[1], "stage", e[2],
+                    "ms", now});
+  }
+  redis_.pipeline(cmds);
 }
 
 std::uint64_t JobStore::next_upload_seq() {
@@ -153,19 +222,35 @@ local first = redis.call('HSETNX', KEYS[2], 'ended_ms', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SREM', KEYS[4], ARGV[7])
 if dead then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[7]) end
+if first == 1 and ARGV[8] ~= '0' then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'job', ARGV[7], 'event', ARGV[3],
+             'stage', ARGV[9], 'ms', ARGV[5])
+end
 return first
 )lua";
 
 bool JobStore::end(const std::string& id, const json& job, bool dead_letter) {
-  const std::string jk = job_key(id), ik = input_key(id), rk = result_key(id);
-  const std::string text = job.dump(-1, ' ', false, json::error_handler_t::replace);
-  const std::string ttl = std::to_string(dead_letter ? options_.dead_letter_ttl_s : options_.result_ttl_s);
-  const std::string state = job.value("state", "failed");
-  const std::string error = job.value("error", "");
-  const std::string finished = std::to_string(job.value("finished_ms", now_ms()));
-  RedisReply r = redis_.command({"EVAL", kEndScript, "5", rk, jk, ik, active_key_, dead_key_, text, ttl,
-                                 state, error, finished, dead_letter ? "1" : "0", id});
-  return RedisConnection::as_integer(r.get(), "EVAL end") == 1;
+  return end_many({End{id, &job, dead_letter}}).front();
+}
+
+std::vector<bool> JobStore::end_many(const std::vector<End>& ends) {
+  std::deque<std::string> text;  // Args holds views
+  const auto keep = [&text](std::string s) -> std::string_view { return text.emplace_back(std::move(s)); };
+  std::vector<RedisConnection::Args> cmds;
+  for (const auto& e : ends) {
+    const json& job = *e.job;
+    cmds.push_back({"EVAL", kEndScript, "6", keep(result_key(e.id)), keep(job_key(e.id)), keep(input_key(e.id)),
+                    active_key_, dead_key_, events_key_, keep(job.dump(-1, ' ', false, json::error_handler_t::replace)),
+                    keep(std::to_string(e.dead_letter ? options_.dead_letter_ttl_s : options_.result_ttl_s)),
+                    keep(job.value("state", "failed")), keep(job.value("error", "")),
+                    keep(std::to_string(job.value("finished_ms", now_ms()))), e.dead_letter ? "1" : "0", e.id,
+                    maxlen_, keep(job.value("failed_stage", ""))});
+  }
+  auto replies = cmds.size() == 1 ? std::vector<RedisReply>{} : redis_.pipeline(cmds);
+  if (cmds.size() == 1) replies.push_back(redis_.command(cmds.front()));
+  std::vector<bool> first;
+  for (auto& r : replies) first.push_back(RedisConnection::as_integer(r.get(), "EVAL end") == 1);
+  return first;
 }
 
 std::optional<json> JobStore::ended(const std::string& id) {

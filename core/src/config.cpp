@@ -181,6 +181,10 @@ const std::vector<ConfigKey>& Config::schema() {
        ConfigType::integer(1, 1ll << 31)},
       {"redis.dead_letter_ttl_s", "604800", "seconds a dead-lettered job stays in Redis",
        ConfigType::integer(1, 1ll << 31)},
+      {"redis.job_events_maxlen", "1000000",
+       "about how many job events (accepted, stage, retry, finished, failed) the stream "
+       "P:job-events keeps (0: no stream)",
+       ConfigType::integer(0, 1ll << 40)},
 
       {"broker.frontend", "tcp://127.0.0.1:5555", "client intake endpoint the broker binds"},
       {"broker.backend", "tcp://127.0.0.1:5556", "worker endpoint the broker binds"},

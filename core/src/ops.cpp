@@ -60,6 +60,8 @@ Metrics::Metrics()
       http_requests_total(
           counter("gmi_http_requests_total", "HTTP requests served, by route and status code.")),
       workers(gauge("gmi_workers", "Live workers known to the broker, by stage.")),
+      workers_suspect(gauge("gmi_workers_suspect",
+                            "Workers sent no tasks: compute stuck, or a task timed out, by stage.")),
       specs_loaded(gauge("gmi_specs_loaded", "Specs held in memory by score workers.")),
       registry_(process_registry()) {}
 
@@ -103,25 +105,27 @@ OpsServer::OpsServer(OpsServerOptions options)
   server_->Get("/metrics", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(Metrics::instance().serialize(), "text/plain; version=0.0.4");
   });
-  server_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
-    res.set_content("ok\n", "text/plain");
-  });
-  server_->Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
-    std::string reason;
-    try {
-      if (options_.not_ready_reason) reason = options_.not_ready_reason();
-    } catch (const std::exception& e) {
-      reason = std::string("readiness check failed: ") + e.what();
-    } catch (...) {
-      reason = "readiness check failed";
-    }
-    if (reason.empty()) {
-      res.set_content("ready\n", "text/plain");
-    } else {
-      res.status = 503;
-      res.set_content(reason + "\n", "text/plain");
-    }
-  });
+  // Both probes: 200 with `ok_text` when the check says "", else 503 with its reason.
+  const auto probe = [](const std::function<std::string()>& check, const char* what, const char* ok_text) {
+    return [check, what, ok_text](const httplib::Request&, httplib::Response& res) {
+      std::string reason;
+      try {
+        if (check) reason = check();
+      } catch (const std::exception& e) {
+        reason = std::string(what) + " check failed: " + e.what();
+      } catch (...) {
+        reason = std::string(what) + " check failed";
+      }
+      if (reason.empty()) {
+        res.set_content(ok_text, "text/plain");
+      } else {
+        res.status = 503;
+        res.set_content(reason + "\n", "text/plain");
+      }
+    };
+  };
+  server_->Get("/healthz", probe(options_.not_alive_reason, "liveness", "ok\n"));
+  server_->Get("/readyz", probe(options_.not_ready_reason, "readiness", "ready\n"));
 
   // Without TCP_NODELAY keep-alive responses wait ~40 ms on delayed ACKs (Nagle).
   server_->set_tcp_nodelay(true);

@@ -229,6 +229,8 @@ void validate_worker_to_broker(const json& h, const std::string& type, std::size
     }
     expect_frames(frames, total, type);
   } else if (type == "heartbeat" || type == "bye") {
+    // stuck_s: the worker's compute watchdog fired (a batch has run this long).
+    check_fields(h, {{"stuck_s", Kind::kNumber, false, 0, 0}}, "");
     expect_frames(frames, 0, type);
   } else {
     bad("unknown message type \"" + type + "\" (expected ready, results, heartbeat or bye)");

@@ -815,7 +815,7 @@ TEST_F(PipelineTest, AnActiveJobTheBrokerDoesNotHoldIsAdopted) {
   job.kind = "query";
   job.params = {{"top", 3}};
   job.route = {"decode", "embed", "interrogate", "score"};
-  job.created_ms = 1;
+  job.created_ms = now_ms();  // (a record from long ago would be past its deadline)
   job.input.put(wire::Slot{wire::slot::kImages, wire::SlotKind::kImageBytes, json::object(), {hub().queries[1]}});
   JobStore(parse_redis_uri(c.redis().uri()), JobStoreOptions{}).create(job);
   json ended = c.await(job.id, 30s);
@@ -945,6 +945,86 @@ TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
     ASSERT_EQ(local.exit_code, 0) << local.err;
     EXPECT_EQ(ranking(job["result"]["results"]), ranking(json::parse(local.out)["results"]));
     EXPECT_EQ(job["result"]["models"], Hub::kModels);
+  }
+}
+
+// A process() that hangs: the worker's watchdog makes it suspect (its heartbeats say so and
+// its /healthz fails), the broker retries the task elsewhere and sends the hung worker
+// nothing more, and on SIGTERM it exits with a message instead of waiting on the batch.
+TEST_F(PipelineTest, AHungWorkerIsSuspectGetsNoMoreTasksAndFailsItsLivenessProbe) {
+  START_CLUSTER(c, true, {"GMI_BROKER_TASK_TIMEOUT_S=2"});
+  c.start_broker();
+  for (const char* s : {"embed", "interrogate", "score", "spec"}) c.start_worker(s);
+  const int ops_port = testing::free_port();
+  BackgroundProcess& hung = c.start_worker(
+      "decode", {"GMI_FAULT_HANG_ON=HANG-NOW", "GMI_WORKER_OPS_PORT=" + std::to_string(ops_port)});
+  upload_hub(c);
+  const std::string marked = c.query(hub().queries[1] + "HANG-NOW", 3);
+  for (int i = 0; i < 100 && hung.log().find("hanging on a marked image") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_NE(hung.log().find("hanging on a marked image"), std::string::npos) << hung.log();
+  c.start_worker("decode");  // a healthy one
+
+  json j = c.await(marked, 60s);
+  ASSERT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+  EXPECT_EQ(j["result"]["results"][0]["model"], Hub::model(1));
+  httplib::Client http("127.0.0.1", ops_port);
+  int status = 0;
+  std::string body;
+  for (int i = 0; i < 100 && status != 503; ++i) {
+    if (auto res = http.Get("/healthz")) {
+      status = res->status;
+      body = res->body;
+    }
+    if (status != 503) std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_EQ(status, 503);
+  EXPECT_NE(body.find("decode compute stuck"), std::string::npos) << body;
+  // Every later query goes to the healthy worker: the task that timed out is the only retry.
+  for (int i = 0; i < 6; ++i) {
+    json ok = c.await(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)], 3), 60s);
+    EXPECT_EQ(ok.value("state", ""), "finished") << ok.dump();
+  }
+  const std::string m = c.broker_metrics();
+  EXPECT_EQ(metric(m, "gmi_retries_total{reason=\"timeout\",stage=\"decode\"}"), 1) << m;
+  EXPECT_EQ(metric(m, "gmi_workers_suspect{stage=\"decode\"}"), 1) << m;
+  EXPECT_NE(c.broker().log().find("compute is stuck"), std::string::npos) << c.broker().log();
+  hung.signal(SIGTERM);
+  auto code = hung.wait(10s);
+  ASSERT_TRUE(code.has_value()) << "a worker stuck in compute must still exit on SIGTERM";
+  EXPECT_EQ(*code, 1);
+  EXPECT_NE(hung.log().find("asked to stop with a stuck batch; exiting without it"), std::string::npos);
+}
+
+// Item 10: Redis stalls (CLIENT PAUSE, 3 s: three times the 1 s liveness window) while
+// jobs arrive and end. Persistence is off the broker's thread: heartbeats flow, no worker
+// is declared lost, no worker thinks the broker went silent, and every job finishes.
+TEST_F(PipelineTest, ARedisStallFreezesNoHeartbeatAndLosesNoWorker) {
+  START_CLUSTER(c);
+  c.start_all();
+  upload_hub(c);
+  std::thread pause([&] {
+    redisContext* rc = redisConnect("127.0.0.1", c.redis().port());
+    freeReplyObject(redisCommand(rc, "CLIENT PAUSE 3000 ALL"));
+    redisFree(rc);
+  });
+  pause.join();
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(c.query(hub().queries[static_cast<std::size_t>(i % Hub::kModels)], 3));
+  for (const auto& id : ids) {
+    json j = c.await(id, 60s);
+    EXPECT_EQ(j.value("state", ""), "finished") << j.dump();
+  }
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, 2s) << "the pause did hold the jobs' records back";
+  const std::string all = c.logs();
+  EXPECT_EQ(all.find("worker lost"), std::string::npos) << all;
+  EXPECT_EQ(all.find("the broker went silent"), std::string::npos) << all;
+  const std::string m = c.broker_metrics();
+  for (const char* stage : {"decode", "embed", "interrogate", "score"}) {
+    EXPECT_EQ(metric(m, std::string("gmi_retries_total{reason=\"worker_lost\",stage=\"") + stage + "\"}"), 0)
+        << stage;
   }
 }
 

@@ -96,6 +96,22 @@ TEST(Ops, ReadyWithoutACheckAndFailingCheckIsNotReady) {
   EXPECT_NE(bad->body.find("redis down"), std::string::npos) << bad->body;
 }
 
+TEST(Ops, HealthzFailsWithTheReasonWhileTheLivenessCheckSaysSo) {
+  std::atomic<bool> stuck{false};
+  OpsServerOptions options = loopback();
+  options.not_alive_reason = [&]() -> std::string { return stuck ? "compute stuck for 301 s" : ""; };
+  OpsServer server(options);
+  server.start();
+  auto alive = get(server.port(), "/healthz");
+  ASSERT_TRUE(alive);
+  EXPECT_EQ(alive->status, 200);
+  stuck = true;
+  auto dead = get(server.port(), "/healthz");
+  ASSERT_TRUE(dead);
+  EXPECT_EQ(dead->status, 503);
+  EXPECT_EQ(dead->body, "compute stuck for 301 s\n");
+}
+
 TEST(Ops, CounterIncrementsShowInTheMetricsText) {
   auto& c = Metrics::instance().retries_total.Add({{"stage", "ops_test"}, {"reason", "timeout"}});
   c.Increment();

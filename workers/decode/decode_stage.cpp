@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <span>
+#include <thread>
+#include <chrono>
 
 #include "../runtime/stages.hpp"
 #include "gmi/encoder_registry.hpp"
@@ -39,6 +41,8 @@ class DecodeStage final : public Stage {
     // Fault injection for the crash tests: a worker that meets this byte string dies
     // (abort), as a decoder bug would make it. Unset in production.
     if (const char* m = std::getenv("GMI_FAULT_ABORT_ON"); m != nullptr && *m != '\0') abort_on_ = m;
+    // ... and one that meets this one hangs (600 s), as a decoder stuck in a loop would.
+    if (const char* m = std::getenv("GMI_FAULT_HANG_ON"); m != nullptr && *m != '\0') hang_on_ = m;
   }
 
   std::string name() const override { return "decode"; }
@@ -67,6 +71,7 @@ class DecodeStage final : public Stage {
     for (std::size_t i = 0; i < input->frames.size(); ++i) {
       const std::string& bytes = input->frames[i];
       maybe_abort(bytes);
+      maybe_hang(bytes);
       try {
         Image im = decode_image(std::span(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()),
                                 options_);
@@ -90,6 +95,13 @@ class DecodeStage final : public Stage {
     return r;
   }
 
+  void maybe_hang(const std::string& bytes) const {
+    if (!hang_on_.empty() && bytes.find(hang_on_) != std::string::npos) {
+      log::error("fault injection: hanging on a marked image (GMI_FAULT_HANG_ON)");
+      std::this_thread::sleep_for(std::chrono::seconds(600));
+    }
+  }
+
   void maybe_abort(const std::string& bytes) const {
     if (!abort_on_.empty() && bytes.find(abort_on_) != std::string::npos) {
       log::error("fault injection: aborting on a marked image (GMI_FAULT_ABORT_ON)");
@@ -99,7 +111,7 @@ class DecodeStage final : public Stage {
 
   BatchPolicy policy_;
   DecodeOptions options_;
-  std::string abort_on_;
+  std::string abort_on_, hang_on_;
 };
 
 }  // namespace

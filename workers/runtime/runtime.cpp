@@ -6,12 +6,14 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
 #include <new>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "gmi/error.hpp"
@@ -58,6 +60,11 @@ struct StageWorker::Impl {
   std::deque<StageTask> pending;
   Clock::time_point first_pending{};
   int computing = 0;  // units (tasks, or images) in the batch being computed
+  std::size_t computing_tasks = 0;
+  // When the batch being computed began (steady clock, ms); 0 while idle. Read by the ops
+  // server's threads (not_alive_reason).
+  std::atomic<std::int64_t> batch_started_ms{0};
+  bool stuck_logged = false;
   int granted = 0;    // credit the broker still holds for us
   std::string session;  // this connection's identity, in every "ready"
   std::string reconnect_on;  // GMI_FAULT_RECONNECT_ON (tests only)
@@ -279,6 +286,8 @@ struct StageWorker::Impl {
     }
     if (!pending.empty()) first_pending = Clock::now();
     computing = units;
+    computing_tasks = tasks.size();
+    batch_started_ms = steady_ms();
     {
       std::lock_guard lock(mutex);
       batch_in = std::move(tasks);
@@ -320,12 +329,31 @@ struct StageWorker::Impl {
     int charged = 0;
     for (const auto& t : tasks) charged += t.credit;
     computing = 0;
+    batch_started_ms = 0;
+    if (stuck_logged) {
+      log::warn("the stuck batch finished after all; the worker is healthy again",
+                {{"stage", stage.name()}, {"seconds", seconds}});
+      stuck_logged = false;
+    }
     json h = wire::header("results");
     h["results"] = std::move(list);
     const int credit = stopping ? 0 : charged;
     h["credit"] = credit;
     send(h, frames);
     if (credit > 0) granted += credit;
+  }
+
+  static std::int64_t steady_ms() {
+    return std::chrono::duration_cast<milliseconds>(Clock::now().time_since_epoch()).count();
+  }
+
+  // How long the batch being computed has run, when that is past the watchdog's deadline;
+  // else 0.
+  double stuck_seconds() const {
+    const std::int64_t started = batch_started_ms.load();
+    if (opt.compute_deadline_s <= 0 || started == 0) return 0;
+    const double s = static_cast<double>(steady_ms() - started) / 1000.0;
+    return s > opt.compute_deadline_s ? s : 0;
   }
 
   void run(const std::atomic<bool>& stop) {
@@ -339,6 +367,21 @@ struct StageWorker::Impl {
         log::info("draining", {{"pending", pending.size()}, {"computing", computing}});
       }
       if (stopping && pending.empty() && computing == 0) break;
+      const double stuck = stuck_seconds();
+      if (stuck > 0 && !stuck_logged) {
+        stuck_logged = true;
+        log::error("compute watchdog: a batch is stuck; this worker takes no more tasks and its /healthz fails",
+                   {{"stage", stage.name()}, {"tasks", computing_tasks}, {"seconds", stuck},
+                    {"deadline_s", opt.compute_deadline_s}});
+      }
+      if (stopping && stuck > 0) {
+        // The stuck thread cannot be interrupted, and joining it would hang the shutdown.
+        // The broker re-queues what this worker held once its connection goes.
+        log::error("asked to stop with a stuck batch; exiting without it",
+                   {{"stage", stage.name()}, {"seconds", stuck}});
+        std::fflush(nullptr);
+        std::_Exit(1);
+      }
       zmq::pollitem_t items[] = {{static_cast<void*>(*socket), 0, ZMQ_POLLIN, 0},
                                  {static_cast<void*>(wake_rx), 0, ZMQ_POLLIN, 0}};
       long long timeout = opt.heartbeat_ms / 2;
@@ -353,7 +396,11 @@ struct StageWorker::Impl {
       if (items[0].revents & ZMQ_POLLIN) on_message();
       maybe_start_batch();
       const auto now = Clock::now();
-      if (now - last_sent >= hb) send(wire::header("heartbeat"));
+      if (now - last_sent >= hb) {
+        json beat = wire::header("heartbeat");
+        if (stuck > 0) beat["stuck_s"] = stuck;  // the broker sends a suspect nothing more
+        send(beat);
+      }
       if (now - last_heard > hb * opt.liveness && !stopping) {
         log::warn("the broker went silent; reconnecting", {{"broker", opt.broker}});
         connect();
@@ -419,6 +466,19 @@ StageWorker::~StageWorker() = default;
 
 void StageWorker::run(const std::atomic<bool>& stop) { impl_->run(stop); }
 
-std::string StageWorker::not_ready_reason() const { return stage_->not_ready_reason(); }
+std::string StageWorker::not_ready_reason() const {
+  if (std::string why = not_alive_reason(); !why.empty()) return why;
+  return stage_->not_ready_reason();
+}
+
+std::string StageWorker::not_alive_reason() const {
+  const double stuck = impl_->stuck_seconds();
+  if (stuck <= 0) return "";
+  std::ostringstream text;
+  text.precision(3);
+  text << impl_->stage.name() << " compute stuck: a batch has run for " << stuck << " s (deadline "
+       << impl_->opt.compute_deadline_s << " s, broker.task_timeout_s)";
+  return text.str();
+}
 
 }  // namespace gmi::workers

@@ -11,9 +11,14 @@
 ///   P:jobs:active     SET     ids of jobs accepted and not yet ended (resumed at start)
 ///   P:dead-letters    ZSET    ids of jobs that kept failing, scored by time (ms)
 ///   P:idem:SCOPE:KEY  STRING  "FINGERPRINT JOB_ID": the request a client's key named, result TTL
+///   P:job-events      STREAM  every state change of every job: job, event (accepted, stage,
+///                             retry, finished, failed), stage, ms; capped near events_maxlen.
+///                             "accepted" is written with the record and the end with the end
+///                             script, only for a job's first end: one end event per job.
 /// Every write that changes a job's state is one MULTI/EXEC transaction, and ending a job
 /// is idempotent: writing the same end twice leaves the same keys.
 /// Thread-safety: NOT thread-safe (one Redis connection); the broker's loop owns it.
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -30,6 +35,7 @@ namespace gmi {
 struct JobStoreOptions {
   int result_ttl_s = 86400;
   int dead_letter_ttl_s = 604800;
+  long long events_maxlen = 1000000;  ///< P:job-events keeps about this many (0: no stream)
 };
 
 /// What a job needs to run again from its first stage.
@@ -59,6 +65,19 @@ class JobStore {
   /// `idempotency.key` is recorded with it (P:idem:SCOPE:KEY -> fingerprint and job id, for
   /// the result TTL).
   void create(const StoredJob& job, const IdempotencyRecord& idempotency = {});
+  /// Records several jobs in one MULTI/EXEC (one round trip); `idempotency[i]` goes with
+  /// `jobs[i]`.
+  void create_many(const std::vector<const StoredJob*>& jobs,
+                   const std::vector<const IdempotencyRecord*>& idempotency);
+  /// find_idempotent for several (scope, key) pairs, in one round trip.
+  std::vector<std::optional<IdempotencyRecord>> find_idempotent_many(
+      const std::vector<std::pair<std::string, std::string>>& scoped_keys);
+  /// Reserves `n` consecutive upload numbers at once; returns the first.
+  std::uint64_t reserve_upload_seqs(std::uint64_t n);
+  /// Whether each job has a record (a read-back after an unknown outcome).
+  std::vector<bool> exist(const std::vector<std::string>& ids);
+  /// Appends events to P:job-events, pipelined: (job id, event, stage) each.
+  void append_events(const std::vector<std::array<std::string, 3>>& events);
   /// The record a scoped idempotency key already has (its job_id and fingerprint), if any.
   std::optional<IdempotencyRecord> find_idempotent(const std::string& scope, const std::string& key);
   /// The next upload sequence (P:upload-counter, INCR): uploads are numbered in the order
@@ -78,6 +97,14 @@ class JobStore {
   /// for the job's first end, false when it had ended already (a repeat after an unknown
   /// outcome). Idempotent.
   bool end(const std::string& id, const nlohmann::json& job, bool dead_letter);
+  struct End {
+    std::string id;
+    const nlohmann::json* job;
+    bool dead_letter;
+  };
+  /// end() for several jobs, pipelined (one round trip); throws if any of them failed
+  /// (then end them one by one to know which: an end is idempotent).
+  std::vector<bool> end_many(const std::vector<End>& ends);
 
   /// The stored job object of an ended job, or nullopt if unknown/expired.
   std::optional<nlohmann::json> ended(const std::string& id);
@@ -99,6 +126,8 @@ class JobStore {
   JobStoreOptions options_;
   std::string active_key_;
   std::string dead_key_;
+  std::string events_key_;
+  std::string maxlen_;
 };
 
 /// Milliseconds since the Unix epoch.

@@ -1,6 +1,6 @@
 #pragma once
 /// What every gmi process serves to operators over HTTP: /metrics (Prometheus text format),
-/// /healthz (the process is alive: 200) and /readyz (200 when ready() says so, else 503
+/// /healthz (200 while alive; 503 with the reason, e.g. a stuck compute) and /readyz (200 when ready() says so, else 503
 /// with the reason). The gateway adds its API routes to the same server.
 ///
 /// Metric names follow Prometheus conventions: gmi_ prefix, base units, _total counters,
@@ -39,6 +39,7 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>& job_seconds;       ///< gmi_job_seconds{kind,outcome}
   prometheus::Family<prometheus::Counter>& http_requests_total; ///< gmi_http_requests_total{route,code}
   prometheus::Family<prometheus::Gauge>& workers;               ///< gmi_workers{stage}
+  prometheus::Family<prometheus::Gauge>& workers_suspect;       ///< gmi_workers_suspect{stage}
   prometheus::Family<prometheus::Gauge>& specs_loaded;          ///< gmi_specs_loaded{stage}
 
   /// Buckets for latency histograms: 100 us .. 60 s, roughly x2.5 apart.
@@ -59,6 +60,9 @@ struct OpsServerOptions {
   int port = 0;  ///< 0: pick a free port (see OpsServer::port())
   /// Empty reason = ready. Called on each /readyz request from the server's threads.
   std::function<std::string()> not_ready_reason;
+  /// Empty reason = alive (/healthz 200); else /healthz answers 503 with it, so that the
+  /// orchestrator restarts the process (a worker whose compute is stuck). None: always alive.
+  std::function<std::string()> not_alive_reason;
 };
 
 /// An HTTP server (cpp-httplib) on its own threads serving /metrics, /healthz, /readyz.

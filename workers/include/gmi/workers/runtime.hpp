@@ -21,6 +21,11 @@ struct WorkerOptions {
   std::string name;                             ///< for logs; default stage/host/pid
   int heartbeat_ms = 500;
   int liveness = 6;
+  /// The compute watchdog: a batch computing longer than this makes the worker suspect. Its
+  /// heartbeats say so (the broker sends it nothing more), not_alive_reason() says so (its
+  /// /healthz fails, so that Kubernetes restarts it), and asked to stop it exits at once
+  /// (status 1) instead of waiting on the stuck batch. 0: no watchdog.
+  int compute_deadline_s = 300;
   /// CURVE: the broker's public key and this worker's keys (empty: plain).
   std::string curve_server_public;
   wire::CurveKeys curve_client;
@@ -41,6 +46,8 @@ class StageWorker {
   void run(const std::atomic<bool>& stop);
 
   std::string not_ready_reason() const;
+  /// "" while alive; else why not (compute stuck past compute_deadline_s). Any thread.
+  std::string not_alive_reason() const;
   Stage& stage() { return *stage_; }
 
  private:
