@@ -148,6 +148,10 @@ GatewayOptions gateway_options(const Config& c) {
   o.host = c.get_string("gateway.host");
   o.port = static_cast<int>(c.get_int("gateway.port"));
   o.broker = client_options(c, "");
+  // A submission the broker does not answer is a 503 within this bound, not after retries:
+  // the HTTP client retries (with its Idempotency-Key), and no gateway thread waits long.
+  o.broker.timeout_ms = static_cast<int>(c.get_int("gateway.broker_timeout_ms"));
+  o.broker.submit_attempts = 1;
   o.spec_store_uri = c.get_string("redis.uri");
   const std::string key_file = c.get_string("gateway.api_key_file");
   if (const char* k = std::getenv("GMI_API_KEY"); k != nullptr && *k != '\0') {

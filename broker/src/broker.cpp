@@ -1142,6 +1142,13 @@ struct Broker::Impl {
     if (type == "ping") {
       json h = wire::header("pong");
       if (!req.empty()) h["req"] = req;
+      std::string why;
+      {
+        std::lock_guard lock(ready_mutex);
+        why = not_ready;
+      }
+      if (why.empty()) why = persister->not_ready_reason();
+      if (!why.empty()) h["not_ready"] = why;
       reply(routing, std::move(h));
     } else if (type == "get_job") {
       get_job(routing, req, msg.header["job_id"].get<std::string>(), msg.header.value("wait_ms", 0));

@@ -531,8 +531,11 @@ std::string Gateway::Impl::not_ready_reason() {
   std::string reason;
   try {
     auto client = lease();
-    if (!client->ping(std::min(kReadyPingMs, options.broker.timeout_ms))) {
+    const auto broker = client->readiness(std::min(kReadyPingMs, options.broker.timeout_ms));
+    if (!broker) {
       reason = "the broker at " + options.broker.endpoint + " does not answer";
+    } else if (!broker->empty()) {
+      reason = "the broker at " + options.broker.endpoint + " is not ready: " + *broker;
     }
   } catch (const BrokerRefusal& e) {
     reason = "the broker at " + options.broker.endpoint + " refuses work: " + e.what();

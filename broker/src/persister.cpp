@@ -1,5 +1,6 @@
 #include "persister.hpp"
 
+#include <chrono>
 #include <map>
 #include <set>
 
@@ -78,6 +79,14 @@ bool Persister::connect() {
   }
 }
 
+void Persister::check_redis() {
+  std::string why;
+  if (!connect()) return;  // connect() said why
+  if (!store_->ping()) why = "redis unreachable: no answer to PING at " + options_.location.endpoint();
+  std::lock_guard lock(mutex_);
+  not_ready_ = why;
+}
+
 void Persister::loop() {
   zmq::socket_t wake_tx(context_, zmq::socket_type::pair);
   wake_tx.set(zmq::sockopt::linger, 0);
@@ -86,7 +95,13 @@ void Persister::loop() {
     std::vector<PersistRequest> group;
     {
       std::unique_lock lock(mutex_);
-      cv_.wait(lock, [&] { return quit_ || !requests_.empty(); });
+      // Idle for a second: see that Redis still answers, so that readiness tells the truth
+      // when nothing else would have found out.
+      if (!cv_.wait_for(lock, std::chrono::seconds(1), [&] { return quit_ || !requests_.empty(); })) {
+        lock.unlock();
+        check_redis();
+        continue;
+      }
       if (requests_.empty()) return;  // quit, with everything posted served
       while (!requests_.empty() && group.size() < options_.max_group) {
         group.push_back(std::move(requests_.front()));

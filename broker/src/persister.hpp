@@ -121,6 +121,7 @@ class Persister {
   void end_group(std::vector<EndRequest>& ends, std::vector<PersistDone>& done);
   void events_group(const std::vector<EventRequest>& events);
   bool connect();
+  void check_redis();
 
   zmq::context_t& context_;
   PersisterOptions options_;

@@ -171,6 +171,16 @@ json BrokerClient::get_job(const std::string& job_id, int wait_ms) {
   return std::move(reply["job"]);
 }
 
+std::optional<std::string> BrokerClient::readiness(int timeout_ms) {
+  try {
+    json reply = request(wire::header("ping"), {}, timeout_ms);
+    if (reply.value("type", "") != "pong") return std::nullopt;
+    return reply.value("not_ready", std::string());
+  } catch (const IoError&) {
+    return std::nullopt;
+  }
+}
+
 bool BrokerClient::ping(int timeout_ms) {
   try {
     return request(wire::header("ping"), {}, timeout_ms).value("type", "") == "pong";

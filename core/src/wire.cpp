@@ -173,7 +173,8 @@ void validate_broker_to_client(const json& h, const std::string& type, std::size
                      {"error", Kind::kString, true}},
                  "");
   } else if (type == "pong") {
-    check_fields(h, {{"req", Kind::kString, false}}, "");
+    // not_ready: why the broker cannot take jobs now (absent: it can).
+    check_fields(h, {{"req", Kind::kString, false}, {"not_ready", Kind::kString, false}}, "");
   } else {
     bad("unknown message type \"" + type + "\" (expected accepted, job, error or pong)");
   }

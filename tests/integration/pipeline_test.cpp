@@ -1274,6 +1274,48 @@ TEST_F(PipelineTest, SigtermDrainsAndEveryProcessExitsCleanly) {
   }
 }
 
+// The gateway's /readyz agrees with the broker's (it said ready while the broker's Redis
+// was down), and with no broker a submission is a 503 within gateway.broker_timeout_ms
+// (it took 3 tries of 10 s).
+TEST_F(PipelineTest, GatewayReadinessFollowsTheBrokerAndNoBrokerIsA503InTwoSeconds) {
+  START_CLUSTER(c);
+  c.start_broker();
+  const int port = testing::free_port();
+  auto env = c.env();
+  env.push_back("GMI_GATEWAY_PORT=" + std::to_string(port));
+  BackgroundProcess gateway({testing::gmi_binary(), "gateway"}, env, c.dir() / "gateway.log");
+  httplib::Client http("127.0.0.1", port);
+  http.set_read_timeout(30, 0);
+  int status = 0;
+  for (int i = 0; i < 600 && status != 200; ++i) {
+    if (auto r = http.Get("/readyz")) status = r->status;
+    if (status != 200) std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_EQ(status, 200) << gateway.log();
+  c.redis().kill9();
+  std::string body;
+  for (int i = 0; i < 100 && status != 503; ++i) {
+    std::this_thread::sleep_for(100ms);  // the gateway reuses a /readyz answer briefly
+    if (auto r = http.Get("/readyz")) {
+      status = r->status;
+      body = r->body;
+    }
+  }
+  EXPECT_EQ(status, 503);
+  EXPECT_NE(body.find("is not ready: redis unreachable"), std::string::npos) << body;
+  c.redis().start();
+
+  c.broker().signal(SIGKILL);
+  ASSERT_TRUE(c.broker().wait(5s).has_value());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto res = http.Post("/v1/queries", hub().queries[0], "image/jpeg");
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 503) << res->body;
+  EXPECT_LT(took, 4.0) << "gateway.broker_timeout_ms is 2 s";
+  EXPECT_TRUE(gateway.running());
+}
+
 TEST_F(PipelineTest, GatewayServesQueriesUploadsAndModelsOverHttp) {
   START_CLUSTER(c, true, {"GMI_API_KEY=sesame"});
   c.start_all();

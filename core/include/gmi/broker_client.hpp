@@ -84,6 +84,9 @@ class BrokerClient {
 
   /// Round trip to the broker; false on timeout.
   bool ping(int timeout_ms);
+  /// Whether the broker can take jobs: nullopt when it does not answer, "" when it can,
+  /// else why not (its Redis is unreachable, it is recovering or draining).
+  std::optional<std::string> readiness(int timeout_ms);
 
   /// One request/response exchange; returns the reply header (type accepted/job/pong).
   nlohmann::json request(nlohmann::json header, const std::vector<std::string>& frames,
