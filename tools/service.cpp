@@ -101,6 +101,7 @@ BrokerOptions broker_options(const Config& c) {
   o.backoff_ms = static_cast<int>(c.get_int("broker.backoff_ms"));
   o.backoff_max_ms = static_cast<int>(c.get_int("broker.backoff_max_ms"));
   o.max_pending_jobs = static_cast<std::size_t>(c.get_int("broker.max_pending_jobs"));
+  o.max_pending_bytes = static_cast<std::size_t>(c.get_int("broker.max_pending_bytes"));
   o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s"));
   o.reconcile_s = static_cast<int>(c.get_int("broker.reconcile_s"));
   o.query_deadline_s = static_cast<int>(c.get_int("broker.query_deadline_s"));

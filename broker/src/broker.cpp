@@ -82,6 +82,7 @@ struct Job {
   json stage_seconds = json::object();
   std::vector<Waiter> waiters;
   std::string state = "queued";
+  std::size_t bytes = 0;                     // of its slots, as counted in held_bytes
   std::int64_t deadline_ms = 0;              // epoch ms after which it fails; 0: none
   Clock::time_point stage_entered = Clock::now();  // when it was queued at its current stage
   std::optional<std::multimap<std::int64_t, std::string>::iterator> deadline_entry;
@@ -143,6 +144,8 @@ struct Broker::Impl {
   // Every Redis read and write goes through it, on its own thread (persister.hpp).
   std::unique_ptr<detail::Persister> persister;
   std::size_t creating = 0;  // creations posted and not yet done (count toward max_pending_jobs)
+  std::size_t creating_bytes = 0;  // their payload bytes (count toward max_pending_bytes)
+  std::size_t held_bytes = 0;      // the slots of every job held
   bool recovering = false;   // a RecoverRequest is with the persister
   RedisLocation redis_location;
 
@@ -293,8 +296,18 @@ struct Broker::Impl {
     job.deadline_ms = job.params.value("deadline_at_ms", std::int64_t{0});
     if (job.deadline_ms <= 0) job.deadline_ms = job.created_ms + 1000LL * default_deadline_s(job.kind);
     auto [it, inserted] = jobs.emplace(job.id, std::move(job));
-    if (inserted) it->second.deadline_entry = deadlines.emplace(it->second.deadline_ms, it->first);
+    if (inserted) {
+      it->second.deadline_entry = deadlines.emplace(it->second.deadline_ms, it->first);
+      recount(it->second);
+    }
     return it->second;
+  }
+
+  // Keeps held_bytes equal to the bytes of every held job's slots.
+  void recount(Job& job) {
+    held_bytes -= job.bytes;
+    job.bytes = job.slots.byte_count();
+    held_bytes += job.bytes;
   }
 
   int default_deadline_s(const std::string& kind) const {
@@ -788,6 +801,7 @@ struct Broker::Impl {
       return;
     }
     prune_slots(job);
+    recount(job);
     enqueue(job);
   }
 
@@ -959,6 +973,7 @@ struct Broker::Impl {
 
   void on_created(detail::CreateDone done) {
     --creating;
+    creating_bytes -= std::min(creating_bytes, done.request.job.input.byte_count());
     const std::string& routing = done.request.routing;
     const std::string& req = done.request.req;
     const bool metric = done.request.job.kind == "metric";
@@ -1012,6 +1027,7 @@ struct Broker::Impl {
     metrics.jobs_total.Add({{"stage", "job"}, {"outcome", outcome}}).Increment();
     for (const auto& w : job.waiters) reply_job(w.routing, w.req, *job.unsaved_end);
     if (job.deadline_entry) deadlines.erase(*job.deadline_entry);
+    held_bytes -= job.bytes;
     jobs.erase(it);
   }
 
@@ -1172,6 +1188,15 @@ struct Broker::Impl {
                                                         " bytes; the limit is " +
                                                         std::to_string(opt.max_message_bytes));
     }
+    // Bytes, not only jobs: one upload may weigh as much as thousands of queries.
+    const std::size_t held = held_bytes + creating_bytes;
+    if (held + static_cast<std::size_t>(bytes) > opt.max_pending_bytes) {
+      metrics.jobs_total.Add({{"stage", "intake"}, {"outcome", "busy"}}).Increment();
+      return reply_error(routing, req, "busy",
+                         "the broker holds " + std::to_string(held) + " bytes of unfinished jobs' payloads and this " +
+                             "request carries " + std::to_string(bytes) + " (broker.max_pending_bytes is " +
+                             std::to_string(opt.max_pending_bytes) + "); retry later");
+    }
     StoredJob job;
     job.id = wire::random_id();
     job.created_ms = now_ms();
@@ -1212,6 +1237,7 @@ struct Broker::Impl {
     // The persister checks the key, numbers an upload and records the job; the client is
     // answered when it has (on_created), and nothing here waits for Redis.
     ++creating;
+    creating_bytes += static_cast<std::size_t>(bytes);
     persister->post(detail::CreateRequest{std::move(job), std::move(idem), routing, req});
   }
 
@@ -1252,6 +1278,7 @@ struct Broker::Impl {
   }
 
   void update_gauges() {
+    metrics.pending_bytes.Add({}).Set(static_cast<double>(held_bytes + creating_bytes));
     std::map<std::string, double> depth, count, suspect;
     for (const auto& [key, q] : queues) depth[key.substr(0, key.find('#'))] += static_cast<double>(q.size());
     for (const auto& [id, w] : workers) {

@@ -200,6 +200,10 @@ const std::vector<ConfigKey>& Config::schema() {
        ConfigType::integer(0, 3600000)},
       {"broker.max_pending_jobs", "10000", "jobs in flight before new ones are refused",
        ConfigType::integer(1, 100000000)},
+      {"broker.max_pending_bytes", "4294967296",
+       "payload bytes (inputs, pixels, embeddings) unfinished jobs may hold before new ones are "
+       "refused as busy",
+       ConfigType::integer(1024, 1ll << 50)},
       {"broker.task_timeout_s", "300", "seconds a worker may hold a task before it is retried",
        ConfigType::integer(1, 86400)},
       {"broker.reconcile_s", "30",

@@ -62,6 +62,8 @@ Metrics::Metrics()
       workers(gauge("gmi_workers", "Live workers known to the broker, by stage.")),
       workers_suspect(gauge("gmi_workers_suspect",
                             "Workers sent no tasks: compute stuck, or a task timed out, by stage.")),
+      pending_bytes(gauge("gmi_pending_bytes",
+                          "Payload bytes the broker's unfinished jobs hold (broker.max_pending_bytes).")),
       specs_loaded(gauge("gmi_specs_loaded", "Specs held in memory by score workers.")),
       registry_(process_registry()) {}
 

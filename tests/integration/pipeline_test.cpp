@@ -1028,6 +1028,38 @@ TEST_F(PipelineTest, ARedisStallFreezesNoHeartbeatAndLosesNoWorker) {
   }
 }
 
+// Item 14: bytes are bounded, not only jobs. With no decode worker, jobs wait holding their
+// input; one that would take the held payload past broker.max_pending_bytes is refused as
+// busy (retryable), and once the held jobs are done the same request is accepted.
+TEST_F(PipelineTest, ABytesBudgetRefusesWhatWouldGoOverItAsBusy) {
+  START_CLUSTER(c, true, {"GMI_BROKER_MAX_PENDING_BYTES=400000"});
+  c.start_all();
+  upload_hub(c);
+  c.worker("decode").signal(SIGTERM);  // says bye: the broker forgets it at once
+  ASSERT_TRUE(c.worker("decode").wait(20s).has_value());
+  const std::string heavy = hub().queries[0] + std::string(150000, '\0');  // readers stop at EOI
+  const std::string a = c.query(heavy), b = c.query(heavy);  // 2 x ~160 KB held
+  try {
+    QueryRequest q;
+    q.image = heavy;
+    c.client().submit_query(q);
+    FAIL() << "a third heavy query was accepted over the budget";
+  } catch (const BrokerRefusal& e) {
+    EXPECT_EQ(e.code(), "busy");
+    EXPECT_TRUE(e.retryable());
+    EXPECT_NE(std::string(e.what()).find("broker.max_pending_bytes"), std::string::npos) << e.what();
+  }
+  std::this_thread::sleep_for(200ms);  // the gauge follows at the next housekeeping tick
+  EXPECT_GT(metric(c.broker_metrics(), "gmi_pending_bytes"), 300000) << c.broker_metrics();
+  c.start_worker("decode");
+  for (const auto& id : {a, b}) {
+    json j = c.await(id);
+    EXPECT_EQ(j.value("state", ""), "finished") << j.dump();
+  }
+  json third = c.await(c.query(heavy));
+  EXPECT_EQ(third.value("state", ""), "finished") << third.dump();
+}
+
 // Item 9 of the reliability issue: a job waits for a worker that never comes no longer than
 // its deadline (the request's, or the broker's default), and the broker goes on serving.
 TEST_F(PipelineTest, AJobPastItsDeadlineFailsSayingSoAndTheBrokerGoesOnServing) {

@@ -48,6 +48,9 @@ struct BrokerOptions {
   int backoff_ms = 100;
   int backoff_max_ms = 5000;
   std::size_t max_pending_jobs = 10000;
+  /// Bytes of payload (inputs, pixels, embeddings) the unfinished jobs may hold in all; a
+  /// submission that would go over is refused with "busy", as at max_pending_jobs.
+  std::size_t max_pending_bytes = std::size_t{4} << 30;
   int task_timeout_s = 300;
   /// Seconds between reconciliations of Redis's active set with the jobs this broker holds.
   int reconcile_s = 30;

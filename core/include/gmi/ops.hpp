@@ -40,6 +40,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& http_requests_total; ///< gmi_http_requests_total{route,code}
   prometheus::Family<prometheus::Gauge>& workers;               ///< gmi_workers{stage}
   prometheus::Family<prometheus::Gauge>& workers_suspect;       ///< gmi_workers_suspect{stage}
+  prometheus::Family<prometheus::Gauge>& pending_bytes;         ///< gmi_pending_bytes
   prometheus::Family<prometheus::Gauge>& specs_loaded;          ///< gmi_specs_loaded{stage}
 
   /// Buckets for latency histograms: 100 us .. 60 s, roughly x2.5 apart.
