@@ -87,7 +87,7 @@ void client_loop(zmq::context_t& ctx, const std::string& endpoint, int window, c
     json h = wire::header("submit_query");
     h["req"] = req;
     h["top"] = 1;
-    wire::send(s, "", h, {image});
+    wire::send(s, "", h, std::vector<std::string>{image});
     started[req] = Clock::now();
   };
   for (int i = 0; i < window; ++i) submit();

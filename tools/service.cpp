@@ -102,6 +102,7 @@ BrokerOptions broker_options(const Config& c) {
   o.backoff_max_ms = static_cast<int>(c.get_int("broker.backoff_max_ms"));
   o.max_pending_jobs = static_cast<std::size_t>(c.get_int("broker.max_pending_jobs"));
   o.max_pending_bytes = static_cast<std::size_t>(c.get_int("broker.max_pending_bytes"));
+  o.claim_bytes = static_cast<std::size_t>(c.get_int("broker.claim_bytes"));
   o.task_timeout_s = static_cast<int>(c.get_int("broker.task_timeout_s"));
   o.reconcile_s = static_cast<int>(c.get_int("broker.reconcile_s"));
   o.query_deadline_s = static_cast<int>(c.get_int("broker.query_deadline_s"));
@@ -125,6 +126,7 @@ BrokerOptions broker_options(const Config& c) {
 workers::WorkerOptions worker_options(const Config& c) {
   workers::WorkerOptions o;
   o.broker = c.get_string("worker.broker");
+  o.redis_uri = c.get_string("redis.uri");  // where claimed inputs are fetched from
   o.heartbeat_ms = static_cast<int>(c.get_int("broker.heartbeat_ms"));
   o.liveness = static_cast<int>(c.get_int("broker.liveness"));
   // The watchdog's deadline is the broker's: past it, the broker retries the task elsewhere.

@@ -298,15 +298,38 @@ struct Broker::Impl {
     auto [it, inserted] = jobs.emplace(job.id, std::move(job));
     if (inserted) {
       it->second.deadline_entry = deadlines.emplace(it->second.deadline_ms, it->first);
+      claim_input(it->second);
       recount(it->second);
     }
     return it->second;
   }
 
-  // Keeps held_bytes equal to the bytes of every held job's slots.
+  // A large input (its record is in Redis, P:job:ID:input f0..) stays only there: the slot
+  // keeps its entry with a claim {key, first, count} and no frames; the worker fetches them.
+  void claim_input(Job& job) {
+    if (opt.claim_bytes == 0) return;
+    wire::Slot* images = job.slots.find(wire::slot::kImages);
+    if (images == nullptr || images->frames.empty() || images->info.contains("claim")) return;
+    std::size_t bytes = 0;
+    for (const auto& f : images->frames) bytes += f.size();
+    if (bytes < opt.claim_bytes) return;
+    // The images are the input's first slot (the frames are numbered from 0 across slots).
+    images->info["claim"] = {{"key", redis_location.prefix + ":job:" + job.id + ":input"},
+                             {"first", 0},
+                             {"count", images->frames.size()},
+                             {"bytes", bytes}};
+    images->frames.clear();
+    images->frames.shrink_to_fit();
+  }
+
+  // Keeps held_bytes equal to the payload of every held job: its slots' bytes, here or
+  // (claimed) in Redis.
   void recount(Job& job) {
     held_bytes -= job.bytes;
     job.bytes = job.slots.byte_count();
+    for (const auto& slot : job.slots.all()) {
+      if (auto c = slot.info.find("claim"); c != slot.info.end()) job.bytes += c->value("bytes", std::size_t{0});
+    }
     held_bytes += job.bytes;
   }
 
@@ -476,7 +499,7 @@ struct Broker::Impl {
   // Sends `w` the tasks from the front of `queue` that its credit covers; returns how many.
   std::size_t send_tasks(Worker& w, std::deque<Pending>& queue) {
     json tasks = json::array();
-    std::vector<std::string> frames;
+    std::vector<std::string_view> frames;  // views of the jobs' slots, copied once by ZeroMQ
     std::vector<std::string> ids;
     int charged = 0;
     while (!queue.empty()) {
@@ -492,7 +515,7 @@ struct Broker::Impl {
       job.state = "running";
       const std::string task = job.id + ":" + std::to_string(job.stage) + ":" +
                                std::to_string(p.shard) + ":" + std::to_string(++job.dispatches);
-      const wire::Slots sent = job.slots.only(w.reads ? &*w.reads : nullptr);
+      json described = job.slots.describe_views(w.reads ? &*w.reads : nullptr, frames);
       tasks.push_back({{"task", task},
                        {"job_id", job.id},
                        {"kind", job.kind},
@@ -501,8 +524,7 @@ struct Broker::Impl {
                        {"credit", charge},
                        {"params", job.params},
                        {"meta", job.meta},
-                       {"slots", sent.describe()}});
-      sent.append_frames(frames);
+                       {"slots", std::move(described)}});
       flights[task] = Flight{job.id, p.shard, w.id,
                              Clock::now() + std::chrono::seconds(opt.task_timeout_s), p.isolate};
       w.tasks.insert(task);
@@ -533,9 +555,9 @@ struct Broker::Impl {
     return ids.size();
   }
 
-  bool send_worker(const std::string& id, const json& h, const std::vector<std::string>& frames = {}) {
+  bool send_worker(const std::string& id, const json& h, const std::vector<std::string_view>& frames = {}) {
     try {
-      wire::send(backend, id, h, frames, /*dontwait=*/true);
+      wire::send_views(backend, id, h, frames, /*dontwait=*/true);
       auto it = workers.find(id);
       if (it != workers.end()) it->second.last_sent = Clock::now();
       return true;

@@ -822,6 +822,7 @@ void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& 
     return p.name == "manifest" || p.name == "downloads" || p.name == "card";
   };
   std::vector<bool> used(body.parts.size(), false);
+  std::vector<std::size_t> image_of(body.parts.size(), 0);  // a used part's index in up.images
   for (const auto& entry : lines) {
     std::optional<std::size_t> found;
     for (std::size_t i = 0; i < body.parts.size() && !found; ++i) {
@@ -835,11 +836,16 @@ void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& 
                       "manifest line " + std::to_string(entry.line) + " names image \"" +
                           entry.image + "\" but no part of the upload is named so");
     }
-    if (body.parts[*found].content.empty()) {
-      throw HttpError(400, "bad_request", "the image part \"" + entry.image + "\" is empty");
+    if (used[*found]) {
+      up.images.push_back(up.images[image_of[*found]]);  // named twice: the one copy needed
+    } else {
+      if (body.parts[*found].content.empty()) {
+        throw HttpError(400, "bad_request", "the image part \"" + entry.image + "\" is empty");
+      }
+      used[*found] = true;
+      image_of[*found] = up.images.size();
+      up.images.push_back(std::move(body.parts[*found].content));  // moved, not copied
     }
-    used[*found] = true;
-    up.images.push_back(body.parts[*found].content);
     up.prompts.push_back(entry.prompt);
   }
   for (std::size_t i = 0; i < body.parts.size(); ++i) {

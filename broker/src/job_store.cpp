@@ -72,7 +72,6 @@ void JobStore::create_many(const std::vector<const StoredJob*>& jobs,
   // Args holds views: every string it names must outlive the transaction (deques never
   // move what they hold).
   std::deque<std::string> text;
-  std::vector<std::vector<std::string>> frames(jobs.size());
   const auto keep = [&text](std::string s) -> std::string_view { return text.emplace_back(std::move(s)); };
   const std::string ttl = std::to_string(options_.result_ttl_s);
   const std::string now = std::to_string(now_ms());
@@ -80,18 +79,17 @@ void JobStore::create_many(const std::vector<const StoredJob*>& jobs,
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     const StoredJob& job = *jobs[j];
     const auto jk = keep(job_key(job.id)), ik = keep(input_key(job.id));
-    job.input.append_frames(frames[j]);
     cmds.push_back({"HSET", jk, "kind", job.kind, "state", "queued", "params",
                     keep(job.params.dump(-1, ' ', false, json::error_handler_t::replace)), "route",
                     keep(join_route(job.route)), "created_ms", keep(std::to_string(job.created_ms)), "attempts",
                     "0"});
-    RedisConnection::Args input{"HSET", ik, "frames", keep(std::to_string(frames[j].size())), "slots",
-                                keep(job.input.describe().dump())};
-    for (std::size_t i = 0; i < frames[j].size(); ++i) {
-      input.push_back(keep("f" + std::to_string(i)));
-      input.push_back(frames[j][i]);
+    // The frames as views of the job's own slots (no copy), one HSET each, so that the
+    // client library's buffer never holds more than one of them (RedisConnection::pipeline).
+    std::size_t n = 0;
+    for (const auto& slot : job.input.all()) {
+      for (const auto& frame : slot.frames) cmds.push_back({"HSET", ik, keep("f" + std::to_string(n++)), frame});
     }
-    cmds.push_back(std::move(input));
+    cmds.push_back({"HSET", ik, "frames", keep(std::to_string(n)), "slots", keep(job.input.describe().dump())});
     cmds.push_back({"SADD", active_key_, job.id});
     const IdempotencyRecord* idem = j < idempotency.size() ? idempotency[j] : nullptr;
     if (idem != nullptr && !idem->key.empty()) {

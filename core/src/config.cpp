@@ -204,6 +204,10 @@ const std::vector<ConfigKey>& Config::schema() {
        "payload bytes (inputs, pixels, embeddings) unfinished jobs may hold before new ones are "
        "refused as busy",
        ConfigType::integer(1024, 1ll << 50)},
+      {"broker.claim_bytes", "1048576",
+       "an input at least this large stays only in Redis and the first stage fetches it (a "
+       "claim check: the broker relays it once and holds none of it); 0: never",
+       ConfigType::integer(0, 1ll << 40)},
       {"broker.task_timeout_s", "300", "seconds a worker may hold a task before it is retried",
        ConfigType::integer(1, 86400)},
       {"broker.reconcile_s", "30",

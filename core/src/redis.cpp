@@ -282,18 +282,34 @@ RedisReply RedisConnection::command(const Args& args) {
 
 std::vector<RedisReply> RedisConnection::pipeline(const std::vector<Args>& commands) {
   ensure_connected();
+  // hiredis formats every command into one output buffer before sending: a pipeline of
+  // large values (a job's images) would sit there whole, a copy of all of it. Past
+  // kFlushBytes the buffer goes out, so the copy is bounded by one command.
+  constexpr std::size_t kFlushBytes = 8u << 20;
+  std::size_t buffered = 0;
+  bool sent_some = false;
   for (const auto& args : commands) {
     std::vector<const char*> argv;
     std::vector<std::size_t> lens;
     for (auto a : args) {
       argv.push_back(a.data());
       lens.push_back(a.size());
+      buffered += a.size();
     }
     if (redisAppendCommandArgv(ctx_, static_cast<int>(args.size()), argv.data(), lens.data()) !=
         REDIS_OK) {
+      if (sent_some) connection_failed("queueing " + describe_args(args));
       // Only buffered so far: nothing reached the server.
       reset();
       throw RedisNotApplied("redis at " + loc_.endpoint() + ": cannot queue " + describe_args(args));
+    }
+    if (buffered >= kFlushBytes) {
+      int done = 0;
+      while (done == 0) {
+        if (redisBufferWrite(ctx_, &done) != REDIS_OK) connection_failed("sending " + describe_args(args));
+      }
+      sent_some = true;
+      buffered = 0;
     }
   }
   std::vector<RedisReply> replies;

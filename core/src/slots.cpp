@@ -102,6 +102,13 @@ std::optional<SlotKind> parse_slot_kind(std::string_view text) {
   return std::nullopt;
 }
 
+Slot* Slots::find(const std::string& name) {
+  for (auto& s : slots_) {
+    if (s.name == name) return &s;
+  }
+  return nullptr;
+}
+
 const Slot* Slots::find(const std::string& name) const {
   for (const auto& s : slots_) {
     if (s.name == name) return &s;
@@ -166,6 +173,20 @@ json Slots::describe() const {
     e["kind"] = to_string(s.kind);
     e["frames"] = s.frames.size();
     list.push_back(std::move(e));
+  }
+  return list;
+}
+
+json Slots::describe_views(const std::vector<std::string>* names, std::vector<std::string_view>& out) const {
+  json list = json::array();
+  for (const auto& s : slots_) {
+    if (names != nullptr && std::find(names->begin(), names->end(), s.name) == names->end()) continue;
+    json e = s.info.is_object() ? s.info : json::object();
+    e["name"] = s.name;
+    e["kind"] = to_string(s.kind);
+    e["frames"] = s.frames.size();
+    list.push_back(std::move(e));
+    for (const auto& f : s.frames) out.emplace_back(f);
   }
   return list;
 }

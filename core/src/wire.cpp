@@ -300,6 +300,11 @@ json parse_header(std::string_view bytes, Channel channel, std::size_t frame_cou
 
 bool send(zmq::socket_t& socket, const std::string& routing, const json& h,
           const std::vector<std::string>& frames, bool dontwait) {
+  return send_views(socket, routing, h, std::vector<std::string_view>(frames.begin(), frames.end()), dontwait);
+}
+
+bool send_views(zmq::socket_t& socket, const std::string& routing, const json& h,
+                const std::vector<std::string_view>& frames, bool dontwait) {
   const auto base = dontwait ? zmq::send_flags::dontwait : zmq::send_flags::none;
   const std::string text = h.dump(-1, ' ', false, json::error_handler_t::replace);
   if (!routing.empty()) {

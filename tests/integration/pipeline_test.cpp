@@ -1060,6 +1060,29 @@ TEST_F(PipelineTest, ABytesBudgetRefusesWhatWouldGoOverItAsBusy) {
   EXPECT_EQ(third.value("state", ""), "finished") << third.dump();
 }
 
+// Item 14's claim check: an input of at least broker.claim_bytes stays only in Redis and the
+// first stage fetches it. Uploads and queries work through it (every input here is
+// claimed), and a decode worker that finds the input gone says so.
+TEST_F(PipelineTest, LargeInputsStayInRedisAndTheFirstStageFetchesThem) {
+  START_CLUSTER(c, true, {"GMI_BROKER_CLAIM_BYTES=100"});
+  c.start_all();
+  upload_hub(c);
+  json ok = c.await(c.query(hub().queries[1], 3));
+  ASSERT_EQ(ok.value("state", ""), "finished") << ok.dump() << c.logs();
+  EXPECT_EQ(ok["result"]["results"][0]["model"], Hub::model(1));
+
+  c.worker("decode").signal(SIGTERM);
+  ASSERT_TRUE(c.worker("decode").wait(20s).has_value());
+  const std::string id = c.query(hub().queries[2], 3);
+  redisContext* rc = redisConnect("127.0.0.1", c.redis().port());
+  freeReplyObject(redisCommand(rc, "DEL gmi:job:%s:input", id.c_str()));
+  redisFree(rc);
+  c.start_worker("decode");
+  json gone = c.await(id);
+  EXPECT_EQ(gone.value("state", ""), "failed") << gone.dump();
+  EXPECT_NE(gone.value("error", "").find("the job's input is no longer in Redis"), std::string::npos) << gone.dump();
+}
+
 // Item 9 of the reliability issue: a job waits for a worker that never comes no longer than
 // its deadline (the request's, or the broker's default), and the broker goes on serving.
 TEST_F(PipelineTest, AJobPastItsDeadlineFailsSayingSoAndTheBrokerGoesOnServing) {
@@ -1334,7 +1357,8 @@ TEST_F(PipelineTest, GatewayReadinessFollowsTheBrokerAndNoBrokerIsA503InTwoSecon
     }
   }
   EXPECT_EQ(status, 503);
-  EXPECT_NE(body.find("is not ready: redis unreachable"), std::string::npos) << body;
+  EXPECT_NE(body.find("is not ready: "), std::string::npos) << body;
+  EXPECT_NE(body.find("redis"), std::string::npos) << body;
   c.redis().start();
 
   c.broker().signal(SIGKILL);

@@ -16,8 +16,11 @@
 #include <sstream>
 #include <thread>
 
+#include <hiredis/hiredis.h>
+
 #include "gmi/error.hpp"
 #include "gmi/log.hpp"
+#include "gmi/redis.hpp"
 #include "gmi/ops.hpp"
 #include "gmi/workers/batching.hpp"
 
@@ -55,6 +58,7 @@ struct StageWorker::Impl {
   double batch_seconds = 0;
   bool quit = false;
   std::thread compute;
+  std::optional<RedisConnection> claims;  // the compute thread's, for claimed inputs
 
   // Socket-thread state.
   std::deque<StageTask> pending;
@@ -123,7 +127,7 @@ struct StageWorker::Impl {
         batch_in.reset();
       }
       const auto start = Clock::now();
-      std::vector<StageResult> results = process_batch(stage, tasks);
+      std::vector<StageResult> results = process_with_claims(tasks);
       const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
       {
         std::lock_guard lock(mutex);
@@ -132,6 +136,68 @@ struct StageWorker::Impl {
       }
       wake_tx.send(zmq::str_buffer("done"), zmq::send_flags::none);
     }
+  }
+
+  // Fetches the frames of claimed slots (a large input the broker left in Redis), one frame
+  // per command so that no more than one is held twice; then runs the stage on the tasks
+  // whose claims were met. A claim that cannot be met is that task's failure: retryable
+  // while Redis is away, not when the input is gone (expired, or its job ended).
+  std::vector<StageResult> process_with_claims(std::vector<StageTask>& tasks) {
+    std::vector<std::optional<StageResult>> failed(tasks.size());
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      std::vector<std::string> names;
+      for (const auto& s : tasks[i].slots.all()) {
+        if (s.info.contains("claim")) names.push_back(s.name);
+      }
+      for (const auto& name : names) {
+        wire::Slot* slot = tasks[i].slots.find(name);
+        const json claim = slot->info["claim"];
+        try {
+          if (!claims) claims.emplace(parse_redis_uri(opt.redis_uri.empty() ? "redis://127.0.0.1:6379" : opt.redis_uri),
+                                      2000, 30000);
+          const std::string key = claim.at("key").get<std::string>();
+          const std::size_t first = claim.at("first").get<std::size_t>(), count = claim.at("count").get<std::size_t>();
+          std::vector<std::string> frames;
+          for (std::size_t k = 0; k < count && !failed[i]; ++k) {
+            const std::string field = "f" + std::to_string(first + k);
+            RedisReply r = claims->command({"HGET", key, field});
+            if (r->type != REDIS_REPLY_STRING) {
+              failed[i] = StageResult::failure(stage.name() + ": the job's input is no longer in Redis (" + key + " " +
+                                                   field + "): it expired, or the job ended",
+                                               false);
+            } else {
+              frames.emplace_back(r->str, r->len);
+            }
+          }
+          if (failed[i]) break;
+          slot->frames = std::move(frames);
+          slot->info.erase("claim");
+        } catch (const IoError& e) {
+          failed[i] = StageResult::failure(stage.name() + ": cannot fetch the job's input from Redis: " + e.what(), true);
+          break;
+        } catch (const json::exception& e) {
+          failed[i] = StageResult::failure(stage.name() + ": a malformed claim: " + e.what(), false);
+          break;
+        }
+      }
+    }
+    std::vector<StageTask> ready;
+    std::vector<std::size_t> where;
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      if (failed[i]) continue;
+      ready.push_back(std::move(tasks[i]));
+      where.push_back(i);
+    }
+    std::vector<StageResult> done = ready.empty() ? std::vector<StageResult>{} : process_batch(stage, ready);
+    std::vector<StageResult> results(tasks.size());
+    for (std::size_t k = 0; k < where.size(); ++k) {
+      tasks[where[k]] = std::move(ready[k]);
+      results[where[k]] = std::move(done[k]);
+    }
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      if (failed[i]) results[i] = std::move(*failed[i]);
+    }
+    return results;
   }
 
   void connect() {

@@ -51,6 +51,11 @@ struct BrokerOptions {
   /// Bytes of payload (inputs, pixels, embeddings) the unfinished jobs may hold in all; a
   /// submission that would go over is refused with "busy", as at max_pending_jobs.
   std::size_t max_pending_bytes = std::size_t{4} << 30;
+  /// A claim check for large inputs: a job whose input is at least this many bytes keeps it
+  /// only in Redis (where intake stored it), and the first stage's worker fetches it from
+  /// there, so that the broker relays those bytes once (client to Redis), not twice, and
+  /// holds none of them while the job waits. 0: never.
+  std::size_t claim_bytes = std::size_t{1} << 20;
   int task_timeout_s = 300;
   /// Seconds between reconciliations of Redis's active set with the jobs this broker holds.
   int reconcile_s = 30;

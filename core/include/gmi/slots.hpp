@@ -56,6 +56,7 @@ class Slots {
  public:
   /// nullptr when there is no slot `name`.
   const Slot* find(const std::string& name) const;
+  Slot* find(const std::string& name);
   /// The slot `name` of `kind`; SlotError naming it when it is missing or of another kind.
   const Slot& get(const std::string& name, SlotKind kind) const;
   /// Adds `s`, replacing a slot of the same name.
@@ -70,6 +71,10 @@ class Slots {
 
   /// The header entries ({"name", "kind", "frames", ...}), in order.
   nlohmann::json describe() const;
+  /// describe() and views of the frames of the slots named in `names` (all when null):
+  /// what a message needs to send them, without copying them first. The views live as long
+  /// as these slots are not changed.
+  nlohmann::json describe_views(const std::vector<std::string>* names, std::vector<std::string_view>& out) const;
   /// The same slots restricted to `names` (all when `names` is null).
   Slots only(const std::vector<std::string>* names) const;
   /// Appends every frame (copies) in slot order.

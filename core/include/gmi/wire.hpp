@@ -67,6 +67,9 @@ nlohmann::json header(std::string_view type);
 /// would block (only with dontwait = true). Throws zmq::error_t on socket errors.
 bool send(zmq::socket_t& socket, const std::string& routing, const nlohmann::json& header,
           const std::vector<std::string>& frames = {}, bool dontwait = false);
+/// The same with views of the frames (ZeroMQ copies each into its message once).
+bool send_views(zmq::socket_t& socket, const std::string& routing, const nlohmann::json& header,
+                const std::vector<std::string_view>& frames, bool dontwait = false);
 
 /// Raw parts of one multipart message; `routed` = the first frame is a ROUTER identity.
 struct RawMessage {

@@ -26,6 +26,9 @@ struct WorkerOptions {
   /// /healthz fails, so that Kubernetes restarts it), and asked to stop it exits at once
   /// (status 1) instead of waiting on the stuck batch. 0: no watchdog.
   int compute_deadline_s = 300;
+  /// Where claimed inputs are fetched from (a slot whose entry holds a "claim" and no
+  /// frames: the broker left a large input in Redis). Empty: redis://127.0.0.1:6379.
+  std::string redis_uri;
   /// CURVE: the broker's public key and this worker's keys (empty: plain).
   std::string curve_server_public;
   wire::CurveKeys curve_client;
