@@ -101,6 +101,16 @@ class PngReader {
       return false;
     }
 
+    // Shrunk while it is read, as JPEGs are DCT-scaled: a box of k x k stored pixels per
+    // decoded pixel, the largest k whose shorter side still reaches the target, so that
+    // memory and time go with the encoder's geometry, not with the stored size. (Interlaced
+    // images come in passes and are read whole.)
+    const png_uint_32 shorter = std::min(width, height);
+    if (options.target_min_side > 0 && png_get_interlace_type(png_, info_) == PNG_INTERLACE_NONE &&
+        shorter / static_cast<png_uint_32>(options.target_min_side) >= 2) {
+      return read_shrunk(width, height, shorter / static_cast<png_uint_32>(options.target_min_side), row_bytes);
+    }
+
     image_.width = static_cast<int>(width);
     image_.height = static_cast<int>(height);
     image_.rgb.resize(std::size_t{width} * height * 3);
@@ -122,6 +132,46 @@ class PngReader {
   Image take_image() { return std::move(image_); }
 
  private:
+  // Row by row into box sums: ceil(width / k) x ceil(height / k) pixels, each the mean of
+  // its box (edge boxes are smaller), alpha composited over white first as in finish().
+  bool read_shrunk(png_uint_32 width, png_uint_32 height, png_uint_32 k, std::size_t row_bytes) {
+    shrunk_ = true;
+    const png_uint_32 out_w = (width + k - 1) / k, out_h = (height + k - 1) / k;
+    image_.width = static_cast<int>(out_w);
+    image_.height = static_cast<int>(out_h);
+    image_.rgb.assign(std::size_t{out_w} * out_h * 3, 0);
+    row_.resize(row_bytes);
+    sums_.assign(std::size_t{out_w} * 3, 0);
+    for (png_uint_32 y = 0; y < height; ++y) {
+      png_read_row(png_, row_.data(), nullptr);
+      for (png_uint_32 x = 0; x < width; ++x) {
+        const std::uint8_t* p = row_.data() + std::size_t{x} * static_cast<std::size_t>(channels_);
+        std::uint64_t* s = sums_.data() + std::size_t{x / k} * 3;
+        if (channels_ == 4) {
+          const unsigned alpha = p[3];
+          for (int c = 0; c < 3; ++c) s[c] += (p[c] * alpha + 255 * (255 - alpha) + 127) / 255;
+        } else {
+          for (int c = 0; c < 3; ++c) s[c] += p[c];
+        }
+      }
+      if ((y + 1) % k == 0 || y + 1 == height) {
+        const png_uint_32 box_h = y % k + 1;
+        std::uint8_t* out = image_.rgb.data() + std::size_t{y / k} * out_w * 3;
+        for (png_uint_32 bx = 0; bx < out_w; ++bx) {
+          const png_uint_32 box_w = std::min(k, width - bx * k);
+          const std::uint64_t n = std::uint64_t{box_w} * box_h;
+          for (int c = 0; c < 3; ++c) {
+            out[bx * 3 + c] = static_cast<std::uint8_t>((sums_[bx * 3 + c] + n / 2) / n);
+          }
+        }
+        std::fill(sums_.begin(), sums_.end(), 0);
+      }
+    }
+    rows_done_ = true;
+    png_read_end(png_, nullptr);
+    return true;
+  }
+
   [[noreturn]] static void on_error(png_structp png, png_const_charp message) {
     auto* reader = static_cast<PngReader*>(png_get_error_ptr(png));
     std::snprintf(reader->message_, sizeof reader->message_, "%s", message);
@@ -142,6 +192,7 @@ class PngReader {
 
   /// Composites RGBA over white into the RGB image.
   bool finish() {
+    if (shrunk_) return true;  // composited row by row
     if (channels_ == 4) {
       const std::size_t pixels = image_.rgb.size() / 3;
       for (std::size_t i = 0; i < pixels; ++i) {
@@ -167,6 +218,9 @@ class PngReader {
   char message_[256] = {};
   std::vector<std::uint8_t> rgba_;
   std::vector<png_bytep> rows_;
+  bool shrunk_ = false;
+  std::vector<std::uint8_t> row_;
+  std::vector<std::uint64_t> sums_;
   Image image_;
 };
 

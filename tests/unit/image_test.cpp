@@ -537,12 +537,37 @@ TEST(DecodeImage, DctScaledJpegKeepsItsColours) {
   EXPECT_TRUE(near_colour(pixel(decoded, 56, 24), kWhite, 12));
 }
 
-TEST(DecodeImage, PngIgnoresTargetMinSide) {
+// A PNG is shrunk while it is read, as a JPEG is DCT-scaled: k x k boxes (the largest k
+// whose shorter side still reaches the target), each pixel the mean of its box, edge boxes
+// smaller; memory goes with the output, not with the stored size.
+TEST(DecodeImage, PngShrinksWhileItIsReadToTheTargetsBoxMeans) {
+  const Image full = make_gradient(70, 33);
   DecodeOptions options;
-  options.target_min_side = 8;
-  const Image decoded = decode_image(encode_png(make_gradient(64, 32)), options);
-  EXPECT_EQ(decoded.width, 64);
-  EXPECT_EQ(decoded.height, 32);
+  options.target_min_side = 8;  // 33 / 8 = 4: boxes of 4 x 4, 18 x 9 pixels
+  const Image decoded = decode_image(encode_png(full), options);
+  ASSERT_EQ(decoded.width, 18);
+  ASSERT_EQ(decoded.height, 9);
+  for (int by = 0; by < decoded.height; ++by) {
+    for (int bx = 0; bx < decoded.width; ++bx) {
+      for (int c = 0; c < 3; ++c) {
+        double sum = 0;
+        int n = 0;
+        for (int y = by * 4; y < std::min(by * 4 + 4, full.height); ++y) {
+          for (int x = bx * 4; x < std::min(bx * 4 + 4, full.width); ++x, ++n) {
+            sum += full.rgb[(static_cast<std::size_t>(y) * full.width + x) * 3 + c];
+          }
+        }
+        const int got = decoded.rgb[(static_cast<std::size_t>(by) * decoded.width + bx) * 3 + c];
+        EXPECT_NEAR(got, sum / n, 0.5 + 1e-9) << "box " << bx << "," << by << " channel " << c;
+      }
+    }
+  }
+  // Below twice the target nothing is shrunk.
+  options.target_min_side = 20;
+  const Image whole = decode_image(encode_png(full), options);
+  EXPECT_EQ(whole.width, 70);
+  EXPECT_EQ(whole.height, 33);
+  EXPECT_EQ(whole.rgb, full.rgb);
 }
 
 // ---------------------------------------------------------------------------------------
