@@ -12,7 +12,7 @@ Then:
     kustomization, unless it is named *.example.yaml;
   - containers of the gmi image: the arguments name a real `gmi` subcommand (read from
     tools/*.cpp), a long-running one in a Deployment or StatefulSet, and `worker --stage`
-    a real stage (core/src/wire.cpp, stage_names()); --set keys are real config keys;
+    a real stage (core/service/src/wire.cpp, stage_names()); --set keys are real config keys;
   - environment: every GMI_* variable is GMI_ + a key of config/gmi.yaml (dots as
     underscores, upper case), or GMI_REDIS_PASSWORD_FILE, GMI_API_KEY or GMI_CONFIG; env
     values, labels and annotations are strings; secrets are not literal env values;
@@ -143,7 +143,7 @@ class Code:
             raise RuntimeError(f"no `app.add_subcommand(\"...\")` found in {tools}/*.cpp")
         self.subcommands = subs
 
-        path = os.path.join(repo, "core", "src", "wire.cpp")
+        path = os.path.join(repo, "core", "service", "src", "wire.cpp")
         with open(path, encoding="utf-8") as f:
             m = re.search(r"stage_names\(\)\s*\{[^{]*names\s*\{([^}]*)\}", f.read())
         stages = re.findall(r"\"([a-z_]+)\"", m.group(1)) if m else []

@@ -11,7 +11,7 @@
 5. Every job object in schemas/examples/jobs/ passes job.schema.json, and a few broken
    copies of them fail it.
 
-The C++ side (tests/unit/schemas_test.cpp) runs core/src/wire.cpp over the same examples.
+The C++ side (tests/unit/schemas_test.cpp) runs core/service/src/wire.cpp over the same examples.
 Needs only the standard library and jsonschema >= 4 (Debian: python3-jsonschema).
 Exit status: 0 all agree, 1 a mismatch or a malformed example file (all listed), 2 bad
 usage, 77 jsonschema is missing or too old.

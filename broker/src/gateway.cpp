@@ -49,7 +49,7 @@ using Clock = std::chrono::steady_clock;
 constexpr std::size_t kMultipartSlack = 64u << 10;
 // Parts per multipart body: bounds the bookkeeping a body of tiny parts could cost.
 constexpr std::size_t kMaxParts = 100000;
-// The wire protocol's limits (core/src/wire.cpp), checked here to answer with a clear 400.
+// The wire protocol's limits (core/service/src/wire.cpp), checked here to answer with a clear 400.
 constexpr std::size_t kMaxScorerChars = 32;
 constexpr std::size_t kMaxPromptChars = 4096;
 constexpr std::size_t kMaxCardChars = 65536;

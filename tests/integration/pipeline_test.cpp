@@ -968,7 +968,7 @@ TEST_F(PipelineTest, AHungWorkerIsSuspectGetsNoMoreTasksAndFailsItsLivenessProbe
 
   json j = c.await(marked, 60s);
   ASSERT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
-  EXPECT_EQ(j["result"]["results"][0]["model"], Hub::model(1));
+  EXPECT_EQ(j["result"]["results"][0]["model"], Hub::model(1)) << j.dump() << c.logs();
   httplib::Client http("127.0.0.1", ops_port);
   int status = 0;
   std::string body;

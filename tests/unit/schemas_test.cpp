@@ -1,5 +1,5 @@
 // Keeps the JSON Schemas of the ZeroMQ protocol (schemas/*.schema.json) and the C++ header
-// validator (core/src/wire.cpp) in step: both run over the same examples in
+// validator (core/service/src/wire.cpp) in step: both run over the same examples in
 // schemas/examples/{valid,invalid}/. The C++ side runs here; the JSON Schema side runs in
 // scripts/check_schemas.py, which the last test calls.
 #include <gtest/gtest.h>
