@@ -22,7 +22,7 @@ import zlib
 import struct
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chaos import ROOT, Resp, Supervisor, free_port, multipart  # noqa: E402
+from chaos import ROOT, Supervisor, multipart, service_env, start_redis  # noqa: E402
 
 
 def noise_png(width, height):
@@ -59,24 +59,8 @@ def main():
     images = [("img%03d.png" % i, noise_png(side, side)) for i in range(args.images)]
     total = sum(len(d) for n, d in images)
 
-    rport = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", tmp, "--logfile", os.path.join(tmp, "redis.log")])
-    r = Resp(rport)
-    for _ in range(100):
-        try:
-            r("PING")
-            break
-        except OSError:
-            time.sleep(0.1)
-    front, back, gport = free_port(), free_port(), free_port()
-    env = dict(os.environ)
-    env.update({
-        "GMI_REDIS_URI": "redis://127.0.0.1:%d/0" % rport, "GMI_REDIS_PASSWORD": "", "GMI_REDIS_PASSWORD_FILE": "",
-        "GMI_BROKER_FRONTEND": "tcp://127.0.0.1:%d" % front, "GMI_BROKER_BACKEND": "tcp://127.0.0.1:%d" % back,
-        "GMI_WORKER_BROKER": "tcp://127.0.0.1:%d" % back, "GMI_GATEWAY_BROKER": "tcp://127.0.0.1:%d" % front,
-        "GMI_GATEWAY_PORT": str(gport), "GMI_GATEWAY_HOST": "127.0.0.1", "GMI_BROKER_OPS_PORT": "-1",
-        "GMI_WORKER_OPS_PORT": "-1", "GMI_LOG_FORMAT": "text", "GMI_LOG_LEVEL": "warn",
+    _, redis, r = start_redis(tmp, persistent=False)
+    env, gport = service_env(r.port, {
         "GMI_ENCODER_IMAGE": "builtin", "GMI_GATEWAY_BROKER_TIMEOUT_MS": "60000",
         "GMI_GATEWAY_MAX_UPLOAD_BYTES": str(total + (1 << 20)),
         "GMI_BROKER_MAX_MESSAGE_BYTES": str(total + (4 << 20)),

@@ -280,6 +280,40 @@ def load_hub(path):
     return hub
 
 
+def start_redis(tmp, persistent):
+    """A private redis-server in `tmp` on a free port: (its argv, the process, a client)."""
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
+            "--logfile", os.path.join(tmp, "redis.log")]
+    argv += ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+    proc = subprocess.Popen(argv)
+    r = Resp(port)
+    for _ in range(100):
+        try:
+            r("PING")
+            break
+        except OSError:
+            time.sleep(0.1)
+    return argv, proc, r
+
+
+def service_env(redis_port, extra):
+    """The environment of a private gmi deployment on free ports (broker, gateway, workers),
+    plain-text warn logs, no ops ports; returns (env, gateway port)."""
+    front, back, gport = free_port(), free_port(), free_port()
+    env = dict(os.environ)
+    env.update({
+        "GMI_REDIS_URI": "redis://127.0.0.1:%d/0" % redis_port, "GMI_REDIS_PASSWORD": "",
+        "GMI_REDIS_PASSWORD_FILE": "", "GMI_BROKER_FRONTEND": "tcp://127.0.0.1:%d" % front,
+        "GMI_BROKER_BACKEND": "tcp://127.0.0.1:%d" % back, "GMI_WORKER_BROKER": "tcp://127.0.0.1:%d" % back,
+        "GMI_GATEWAY_BROKER": "tcp://127.0.0.1:%d" % front, "GMI_GATEWAY_PORT": str(gport),
+        "GMI_GATEWAY_HOST": "127.0.0.1", "GMI_BROKER_OPS_PORT": "-1", "GMI_WORKER_OPS_PORT": "-1",
+        "GMI_LOG_FORMAT": "text", "GMI_LOG_LEVEL": "warn",
+    })
+    env.update(extra)
+    return env, gport
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -307,29 +341,11 @@ def main():
                     str(args.seed), "--quiet"], check=True)
     hub = load_hub(os.path.join(tmp, "hub"))
 
-    rport = free_port()
-    redis_args = ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
-                  "--appendonly", "yes", "--appendfsync", "always", "--logfile", os.path.join(tmp, "redis.log")]
-    redis = subprocess.Popen(redis_args)
-    r = Resp(rport)
-    for _ in range(100):
-        try:
-            r("PING")
-            break
-        except OSError:
-            time.sleep(0.1)
-
-    front, back, gport = free_port(), free_port(), free_port()
-    env = dict(os.environ)
-    env.update({
-        "GMI_REDIS_URI": "redis://127.0.0.1:%d/0" % rport, "GMI_REDIS_PASSWORD": "", "GMI_REDIS_PASSWORD_FILE": "",
-        "GMI_BROKER_FRONTEND": "tcp://127.0.0.1:%d" % front, "GMI_BROKER_BACKEND": "tcp://127.0.0.1:%d" % back,
-        "GMI_WORKER_BROKER": "tcp://127.0.0.1:%d" % back, "GMI_GATEWAY_BROKER": "tcp://127.0.0.1:%d" % front,
-        "GMI_GATEWAY_PORT": str(gport), "GMI_GATEWAY_HOST": "127.0.0.1", "GMI_BROKER_OPS_PORT": "-1",
-        "GMI_WORKER_OPS_PORT": "-1", "GMI_BROKER_HEARTBEAT_MS": "100", "GMI_BROKER_LIVENESS": "10",
-        "GMI_BROKER_BACKOFF_MS": "50", "GMI_BROKER_BACKOFF_MAX_MS": "400", "GMI_BROKER_MAX_ATTEMPTS": "6",
-        "GMI_BROKER_RECONCILE_S": "5", "GMI_SCORE_REFRESH_MS": "200", "GMI_METRIC_MIN_MODELS": "3",
-        "GMI_LOG_FORMAT": "text", "GMI_LOG_LEVEL": "warn", "GMI_ENCODER_IMAGE": args.encoder,
+    redis_args, redis, r = start_redis(tmp, persistent=True)
+    env, gport = service_env(r.port, {
+        "GMI_BROKER_HEARTBEAT_MS": "100", "GMI_BROKER_LIVENESS": "10", "GMI_BROKER_BACKOFF_MS": "50",
+        "GMI_BROKER_BACKOFF_MAX_MS": "400", "GMI_BROKER_MAX_ATTEMPTS": "6", "GMI_BROKER_RECONCILE_S": "5",
+        "GMI_SCORE_REFRESH_MS": "200", "GMI_METRIC_MIN_MODELS": "3", "GMI_ENCODER_IMAGE": args.encoder,
     })
     sup = Supervisor(args.gmi, env, tmp)
     sup.start("broker", ["broker"])
