@@ -173,12 +173,17 @@ void HubCache::loop() {
         SpecChanges changes = store->changes_since(state.cursor);
         std::size_t fetched = 0;
         if (!state.loaded || !changes.complete || metric_moved) {
-          state.specs.clear();
+          // Into a fresh map, swapped in only once every spec is in: a reload that fails
+          // half-way (Redis times out) must not leave a half-empty map for the next
+          // incremental refresh to build a snapshot from.
+          ShardState reload;
+          reload.metric = state.metric;
           for (const auto& id : store->list()) {
             if (!in_shard(id, options_.shard, options_.shards)) continue;
-            fetch(*store, id, state, image_encoder_, text_encoder_);
+            fetch(*store, id, reload, image_encoder_, text_encoder_);
             ++fetched;
           }
+          state.specs.swap(reload.specs);
         } else {
           std::set<std::string> seen;
           for (const auto& id : changes.models) {
