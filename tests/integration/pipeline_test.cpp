@@ -68,11 +68,6 @@ const fs::path& tiny_clip() {
   return dir.path();
 }
 
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
 /// A whole deployment on loopback: Redis, a broker, and workers, each a real process.
 class Cluster {
  public:

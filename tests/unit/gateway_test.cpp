@@ -752,7 +752,12 @@ TEST(BrokerClient, SubmitsAndReadsJobs) {
     EXPECT_FALSE(e.retryable());
     EXPECT_EQ(std::string(e.what()).rfind("broker: ", 0), 0u) << e.what();
   }
-  UploadRequest up{"m", {"i1", "i2"}, {"p1", "p2"}, 3, "card"};
+  UploadRequest up;
+  up.model_id = "m";
+  up.images = {"i1", "i2"};
+  up.prompts = {"p1", "p2"};
+  up.downloads = 3;
+  up.card = "card";
   EXPECT_TRUE(is_job_id(client.submit_upload(up)));
   const auto got = broker.received("submit_upload");
   ASSERT_EQ(got.size(), 1u);
