@@ -1290,7 +1290,9 @@ struct Broker::Impl {
       auto& ws = job.waiters;
       for (auto it = ws.begin(); it != ws.end();) {
         if (it->deadline <= now) {
-          reply_job(it->routing, it->req, job_object(job));
+          // An end not saved yet is still the answer: the job object would say "failed"
+          // (or "finished") without its error or result.
+          reply_job(it->routing, it->req, job.unsaved_end ? *job.unsaved_end : job_object(job));
           it = ws.erase(it);
         } else {
           ++it;
