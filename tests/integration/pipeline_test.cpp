@@ -1115,6 +1115,29 @@ TEST_F(PipelineTest, AJobPastItsDeadlineFailsSayingSoAndTheBrokerGoesOnServing) 
   EXPECT_EQ(active, 0) << "every job ended";
 }
 
+// A long-poll whose wait runs out after its job ended but before Redis took the end (paused
+// here) is answered with the end, error included, not with the bare job object.
+TEST_F(PipelineTest, ALongPollThatOutlivesAnUnsavedEndGetsTheEnd) {
+  START_CLUSTER(c, true, {"GMI_BROKER_NO_WORKER_WAIT_S=0"});
+  c.start_broker();
+  const std::string id = c.submit([&](BrokerClient& b) {
+    QueryRequest q;
+    q.image = hub().queries[0];
+    q.deadline_ms = 800;  // no decode worker: it fails "deadline exceeded" at 0.8 s
+    return b.submit_query(q);
+  });
+  std::thread pause([&] {
+    std::this_thread::sleep_for(300ms);
+    redisContext* rc = redisConnect("127.0.0.1", c.redis().port());
+    freeReplyObject(redisCommand(rc, "CLIENT PAUSE 4000 ALL"));
+    redisFree(rc);
+  });
+  json j = c.client().get_job(id, 2000);  // its wait ends while the end waits for Redis
+  pause.join();
+  EXPECT_EQ(j.value("state", ""), "failed") << j.dump();
+  EXPECT_NE(j.value("error", "").find("deadline exceeded"), std::string::npos) << j.dump();
+}
+
 // A query whose score shard has no live worker fails naming the shard after
 // broker.no_worker_wait_s, or with score.allow_partial is ranked without it and says so.
 TEST_F(PipelineTest, AQueryWhoseScoreShardHasNoWorkerFailsNamingItOrIsRankedWithoutIt) {
