@@ -314,7 +314,7 @@ struct Broker::Impl {
     for (const auto& f : images->frames) bytes += f.size();
     if (bytes < opt.claim_bytes) return;
     // The images are the input's first slot (the frames are numbered from 0 across slots).
-    images->info["claim"] = {{"key", redis_location.prefix + ":job:" + job.id + ":input"},
+    images->info["claim"] = {{"key", job_input_key(redis_location, job.id)},
                              {"first", 0},
                              {"count", images->frames.size()},
                              {"bytes", bytes}};

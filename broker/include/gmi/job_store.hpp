@@ -57,6 +57,12 @@ struct IdempotencyRecord {
   std::string job_id;
 };
 
+/// P:job:ID:input, where a job's input slots are (its frames f0..fN): the job store writes
+/// it, and a claim check names it for the worker that fetches the input.
+inline std::string job_input_key(const RedisLocation& location, const std::string& id) {
+  return location.prefix + ":job:" + id + ":input";
+}
+
 class JobStore {
  public:
   JobStore(RedisLocation location, JobStoreOptions options);
@@ -119,7 +125,7 @@ class JobStore {
 
  private:
   std::string job_key(const std::string& id) const { return redis_.key("job:" + id); }
-  std::string input_key(const std::string& id) const { return redis_.key("job:" + id + ":input"); }
+  std::string input_key(const std::string& id) const { return job_input_key(redis_.location(), id); }
   std::string result_key(const std::string& id) const { return redis_.key("result:" + id); }
 
   RedisConnection redis_;
