@@ -9,7 +9,7 @@ packages=(
   libjpeg62-turbo-dev libpng-dev zlib1g-dev
   libeigen3-dev libhiredis-dev nlohmann-json3-dev libcli11-dev libssl-dev libicu-dev
   libtorch-dev libopenblas0-pthread
-  libzmq3-dev cppzmq-dev prometheus-cpp-dev libcpp-httplib-dev libyaml-cpp-dev
+  libzmq3-dev cppzmq-dev prometheus-cpp-dev libcpp-httplib-dev libyaml-cpp-dev libboost-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server redis-tools
   python3 python3-numpy python3-pil python3-skimage python3-matplotlib python3-jsonschema

@@ -166,6 +166,9 @@ GatewayOptions gateway_options(const Config& c) {
   o.max_upload_bytes = static_cast<std::size_t>(c.get_int("gateway.max_upload_bytes"));
   o.threads = static_cast<int>(c.get_int("gateway.threads"));
   o.max_wait_ms = static_cast<int>(c.get_int("gateway.max_wait_ms"));
+  o.max_connections = static_cast<int>(c.get_int("gateway.max_connections"));
+  o.header_timeout_ms = static_cast<int>(c.get_int("gateway.header_timeout_ms"));
+  o.body_timeout_ms = static_cast<int>(c.get_int("gateway.body_timeout_ms"));
   return o;
 }
 

@@ -1,18 +1,7 @@
-// The HTTP gateway (see gateway.hpp and schemas/openapi.yaml).
-//
-// Notes on cpp-httplib 0.11.4 that shape this file:
-//   - POST routes use content-reader handlers. They see the request before its body is read,
-//     so size limits and the API key are checked first, bodies are counted as they arrive
-//     (chunked ones too: httplib applies payload_max_length only to Content-Length), and
-//     httplib's own form-urlencoded rule (413 above 8 KiB) never meets a raw image that
-//     `curl --data-binary` labelled application/x-www-form-urlencoded.
-//   - httplib keeps a connection open whatever the response says, so a request answered
-//     without reading its body would leave that body to be parsed as the next request. A
-//     refused body is therefore drained (bounded); where it cannot be, the response carries
-//     "Connection: close" so that the client drops the connection.
-//   - The error handler runs for every status >= 400; it fills in the JSON body only where a
-//     handler did not, and turns httplib's "no route" 404 into 405 (or 401) where the path
-//     is one of ours.
+// The HTTP gateway (see gateway.hpp and schemas/openapi.yaml), on the event-driven server
+// of http_server.hpp: no request holds a thread while it waits. Broker calls go through one
+// AsyncBrokerClient (replies come back as callbacks); spec-store reads, which block on
+// Redis, run on a small pool of their own; everything else runs on the server's threads.
 #include "gmi/gateway.hpp"
 
 #include <algorithm>
@@ -20,35 +9,41 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <mutex>
 #include <optional>
 #include <sstream>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "async_broker_client.hpp"
 #include "digest.hpp"
 #include "gmi/log.hpp"
 #include "gmi/spec.hpp"
 #include "gmi/spec_store.hpp"
-
-// Last: on Linux httplib.h pulls in <resolv.h>, whose `_res` macro breaks Eigen's headers
-// when they come after it.
-#include <httplib.h>
+#include "http_forms.hpp"
+#include "http_server.hpp"
 
 namespace gmi {
 namespace {
 
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
+using http::Head;
+using http::Response;
 
 // Multipart framing (boundaries, part headers) on top of the payload limits.
 constexpr std::size_t kMultipartSlack = 64u << 10;
 // Parts per multipart body: bounds the bookkeeping a body of tiny parts could cost.
 constexpr std::size_t kMaxParts = 100000;
+// A GET or HEAD may carry a small body, which is read and ignored.
+constexpr std::uint64_t kMaxIgnoredBody = 64u << 10;
 // The wire protocol's limits (core/service/src/wire.cpp), checked here to answer with a clear 400.
 constexpr std::size_t kMaxScorerChars = 32;
 constexpr std::size_t kMaxPromptChars = 4096;
@@ -58,6 +53,8 @@ constexpr long long kMaxDeadlineMs = 86400000;  // a day, as the broker allows
 // How long a /readyz answer is reused, and how long its ping may take.
 constexpr auto kReadyCacheFor = std::chrono::seconds(1);
 constexpr int kReadyPingMs = 1000;
+// Spec-store reads waiting for the store pool; past this, 503 busy.
+constexpr std::size_t kMaxStoreQueue = 256;
 
 /// An HTTP failure decided by the gateway itself (bad parameter, wrong content type).
 class HttpError : public std::runtime_error {
@@ -72,80 +69,68 @@ class HttpError : public std::runtime_error {
   std::string code_;
 };
 
+Response json_response(int status, const json& body) {
+  Response r;
+  r.status = status;
+  r.body = body.dump(-1, ' ', false, json::error_handler_t::replace);
+  return r;
+}
+
+Response text_response(int status, std::string text, std::string type = "text/plain") {
+  Response r;
+  r.status = status;
+  r.content_type = std::move(type);
+  r.body = std::move(text);
+  return r;
+}
+
+// The answer an exception stands for (the one place that maps errors onto statuses).
+Response response_for(const std::exception_ptr& error, const Head* head) {
+  const auto with_retry = [](Response r, const char* seconds) {
+    r.headers.emplace_back("Retry-After", seconds);
+    return r;
+  };
+  try {
+    std::rethrow_exception(error);
+  } catch (const HttpError& e) {
+    return http::error_response(e.status(), e.code(), e.what());
+  } catch (const BrokerRefusal& e) {
+    const std::string& code = e.code();
+    if (code == "bad_request") return http::error_response(400, code, e.what());
+    if (code == "too_large") return http::error_response(413, code, e.what());
+    if (code == "not_found") return http::error_response(404, code, e.what());
+    if (code == "conflict") return http::error_response(422, code, e.what());
+    if (code == "busy") return with_retry(http::error_response(503, code, e.what()), "1");
+    if (code == "unavailable") return with_retry(http::error_response(503, code, e.what()), "2");
+    log::error("unknown refusal code from the broker", {{"code", code}, {"error", e.what()}});
+    return http::error_response(502, "bad_gateway", e.what());
+  } catch (const http::FormError& e) {
+    return http::error_response(400, "bad_request", e.what());
+  } catch (const NotFoundError& e) {
+    return http::error_response(404, "not_found", e.what());
+  } catch (const InputError& e) {
+    return http::error_response(400, "bad_request", e.what());
+  } catch (const IoError& e) {
+    return with_retry(http::error_response(503, "unavailable", e.what()), "2");
+  } catch (const std::exception& e) {
+    log::error("request failed", {{"method", head ? head->method : ""},
+                                  {"path", head ? head->path : ""},
+                                  {"error", e.what()}});
+  } catch (...) {
+    log::error("request failed", {{"method", head ? head->method : ""},
+                                  {"path", head ? head->path : ""}});
+  }
+  return http::error_response(500, "internal", "internal error");
+}
 
 // A client's Idempotency-Key header: the same key names the same job (a retried POST whose
 // answer was lost does not make a second one).
-std::string idempotency_key(const httplib::Request& req) {
-  std::string key = req.get_header_value("Idempotency-Key");
+std::string idempotency_key(const Head& head) {
+  std::string key = head.header("Idempotency-Key");
   if (key.size() > 128) {
     throw HttpError(400, "bad_request", "Idempotency-Key is longer than 128 characters");
   }
   return key;
-}
-
-// Why a request's framing is unacceptable ("" when it is fine): several Content-Length
-// values that differ, one that is not a decimal number, a transfer coding other than
-// chunked, or both a Transfer-Encoding and a Content-Length.
-std::string framing_error(const httplib::Request& req) {
-  const std::size_t lengths = req.get_header_value_count("Content-Length");
-  std::string first;
-  for (std::size_t i = 0; i < lengths; ++i) {
-    const std::string v = req.get_header_value("Content-Length", i);
-    if (v.empty() || v.size() > 19 ||
-        !std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-      return "Content-Length \"" + v.substr(0, 32) + "\" is not a non-negative decimal number";
-    }
-    if (i == 0) first = v;
-    else if (v != first) return "the request has Content-Length " + first + " and " + v + ": which is it?";
-  }
-  const std::size_t codings = req.get_header_value_count("Transfer-Encoding");
-  for (std::size_t i = 0; i < codings; ++i) {
-    std::string v = req.get_header_value("Transfer-Encoding", i);
-    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char c) { return std::tolower(c); });
-    if (v != "chunked") {
-      return "Transfer-Encoding \"" + v.substr(0, 32) + "\" is not supported (only chunked)";
-    }
-  }
-  if (codings > 0 && lengths > 0) return "the request has both Transfer-Encoding and Content-Length";
-  return {};
-}
-
-void set_json(httplib::Response& res, int status, const json& body) {
-  res.status = status;
-  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
-}
-
-void set_error(httplib::Response& res, int status, const std::string& code,
-               const std::string& message) {
-  set_json(res, status, json{{"error", {{"code", code}, {"message", message}}}});
-}
-
-const char* code_for_status(int status) {
-  switch (status) {
-    case 400: return "bad_request";
-    case 401: return "unauthorized";
-    case 404: return "not_found";
-    case 405: return "method_not_allowed";
-    case 408: return "timeout";
-    case 413: return "too_large";
-    case 414: return "uri_too_long";
-    case 415: return "unsupported_media_type";
-    case 416: return "range_not_satisfiable";
-    case 501: return "not_implemented";
-    case 422: return "conflict";
-    case 503: return "unavailable";
-    default: return status >= 500 ? "internal" : "bad_request";
-  }
-}
-
-const char* message_for_status(int status) {
-  switch (status) {
-    case 400: return "malformed HTTP request";
-    case 404: return "no such route";
-    case 413: return "the request body is larger than this gateway accepts";
-    case 414: return "the request URI is too long";
-    default: return status >= 500 ? "internal error" : "the request was refused";
-  }
 }
 
 /// A route: its label for metrics and logs, and the methods it answers.
@@ -189,7 +174,6 @@ std::optional<RouteInfo> route_of(const std::string& path) {
   return std::nullopt;
 }
 
-bool is_api_path(const std::string& path) { return path == "/v1" || path.rfind("/v1/", 0) == 0; }
 
 // Constant-time in the key's length whatever `given` is, so that timing tells nothing about
 // how much of a guess was right.
@@ -215,114 +199,29 @@ long long parse_int(const std::string& text, const char* what, long long min, lo
   return v;
 }
 
-std::optional<std::size_t> content_length(const httplib::Request& req) {
-  if (!req.has_header("Content-Length")) return std::nullopt;
-  const std::string text = req.get_header_value("Content-Length");
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0' || errno == ERANGE) return std::nullopt;  // httplib refuses it
-  return static_cast<std::size_t>(v);
+
+// The path's segment `i` (0-based, after the leading '/'), percent-decoded.
+std::string path_segment(const std::string& path, std::size_t i) {
+  std::size_t start = 1;
+  for (std::size_t k = 0; k < i; ++k) start = path.find('/', start) + 1;
+  const std::size_t end = path.find('/', start);
+  return http::percent_decode(std::string_view(path).substr(start, end - start), false);
 }
 
-/// One part of a multipart/form-data body.
-struct Part {
-  std::string name;
-  std::string filename;
-  std::string content;
-};
-
-/// A request body as read: raw bytes, or the parts of a multipart/form-data body.
-struct Body {
-  std::string raw;
-  std::vector<Part> parts;
-
-  const Part* find(const std::string& name) const {
-    for (const auto& p : parts) {
-      if (p.name == name) return &p;
+/// The query string's parameters (the first value of a repeated one wins).
+class Params {
+ public:
+  explicit Params(const std::string& query) : pairs_(http::parse_query(query)) {}
+  std::optional<std::string> get(std::string_view name) const {
+    for (const auto& [k, v] : pairs_) {
+      if (k == name) return v;
     }
-    return nullptr;
+    return std::nullopt;
   }
+
+ private:
+  std::vector<std::pair<std::string, std::string>> pairs_;
 };
-
-// Reads and discards the rest of a refused request's body, up to `cap` bytes, so that the
-// connection stays usable; where it cannot, asks the client to close the connection.
-void drain(const httplib::Request& req, httplib::Response& res,
-           const httplib::ContentReader& reader, std::size_t cap) {
-  std::size_t seen = 0;
-  auto discard = [&](const char*, std::size_t n) {
-    seen += n;
-    return seen <= cap;
-  };
-  const bool ok = req.is_multipart_form_data()
-                      ? reader([](const httplib::MultipartFormData&) { return true; }, discard)
-                      : reader(discard);
-  // 413 here: httplib found the Content-Length over its own limit and skipped the body.
-  if (!ok && res.status != 413) res.set_header("Connection", "close");
-}
-
-// Reads the body with a limit of `limit` bytes; HttpError 413 above it, 400 when malformed.
-Body read_body(const httplib::Request& req, httplib::Response& res,
-               const httplib::ContentReader& reader, std::size_t limit, std::size_t drain_cap) {
-  const auto too_large = [&] {
-    return HttpError(413, "too_large",
-                     "the request body is larger than " + std::to_string(limit) + " bytes");
-  };
-  if (auto len = content_length(req); len && *len > limit) {
-    drain(req, res, reader, drain_cap);
-    throw too_large();
-  }
-  Body body;
-  std::size_t total = 0;
-  bool over = false, too_many = false;
-  bool ok = false;
-  if (req.is_multipart_form_data()) {
-    ok = reader(
-        [&](const httplib::MultipartFormData& file) {
-          if (body.parts.size() >= kMaxParts) {
-            too_many = true;
-            return false;
-          }
-          body.parts.push_back(Part{file.name, file.filename, {}});
-          return true;
-        },
-        [&](const char* data, std::size_t n) {
-          total += n;
-          if (total > limit) {
-            over = true;
-            return false;
-          }
-          body.parts.back().content.append(data, n);
-          return true;
-        });
-  } else {
-    ok = reader([&](const char* data, std::size_t n) {
-      total += n;
-      if (total > limit) {
-        over = true;
-        return false;
-      }
-      body.raw.append(data, n);
-      return true;
-    });
-  }
-  if (!ok) {
-    // httplib skipped (and so drained) a Content-Length body over its own limit; in every
-    // other case the rest of the body is still on the connection.
-    const bool drained_by_httplib = res.status == 413 && !over;
-    if (!drained_by_httplib) res.set_header("Connection", "close");
-    if (over || res.status == 413) throw too_large();
-    if (too_many) {
-      throw HttpError(400, "bad_request",
-                      "the multipart body has more than " + std::to_string(kMaxParts) + " parts");
-    }
-    throw HttpError(400, "bad_request",
-                    req.is_multipart_form_data()
-                        ? "the multipart/form-data body is malformed or incomplete"
-                        : "the request body is incomplete");
-  }
-  return body;
-}
 
 /// One parsed upload manifest line.
 struct ManifestLine {
@@ -359,72 +258,93 @@ std::vector<ManifestLine> parse_manifest(const std::string& text) {
   return out;
 }
 
-// Start time of the request this thread is serving (httplib runs a request, from routing
-// to its log callback, on one thread).
-struct RequestClock {
-  const httplib::Request* request = nullptr;
-  Clock::time_point start;
+
+/// Runs blocking jobs (spec-store reads) off the server's threads, with a bounded queue.
+class BlockingPool {
+ public:
+  explicit BlockingPool(int threads) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
+  }
+  ~BlockingPool() { stop(); }
+
+  /// False when the queue is full (the caller answers busy).
+  bool post(std::function<void()> job) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stopping_ || jobs_.size() >= kMaxStoreQueue) return false;
+    jobs_.push_back(std::move(job));
+    cv_.notify_one();
+    return true;
+  }
+
+  /// Runs what is queued, then joins.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
 };
-thread_local RequestClock tl_clock;
+
+prometheus::Gauge& connections_gauge() {
+  static prometheus::Gauge& gauge =
+      prometheus::BuildGauge()
+          .Name("gmi_http_connections")
+          .Help("HTTP connections open on the gateway (gateway.max_connections caps them).")
+          .Register(Metrics::instance().registry())
+          .Add({});
+  return gauge;
+}
 
 }  // namespace
 
-struct Gateway::Impl {
+struct Gateway::Impl : http::Handler {
   Impl(zmq::context_t& context, GatewayOptions options);
 
-  /// A BrokerClient borrowed from the pool for one request (zmq sockets stay with one
-  /// thread at a time; the pool's mutex hands them over safely).
-  class Lease {
-   public:
-    Lease(Impl& impl, std::unique_ptr<BrokerClient> client)
-        : impl_(impl), client_(std::move(client)) {}
-    ~Lease() {
-      std::lock_guard<std::mutex> lock(impl_.pool_mutex);
-      impl_.pool.push_back(std::move(client_));
-    }
-    Lease(const Lease&) = delete;
-    Lease& operator=(const Lease&) = delete;
-    BrokerClient* operator->() { return client_.get(); }
+  std::optional<Response> on_head(const Head& head, std::uint64_t& body_limit) override;
+  void on_request(std::shared_ptr<http::Request> request, http::Responder respond) override;
+  void on_answered(const Head* head, const Response& response,
+                   Clock::duration took) override;
 
-   private:
-    Impl& impl_;
-    std::unique_ptr<BrokerClient> client_;
-  };
-
-  Lease lease() {
-    {
-      std::lock_guard<std::mutex> lock(pool_mutex);
-      if (!pool.empty()) {
-        auto client = std::move(pool.back());
-        pool.pop_back();
-        return Lease(*this, std::move(client));
-      }
-    }
-    return Lease(*this, std::make_unique<BrokerClient>(context, options.broker));
-  }
-
-  bool authorized(const httplib::Request& req) const;
-  std::string not_ready_reason();
-  void register_routes();
-  void on_error(const httplib::Request& req, httplib::Response& res);
-  void on_logged(const httplib::Request& req, const httplib::Response& res);
-  /// Runs a handler, turning every exception into the JSON error it stands for.
-  void guarded(const httplib::Request& req, httplib::Response& res,
-               const std::function<void()>& handler);
-
-  std::size_t body_drain_cap() const;
-  void require_key(const httplib::Request& req, httplib::Response& res,
-                   const httplib::ContentReader& reader, std::size_t drain_cap);
-  void post_query(const httplib::Request& req, httplib::Response& res,
-                  const httplib::ContentReader& reader);
-  void post_upload(const httplib::Request& req, httplib::Response& res,
-                   const httplib::ContentReader& reader);
-  void get_job(const httplib::Request& req, httplib::Response& res);
-  void get_models(httplib::Response& res);
-  void get_model(const httplib::Request& req, httplib::Response& res);
+  bool authorized(const Head& head) const;
+  void ready(http::Responder respond);
+  void post_query(const std::shared_ptr<http::Request>& request, const http::Responder& respond);
+  void post_upload(const std::shared_ptr<http::Request>& request, const http::Responder& respond);
+  void get_job(const http::Request& request, const http::Responder& respond);
+  void get_models(const http::Responder& respond);
+  void get_model(const http::Request& request, const http::Responder& respond);
+  /// Runs fn on the store pool and answers with what it returns (or the error it throws).
+  void on_store(const http::Responder& respond, std::function<Response()> fn);
+  /// Sends a submission; answers 202 with the job's URL under `url_prefix`.
+  void submit(json header, AsyncBrokerClient::Frames frames, std::string url_prefix,
+              const http::Responder& respond);
 
   /// Calls fn(store) under the store mutex, opening the store on first use and again after
-  /// an I/O failure.
+  /// an I/O failure. Blocks: runs on the store pool only.
   template <typename Fn>
   auto with_store(Fn&& fn) {
     std::lock_guard<std::mutex> lock(store_mutex);
@@ -440,13 +360,9 @@ struct Gateway::Impl {
     }
   }
 
-  zmq::context_t& context;
   GatewayOptions options;
   // Idempotency keys are scoped to the credential that sent them (none: one scope).
   std::string key_scope;
-
-  std::mutex pool_mutex;
-  std::vector<std::unique_ptr<BrokerClient>> pool;
 
   std::mutex store_mutex;
   std::unique_ptr<SpecStore> store;
@@ -456,14 +372,17 @@ struct Gateway::Impl {
   std::mutex ready_mutex;
   Clock::time_point ready_checked{};
   bool ready_known = false;
+  bool ready_pinging = false;
   std::string ready_reason;
+  std::vector<http::Responder> ready_waiters;
 
-  // Last: destroyed first, so that no handler runs while the members above go away.
-  std::unique_ptr<OpsServer> ops;
+  // Stopped in reverse: the server first (no new request), then what answers requests.
+  std::unique_ptr<AsyncBrokerClient> broker;
+  std::unique_ptr<BlockingPool> store_pool;
+  std::unique_ptr<http::Server> server;
 };
 
-Gateway::Impl::Impl(zmq::context_t& ctx, GatewayOptions opts)
-    : context(ctx), options(std::move(opts)) {
+Gateway::Impl::Impl(zmq::context_t& context, GatewayOptions opts) : options(std::move(opts)) {
   if (!options.api_key.empty()) key_scope = "key:" + detail::sha256_hex(options.api_key).substr(0, 16);
   if (options.threads < 1) {
     throw InputError("gateway threads must be at least 1, got " + std::to_string(options.threads));
@@ -475,9 +394,12 @@ Gateway::Impl::Impl(zmq::context_t& ctx, GatewayOptions opts)
   if (options.max_query_bytes == 0 || options.max_upload_bytes == 0) {
     throw InputError("gateway body limits must be positive");
   }
-  // A bad broker endpoint or CURVE key is a configuration error: say so at start-up, not
-  // as a 500 on the first request.
-  pool.push_back(std::make_unique<BrokerClient>(context, options.broker));
+  if (options.max_connections < 1 || options.header_timeout_ms < 1 || options.body_timeout_ms < 1) {
+    throw InputError("gateway max_connections, header_timeout_ms and body_timeout_ms must be positive");
+  }
+  // A bad broker endpoint or CURVE key is a configuration error: said at start-up, not as a
+  // 500 on the first request.
+  broker = std::make_unique<AsyncBrokerClient>(context, options.broker);
   if (!options.spec_store_uri.empty()) {
     try {
       store = open_spec_store(options.spec_store_uri);
@@ -487,29 +409,31 @@ Gateway::Impl::Impl(zmq::context_t& ctx, GatewayOptions opts)
                                                   {"error", e.what()}});
     }
   }
+  store_pool = std::make_unique<BlockingPool>(2);
 
-  OpsServerOptions ops_options;
-  ops_options.host = options.host;
-  ops_options.port = options.port;
-  ops_options.not_ready_reason = [this] { return not_ready_reason(); };
+  http::ServerOptions so;
+  so.host = options.host;
+  so.port = options.port;
+  so.threads = options.threads;
+  so.max_connections = static_cast<std::size_t>(options.max_connections);
+  so.header_timeout = std::chrono::milliseconds(options.header_timeout_ms);
+  so.body_timeout = std::chrono::milliseconds(options.body_timeout_ms);
   try {
-    ops = std::make_unique<OpsServer>(std::move(ops_options));
-  } catch (const IoError&) {
+    server = std::make_unique<http::Server>(so, *this);
+  } catch (const IoError& e) {
     throw IoError("cannot listen on " + options.host + ":" + std::to_string(options.port) +
-                  " for the HTTP gateway (port taken?)");
+                  " for the HTTP gateway (port taken?): " + e.what());
   }
-  register_routes();
+  connections_gauge();  // exported at 0 from the start
 }
 
-bool Gateway::Impl::authorized(const httplib::Request& req) const {
+bool Gateway::Impl::authorized(const Head& head) const {
   if (options.api_key.empty()) return true;
   bool ok = false;
-  if (req.has_header("X-API-Key")) {
-    ok |= same_key(options.api_key, req.get_header_value("X-API-Key"));
-  }
-  if (req.has_header("Authorization")) {
+  if (head.has_header("X-API-Key")) ok |= same_key(options.api_key, head.header("X-API-Key"));
+  if (head.has_header("Authorization")) {
     // "Bearer KEY", the scheme name in any case (RFC 7235).
-    const std::string auth = req.get_header_value("Authorization");
+    const std::string auth = head.header("Authorization");
     constexpr std::string_view kBearer = "bearer ";
     const auto lower_eq = [](char want, char got) {
       return want == std::tolower(static_cast<unsigned char>(got));
@@ -524,163 +448,79 @@ bool Gateway::Impl::authorized(const httplib::Request& req) const {
   return ok;
 }
 
-std::string Gateway::Impl::not_ready_reason() {
-  std::lock_guard<std::mutex> lock(ready_mutex);
-  const auto now = Clock::now();
-  if (ready_known && now - ready_checked < kReadyCacheFor) return ready_reason;
-  std::string reason;
-  try {
-    auto client = lease();
-    const auto broker = client->readiness(std::min(kReadyPingMs, options.broker.timeout_ms));
-    if (!broker) {
-      reason = "the broker at " + options.broker.endpoint + " does not answer";
-    } else if (!broker->empty()) {
-      reason = "the broker at " + options.broker.endpoint + " is not ready: " + *broker;
+std::optional<Response> Gateway::Impl::on_head(const Head& head, std::uint64_t& body_limit) {
+  body_limit = kMaxIgnoredBody;
+  const auto route = route_of(head.path);
+  const bool api_path = head.path == "/v1" || head.path.rfind("/v1/", 0) == 0;
+  if (!route) {
+    // Under /v1/, a caller without the key is not told which routes exist.
+    if (api_path && !authorized(head)) {
+      return http::error_response(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer)");
     }
-  } catch (const BrokerRefusal& e) {
-    reason = "the broker at " + options.broker.endpoint + " refuses work: " + e.what();
-  } catch (const std::exception& e) {
-    reason = std::string("cannot reach the broker: ") + e.what();
+    return http::error_response(404, "not_found", "no route for " + head.method + " " + head.path);
   }
-  ready_known = true;
-  ready_checked = Clock::now();
-  ready_reason = reason;
-  return reason;
-}
-
-void Gateway::Impl::guarded(const httplib::Request& req, httplib::Response& res,
-                            const std::function<void()>& handler) {
-  try {
-    handler();
-  } catch (const HttpError& e) {
-    set_error(res, e.status(), e.code(), e.what());
-  } catch (const BrokerRefusal& e) {
-    const std::string& code = e.code();
-    if (code == "bad_request") {
-      set_error(res, 400, code, e.what());
-    } else if (code == "too_large") {
-      set_error(res, 413, code, e.what());
-    } else if (code == "not_found") {
-      set_error(res, 404, code, e.what());
-    } else if (code == "conflict") {
-      set_error(res, 422, code, e.what());
-    } else if (code == "busy") {
-      set_error(res, 503, code, e.what());
-      res.set_header("Retry-After", "1");
-    } else if (code == "unavailable") {
-      set_error(res, 503, code, e.what());
-      res.set_header("Retry-After", "2");
-    } else {
-      log::error("unknown refusal code from the broker", {{"code", code}, {"error", e.what()}});
-      set_error(res, 502, "bad_gateway", e.what());
-    }
-  } catch (const NotFoundError& e) {
-    set_error(res, 404, "not_found", e.what());
-  } catch (const InputError& e) {
-    set_error(res, 400, "bad_request", e.what());
-  } catch (const IoError& e) {
-    set_error(res, 503, "unavailable", e.what());
-    res.set_header("Retry-After", "2");
-  } catch (const std::exception& e) {
-    log::error("request failed", {{"method", req.method}, {"path", req.path}, {"error", e.what()}});
-    set_error(res, 500, "internal", "internal error");
-  } catch (...) {
-    log::error("request failed", {{"method", req.method}, {"path", req.path}});
-    set_error(res, 500, "internal", "internal error");
+  // The key is checked before anything else, and before any body is read.
+  if (route->api && !authorized(head)) {
+    return http::error_response(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer)");
   }
-}
-
-void Gateway::Impl::register_routes() {
-  httplib::Server& http = ops->http();
-  const std::size_t payload_max =
-      std::max(options.max_query_bytes, options.max_upload_bytes) + kMultipartSlack;
-  http.set_payload_max_length(payload_max);
-  const auto threads = static_cast<std::size_t>(options.threads);
-  http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-
-  http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    tl_clock = RequestClock{&req, Clock::now()};
-    // Message framing (RFC 9112 section 6), before any body is read: a request whose length
-    // is ambiguous is refused, and its connection closed, since whatever follows it on the
-    // connection cannot be told apart from its body (request smuggling).
-    if (const std::string framing = framing_error(req); !framing.empty()) {
-      const bool unknown_coding = framing.rfind("Transfer-Encoding", 0) == 0;
-      set_error(res, unknown_coding ? 501 : 400, unknown_coding ? "not_implemented" : "bad_request", framing);
-      res.set_header("Connection", "close");
-      return httplib::Server::HandlerResponse::Handled;
-    }
-    // Requests with bodies are checked by their handlers (after draining the body) or by the
-    // error handler (after httplib has read it); see the top of this file.
-    const bool has_body = req.method == "POST" || req.method == "PUT" || req.method == "PATCH" ||
-                          req.method == "DELETE";
-    if (!has_body && is_api_path(req.path) && !authorized(req)) {
-      set_error(res, 401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer)");
-      return httplib::Server::HandlerResponse::Handled;
-    }
-    return httplib::Server::HandlerResponse::Unhandled;
-  });
-  http.set_error_handler(httplib::Server::HandlerWithResponse(
-      [this](const httplib::Request& req, httplib::Response& res) {
-        on_error(req, res);
-        return httplib::Server::HandlerResponse::Handled;
-      }));
-  http.set_exception_handler(
-      [](const httplib::Request& req, httplib::Response& res, std::exception_ptr) {
-        log::error("unhandled exception in an HTTP handler", {{"path", req.path}});
-        set_error(res, 500, "internal", "internal error");
-      });
-  http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
-    on_logged(req, res);
-  });
-
-  http.Post(R"(/v1/queries)", [this](const httplib::Request& req, httplib::Response& res,
-                                     const httplib::ContentReader& reader) {
-    guarded(req, res, [&] { post_query(req, res, reader); });
-  });
-  http.Post(R"(/v1/models/([^/]+)/uploads)",
-            [this](const httplib::Request& req, httplib::Response& res,
-                   const httplib::ContentReader& reader) {
-              guarded(req, res, [&] { post_upload(req, res, reader); });
-            });
-  const auto job = [this](const httplib::Request& req, httplib::Response& res) {
-    guarded(req, res, [&] { get_job(req, res); });
-  };
-  http.Get(R"(/v1/queries/([^/]+))", job);
-  http.Get(R"(/v1/jobs/([^/]+))", job);
-  http.Get(R"(/v1/models)", [this](const httplib::Request& req, httplib::Response& res) {
-    guarded(req, res, [&] { get_models(res); });
-  });
-  http.Get(R"(/v1/models/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    guarded(req, res, [&] { get_model(req, res); });
-  });
-}
-
-void Gateway::Impl::on_error(const httplib::Request& req, httplib::Response& res) {
-  if (!res.body.empty()) return;  // a handler (or /readyz) already said why
-  if (res.status == 404) {
-    // httplib's "no handler": for one of our paths that is a wrong method (or no key).
-    if (auto route = route_of(req.path)) {
-      if (route->api && !authorized(req)) {
-        set_error(res, 401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer)");
-        return;
+  const bool get = head.method == "GET" || head.method == "HEAD";
+  const bool allowed = route->allow == "POST" ? head.method == "POST" : get;
+  if (!allowed) {
+    Response r = http::error_response(405, "method_not_allowed",
+                                      head.method + " is not allowed on " + route->label +
+                                          " (allowed: " + route->allow + ")");
+    r.headers.emplace_back("Allow", route->allow);
+    return r;
+  }
+  // Probes and metrics are answered here, on the connection's thread, with no queue to wait in.
+  if (route->label == "/healthz") return text_response(200, "ok\n");
+  if (route->label == "/metrics") {
+    connections_gauge().Set(static_cast<double>(server->connections()));
+    return text_response(200, Metrics::instance().serialize(), "text/plain; version=0.0.4");
+  }
+  try {
+    if (route->label == "/v1/queries" && head.method == "POST") {
+      const std::string type = head.header("Content-Type");
+      const bool multipart = http::multipart_boundary(type).has_value();
+      if (!multipart && http::is_multipart(type)) {
+        throw HttpError(415, "unsupported_media_type",
+                        "send the image as the raw body or as multipart/form-data, not " + type);
       }
-      res.set_header("Allow", route->allow);
-      set_error(res, 405, "method_not_allowed",
-                req.method + " is not allowed on " + route->label + " (allowed: " +
-                    route->allow + ")");
-      return;
+      body_limit = options.max_query_bytes + (multipart ? kMultipartSlack : 0);
+    } else if (route->label == "/v1/models/{id}/uploads") {
+      validate_model_id(path_segment(head.path, 2));
+      if (!http::multipart_boundary(head.header("Content-Type"))) {
+        throw HttpError(415, "unsupported_media_type",
+                        "an upload must be multipart/form-data (a \"manifest\" part and one part "
+                        "per image)");
+      }
+      body_limit = options.max_upload_bytes + kMultipartSlack;
     }
-    set_error(res, 404, "not_found", "no route for " + req.method + " " + req.path);
-    return;
+  } catch (...) {
+    return response_for(std::current_exception(), &head);
   }
-  set_error(res, res.status, code_for_status(res.status), message_for_status(res.status));
+  return std::nullopt;
 }
 
-void Gateway::Impl::on_logged(const httplib::Request& req, const httplib::Response& res) {
-  const auto now = Clock::now();
-  const auto start = tl_clock.request == &req ? tl_clock.start : now;
-  tl_clock = RequestClock{};
-  const auto route = route_of(req.path);
+void Gateway::Impl::on_request(std::shared_ptr<http::Request> request, http::Responder respond) {
+  const Head& head = request->head;
+  try {
+    const auto route = route_of(head.path);  // on_head let only our routes through
+    const std::string& label = route->label;
+    if (label == "/readyz") return ready(std::move(respond));
+    if (label == "/v1/queries") return post_query(request, respond);
+    if (label == "/v1/models/{id}/uploads") return post_upload(request, respond);
+    if (label == "/v1/queries/{id}" || label == "/v1/jobs/{id}") return get_job(*request, respond);
+    if (label == "/v1/models") return get_models(respond);
+    if (label == "/v1/models/{id}") return get_model(*request, respond);
+    respond(http::error_response(404, "not_found", "no route for " + head.method + " " + head.path));
+  } catch (...) {
+    respond(response_for(std::current_exception(), &head));
+  }
+}
+
+void Gateway::Impl::on_answered(const Head* head, const Response& res, Clock::duration took) {
+  const auto route = head ? route_of(head->path) : std::nullopt;
   const std::string label = route ? route->label : "unmatched";
   Metrics::instance()
       .http_requests_total.Add({{"route", label}, {"code", std::to_string(res.status)}})
@@ -688,53 +528,107 @@ void Gateway::Impl::on_logged(const httplib::Request& req, const httplib::Respon
   const bool server_error = res.status >= 500;
   const auto level = server_error ? log::Level::kWarn : log::Level::kDebug;
   if (!log::enabled(level)) return;
-  json fields{{"method", req.method},
-              {"path", req.path},
+  json fields{{"method", head ? head->method : ""},
+              {"path", head ? head->path : ""},
               {"status", res.status},
-              {"duration_ms",
-               std::chrono::duration<double, std::milli>(now - start).count()}};
-  if (server_error && !res.body.empty()) {
+              {"duration_ms", std::chrono::duration<double, std::milli>(took).count()}};
+  if (server_error && res.content_type == "application/json") {
     json body = json::parse(res.body, nullptr, /*allow_exceptions=*/false);
     if (body.is_object() && body.contains("error")) fields["error"] = body["error"];
   }
   log::write(level, "http request", fields);
 }
 
-std::size_t Gateway::Impl::body_drain_cap() const {
-  return std::max(options.max_query_bytes, options.max_upload_bytes) + kMultipartSlack;
+void Gateway::Impl::ready(http::Responder respond) {
+  const auto answer = [](const std::string& reason) {
+    return reason.empty() ? text_response(200, "ready\n") : text_response(503, reason + "\n");
+  };
+  {
+    std::lock_guard<std::mutex> lock(ready_mutex);
+    if (ready_known && Clock::now() - ready_checked < kReadyCacheFor) {
+      respond(answer(ready_reason));
+      return;
+    }
+    ready_waiters.push_back(std::move(respond));
+    if (ready_pinging) return;  // the ping in flight answers this one too
+    ready_pinging = true;
+  }
+  const std::string endpoint = options.broker.endpoint;
+  broker->submit(
+      wire::header("ping"), {}, std::chrono::milliseconds(std::min(kReadyPingMs, options.broker.timeout_ms)),
+      [this, endpoint, answer](std::exception_ptr error, json reply) {
+        std::string reason;
+        if (error) {
+          try {
+            std::rethrow_exception(error);
+          } catch (const BrokerRefusal& e) {
+            reason = "the broker at " + endpoint + " refuses work: " + e.what();
+          } catch (const std::exception&) {
+            reason = "the broker at " + endpoint + " does not answer";
+          }
+        } else if (reply.value("type", "") != "pong") {
+          reason = "the broker at " + endpoint + " answered a ping with \"" +
+                   reply.value("type", "") + "\"";
+        } else if (const std::string why = reply.value("not_ready", std::string()); !why.empty()) {
+          reason = "the broker at " + endpoint + " is not ready: " + why;
+        }
+        std::vector<http::Responder> waiters;
+        {
+          std::lock_guard<std::mutex> lock(ready_mutex);
+          ready_known = true;
+          ready_checked = Clock::now();
+          ready_reason = reason;
+          ready_pinging = false;
+          waiters.swap(ready_waiters);
+        }
+        for (auto& w : waiters) w(answer(reason));
+      });
 }
 
-// A refused body is still read (up to `drain_cap`), or it would be parsed as the next request.
-void Gateway::Impl::require_key(const httplib::Request& req, httplib::Response& res,
-                                const httplib::ContentReader& reader, std::size_t drain_cap) {
-  if (!authorized(req)) {
-    drain(req, res, reader, drain_cap);
-    throw HttpError(401, "unauthorized", "missing or wrong API key (X-API-Key or Bearer)");
-  }
+void Gateway::Impl::submit(json header, AsyncBrokerClient::Frames frames, std::string url_prefix,
+                           const http::Responder& respond) {
+  const std::string endpoint = options.broker.endpoint;
+  broker->submit(std::move(header), std::move(frames),
+                 std::chrono::milliseconds(options.broker.timeout_ms),
+                 [respond, url_prefix = std::move(url_prefix), endpoint](std::exception_ptr error,
+                                                                        json reply) {
+                   if (error) return respond(response_for(error, nullptr));
+                   if (reply.value("type", "") != "accepted" || !reply.contains("job_id")) {
+                     return respond(http::error_response(
+                         502, "bad_gateway",
+                         "the broker at " + endpoint + " answered a submission with \"" +
+                             reply.value("type", "") + "\" instead of \"accepted\""));
+                   }
+                   const std::string id = reply["job_id"].get<std::string>();
+                   const std::string url = url_prefix + id;
+                   Response r = json_response(202, json{{"job_id", id}, {"status_url", url}});
+                   r.headers.emplace_back("Location", url);
+                   respond(std::move(r));
+                 });
 }
 
-void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& res,
-                               const httplib::ContentReader& reader) {
-  const std::size_t drain_cap = body_drain_cap();
-  require_key(req, res, reader, drain_cap);
-  const std::string type = req.get_header_value("Content-Type");
-  const bool multipart = req.is_multipart_form_data();
-  if (!multipart && type.rfind("multipart/", 0) == 0) {
-    drain(req, res, reader, drain_cap);
-    throw HttpError(415, "unsupported_media_type",
-                    "send the image as the raw body or as multipart/form-data, not " + type);
-  }
-  Body body = read_body(req, res, reader,
-                        options.max_query_bytes + (multipart ? kMultipartSlack : 0), drain_cap);
+void Gateway::Impl::post_query(const std::shared_ptr<http::Request>& request,
+                               const http::Responder& respond) {
+  const Head& head = request->head;
+  const auto boundary = http::multipart_boundary(head.header("Content-Type"));
+  std::vector<http::FormPart> parts;
+  if (boundary) parts = http::parse_multipart(request->body, *boundary, kMaxParts);
+  const auto find_part = [&](std::string_view name) -> const http::FormPart* {
+    for (const auto& p : parts) {
+      if (p.name == name) return &p;
+    }
+    return nullptr;
+  };
 
   // Parameters: the query string, or (for HTML forms) fields of a multipart body.
+  const Params query(head.query);
   const auto param = [&](const char* name) -> std::optional<std::string> {
-    if (req.has_param(name)) return req.get_param_value(name);
-    if (const Part* p = body.find(name); multipart && p && p->filename.empty()) return p->content;
+    if (auto v = query.get(name)) return v;
+    if (const auto* p = find_part(name); p && p->filename.empty()) return std::string(p->content);
     return std::nullopt;
   };
   QueryRequest q;
-  q.idempotency_key = idempotency_key(req);
+  q.idempotency_key = idempotency_key(head);
   q.idempotency_scope = key_scope;
   if (auto top = param("top")) q.top = static_cast<int>(parse_int(*top, "top", 1, kMaxTop));
   if (auto scorer = param("scorer")) q.scorer = *scorer;
@@ -749,107 +643,92 @@ void Gateway::Impl::post_query(const httplib::Request& req, httplib::Response& r
                     "prompt is longer than " + std::to_string(kMaxPromptChars) + " characters");
   }
 
-  if (multipart) {
-    const Part* image = body.find("image");
-    if (!image) {
-      throw HttpError(400, "bad_request", "the multipart body has no part named \"image\"");
-    }
-    if (image->content.size() > options.max_query_bytes) {
+  std::string_view image = request->body;
+  if (boundary) {
+    const auto* part = find_part("image");
+    if (!part) throw HttpError(400, "bad_request", "the multipart body has no part named \"image\"");
+    if (part->content.size() > options.max_query_bytes) {
       throw HttpError(413, "too_large",
                       "the image is larger than " + std::to_string(options.max_query_bytes) +
                           " bytes");
     }
-    q.image = image->content;
-  } else {
-    q.image = std::move(body.raw);
+    image = part->content;
   }
-  if (q.image.empty()) {
+  if (image.empty()) {
     throw HttpError(400, "bad_request", "the image is empty: send its bytes as the request body");
   }
-
-  const std::string job_id = lease()->submit_query(q);
-  const std::string url = "/v1/queries/" + job_id;
-  res.set_header("Location", url);
-  set_json(res, 202, json{{"job_id", job_id}, {"status_url", url}});
+  // The image goes to the broker as a view into the request's body, which the frames keep.
+  submit(submit_query_header(q), AsyncBrokerClient::Frames{{image}, request}, "/v1/queries/",
+         respond);
 }
 
-void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& res,
-                                const httplib::ContentReader& reader) {
-  const std::size_t drain_cap = body_drain_cap();
-  require_key(req, res, reader, drain_cap);
+void Gateway::Impl::post_upload(const std::shared_ptr<http::Request>& request,
+                                const http::Responder& respond) {
+  const Head& head = request->head;
   UploadRequest up;
-  up.model_id = req.matches[1].str();
-  up.idempotency_key = idempotency_key(req);
+  up.model_id = path_segment(head.path, 2);
+  validate_model_id(up.model_id);
+  up.idempotency_key = idempotency_key(head);
   up.idempotency_scope = key_scope;
-  try {
-    validate_model_id(up.model_id);
-  } catch (const InputError&) {
-    drain(req, res, reader, drain_cap);
-    throw;
-  }
-  if (!req.is_multipart_form_data()) {
-    drain(req, res, reader, drain_cap);
-    throw HttpError(415, "unsupported_media_type",
-                    "an upload must be multipart/form-data (a \"manifest\" part and one part per "
-                    "image)");
-  }
-  Body body = read_body(req, res, reader, options.max_upload_bytes + kMultipartSlack, drain_cap);
+  const auto boundary = http::multipart_boundary(head.header("Content-Type"));
+  const auto parts = http::parse_multipart(request->body, *boundary, kMaxParts);  // on_head checked it
+  const auto find_part = [&](std::string_view name) -> const http::FormPart* {
+    for (const auto& p : parts) {
+      if (p.name == name) return &p;
+    }
+    return nullptr;
+  };
 
-  const Part* manifest = body.find("manifest");
+  const auto* manifest = find_part("manifest");
   if (!manifest) throw HttpError(400, "bad_request", "the upload has no part named \"manifest\"");
-  const auto lines = parse_manifest(manifest->content);
+  const auto lines = parse_manifest(std::string(manifest->content));
 
-  if (const Part* d = body.find("downloads")) {
+  if (const auto* d = find_part("downloads")) {
+    const std::string text(d->content);
     char* end = nullptr;
-    const double v = std::strtod(d->content.c_str(), &end);
-    if (d->content.empty() || *end != '\0' || !std::isfinite(v) || v < 0) {
-      throw HttpError(400, "bad_request",
-                      "downloads must be a non-negative number, got \"" + d->content + "\"");
+    const double v = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || !std::isfinite(v) || v < 0) {
+      throw HttpError(400, "bad_request", "downloads must be a non-negative number, got \"" + text + "\"");
     }
     up.downloads = v;
   }
-  if (const Part* c = body.find("card")) {
+  if (const auto* c = find_part("card")) {
     if (c->content.size() > kMaxCardChars) {
       throw HttpError(400, "bad_request",
                       "card is longer than " + std::to_string(kMaxCardChars) + " characters");
     }
-    up.card = c->content;
+    up.card = std::string(c->content);
   }
 
   // Image parts are found by part name or by file name (curl -F 'x=@a.jpg' names the part x
   // and the file a.jpg). Fields are not images.
-  const auto is_field = [](const Part& p) {
+  const auto is_field = [](const http::FormPart& p) {
     return p.name == "manifest" || p.name == "downloads" || p.name == "card";
   };
-  std::vector<bool> used(body.parts.size(), false);
-  std::vector<std::size_t> image_of(body.parts.size(), 0);  // a used part's index in up.images
+  std::vector<bool> used(parts.size(), false);
+  AsyncBrokerClient::Frames frames;
   for (const auto& entry : lines) {
     std::optional<std::size_t> found;
-    for (std::size_t i = 0; i < body.parts.size() && !found; ++i) {
-      if (!is_field(body.parts[i]) && body.parts[i].name == entry.image) found = i;
+    for (std::size_t i = 0; i < parts.size() && !found; ++i) {
+      if (!is_field(parts[i]) && parts[i].name == entry.image) found = i;
     }
-    for (std::size_t i = 0; i < body.parts.size() && !found; ++i) {
-      if (!is_field(body.parts[i]) && body.parts[i].filename == entry.image) found = i;
+    for (std::size_t i = 0; i < parts.size() && !found; ++i) {
+      if (!is_field(parts[i]) && parts[i].filename == entry.image) found = i;
     }
     if (!found) {
       throw HttpError(400, "bad_request",
                       "manifest line " + std::to_string(entry.line) + " names image \"" +
                           entry.image + "\" but no part of the upload is named so");
     }
-    if (used[*found]) {
-      up.images.push_back(up.images[image_of[*found]]);  // named twice: the one copy needed
-    } else {
-      if (body.parts[*found].content.empty()) {
-        throw HttpError(400, "bad_request", "the image part \"" + entry.image + "\" is empty");
-      }
-      used[*found] = true;
-      image_of[*found] = up.images.size();
-      up.images.push_back(std::move(body.parts[*found].content));  // moved, not copied
+    if (parts[*found].content.empty()) {
+      throw HttpError(400, "bad_request", "the image part \"" + entry.image + "\" is empty");
     }
+    used[*found] = true;
+    frames.views.push_back(parts[*found].content);  // a view: the body is not copied
     up.prompts.push_back(entry.prompt);
   }
-  for (std::size_t i = 0; i < body.parts.size(); ++i) {
-    const Part& p = body.parts[i];
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const auto& p = parts[i];
     if (!used[i] && !is_field(p)) {
       // Most likely a typo in the manifest or in a part name: refuse rather than ignore.
       throw HttpError(400, "bad_request",
@@ -857,58 +736,86 @@ void Gateway::Impl::post_upload(const httplib::Request& req, httplib::Response& 
                           "\" is not named by the manifest");
     }
   }
-  body.parts.clear();  // the images now live in `up`; do not hold them twice longer than needed
-  if (req.has_param("deadline_ms")) {
-    up.deadline_ms = parse_int(req.get_param_value("deadline_ms"), "deadline_ms", 1, kMaxDeadlineMs);
+  if (auto d = Params(head.query).get("deadline_ms")) {
+    up.deadline_ms = parse_int(*d, "deadline_ms", 1, kMaxDeadlineMs);
   }
-
-  const std::string job_id = lease()->submit_upload(up);
-  const std::string url = "/v1/jobs/" + job_id;
-  res.set_header("Location", url);
-  set_json(res, 202, json{{"job_id", job_id}, {"status_url", url}});
+  frames.owner = request;
+  submit(submit_upload_header(up), std::move(frames), "/v1/jobs/", respond);
 }
 
-void Gateway::Impl::get_job(const httplib::Request& req, httplib::Response& res) {
-  const std::string id = req.matches[1].str();
+void Gateway::Impl::get_job(const http::Request& request, const http::Responder& respond) {
+  const std::string id = path_segment(request.head.path, 2);
   if (!wire::is_id(id)) {
     throw HttpError(400, "bad_request",
                     "job ids are 32 lower-case hexadecimal characters, got \"" + id + "\"");
   }
   int wait_ms = 0;
-  if (req.has_param("wait_ms")) {
-    const long long v = parse_int(req.get_param_value("wait_ms"), "wait_ms", 0,
-                                  std::numeric_limits<int>::max());
+  if (auto w = Params(request.head.query).get("wait_ms")) {
+    const long long v = parse_int(*w, "wait_ms", 0, std::numeric_limits<int>::max());
     wait_ms = static_cast<int>(std::min<long long>(v, options.max_wait_ms));
   }
-  json job = lease()->get_job(id, wait_ms);
-  set_json(res, 200, job);
+  json h = wire::header("get_job");
+  h["job_id"] = id;
+  if (wait_ms > 0) h["wait_ms"] = wait_ms;
+  const std::string endpoint = options.broker.endpoint;
+  // A long-poll is a request in flight on the broker socket: it holds no thread.
+  broker->submit(std::move(h), {}, std::chrono::milliseconds(wait_ms + options.broker.timeout_ms),
+                 [respond, endpoint](std::exception_ptr error, json reply) {
+                   if (error) return respond(response_for(error, nullptr));
+                   if (reply.value("type", "") != "job" || !reply.contains("job")) {
+                     return respond(http::error_response(
+                         502, "bad_gateway",
+                         "the broker at " + endpoint + " answered get_job with \"" +
+                             reply.value("type", "") + "\" instead of \"job\""));
+                   }
+                   respond(json_response(200, reply["job"]));
+                 },
+                 /*interruptible=*/wait_ms > 0);
 }
 
-void Gateway::Impl::get_models(httplib::Response& res) {
-  json out = with_store([this](SpecStore& s) {
-    // The listing reads every spec; reuse it until the store's generation changes.
-    const std::uint64_t generation = s.generation();
-    if (models_generation && *models_generation == generation) return models_cache;
-    json models = json::array();
-    for (const auto& id : s.list()) {  // list() is sorted
-      if (auto spec = s.get(id)) models.push_back(spec_metadata(*spec));
+void Gateway::Impl::on_store(const http::Responder& respond, std::function<Response()> fn) {
+  const bool queued = store_pool->post([respond, fn = std::move(fn)] {
+    try {
+      respond(fn());
+    } catch (...) {
+      respond(response_for(std::current_exception(), nullptr));
     }
-    models_cache = json{{"models", std::move(models)}};
-    models_generation = generation;
-    return models_cache;
   });
-  set_json(res, 200, out);
+  if (!queued) {
+    Response r = http::error_response(503, "busy", "too many spec-store reads are waiting; retry");
+    r.headers.emplace_back("Retry-After", "1");
+    respond(std::move(r));
+  }
 }
 
-void Gateway::Impl::get_model(const httplib::Request& req, httplib::Response& res) {
-  const std::string id = req.matches[1].str();
-  validate_model_id(id);
-  auto meta = with_store([&](SpecStore& s) -> std::optional<json> {
-    if (auto spec = s.get(id)) return spec_metadata(*spec);
-    return std::nullopt;
+void Gateway::Impl::get_models(const http::Responder& respond) {
+  on_store(respond, [this] {
+    return json_response(200, with_store([this](SpecStore& s) {
+      // The listing reads every spec; reuse it until the store's generation changes.
+      const std::uint64_t generation = s.generation();
+      if (models_generation && *models_generation == generation) return models_cache;
+      json models = json::array();
+      for (const auto& id : s.list()) {  // list() is sorted
+        if (auto spec = s.get(id)) models.push_back(spec_metadata(*spec));
+      }
+      models_cache = json{{"models", std::move(models)}};
+      models_generation = generation;
+      return models_cache;
+    }));
   });
-  if (!meta) throw HttpError(404, "not_found", "no model \"" + id + "\" in the spec store");
-  set_json(res, 200, *meta);
+}
+
+void Gateway::Impl::get_model(const http::Request& request, const http::Responder& respond) {
+  std::string id = path_segment(request.head.path, 2);
+  validate_model_id(id);
+  on_store(respond, [this, id] {
+    auto meta = with_store([&](SpecStore& s) -> std::optional<json> {
+      if (auto spec = s.get(id)) return spec_metadata(*spec);
+      return std::nullopt;
+    });
+    if (!meta) throw HttpError(404, "not_found", "no model \"" + id + "\" in the spec store");
+    return json_response(200, *meta);
+  });
 }
 
 Gateway::Gateway(zmq::context_t& context, GatewayOptions options)
@@ -918,20 +825,30 @@ Gateway::~Gateway() {
   try {
     stop();
   } catch (...) {
-    // Nothing useful to do in a destructor; OpsServer's own destructor tries again.
+    // Nothing useful to do in a destructor.
   }
 }
 
-int Gateway::port() const { return impl_->ops->port(); }
+int Gateway::port() const { return impl_->server->port(); }
 
 void Gateway::start() {
-  impl_->ops->start();
+  impl_->server->start();
   log::info("gateway listening", {{"host", impl_->options.host},
-                                  {"port", impl_->ops->port()},
+                                  {"port", impl_->server->port()},
                                   {"broker", impl_->options.broker.endpoint},
-                                  {"api_key", !impl_->options.api_key.empty()}});
+                                  {"api_key", !impl_->options.api_key.empty()},
+                                  {"max_connections", impl_->options.max_connections}});
 }
 
-void Gateway::stop() { impl_->ops->stop(); }
+void Gateway::stop() {
+  // No new request first. Long-polls are answered at once (503 with Retry-After: the client
+  // polls again, through another replica), submissions in flight get their answers; then the
+  // broker client answers what is still open and the store pool finishes its reads.
+  impl_->server->stop([this] {
+    impl_->broker->interrupt_waits("the gateway is shutting down; poll again");
+  });
+  impl_->broker->stop();
+  impl_->store_pool->stop();
+}
 
 }  // namespace gmi

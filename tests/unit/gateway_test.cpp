@@ -416,6 +416,297 @@ TEST_F(GatewayTest, ChunkedBodiesAreCountedAgainstTheLimit) {
   EXPECT_EQ(broker.received("submit_query").size(), 1u);
 }
 
+// --- The event-driven server: deadlines, the connection cap, RFC 9112 closes ---------------
+
+/// One raw TCP connection to the gateway, for what an HTTP client library would not send.
+class RawConn {
+ public:
+  explicit RawConn(int port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<std::uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  }
+  ~RawConn() { ::close(fd_); }
+  RawConn(const RawConn&) = delete;
+  RawConn& operator=(const RawConn&) = delete;
+
+  bool connected() const { return connected_; }
+  bool send(const std::string& bytes) {
+    return ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size());
+  }
+  void shutdown_write() { ::shutdown(fd_, SHUT_WR); }
+
+  /// Everything the server sends until it closes the connection, or until `wait_ms` pass
+  /// (then `closed()` is false).
+  std::string read_to_close(int wait_ms) {
+    std::string out;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+    closed_ = false;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          until - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return out;
+      timeval tv{static_cast<time_t>(left.count() / 1000),
+                 static_cast<suseconds_t>((left.count() % 1000) * 1000)};
+      ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      char buf[65536];
+      const ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n > 0) {
+        out.append(buf, static_cast<std::size_t>(n));
+        continue;
+      }
+      if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        closed_ = true;  // an orderly close or a reset
+        return out;
+      }
+    }
+  }
+  bool closed() const { return closed_; }
+
+  /// One whole response (status line, headers, Content-Length body); "" on timeout.
+  std::string read_response(int wait_ms) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+    while (std::chrono::steady_clock::now() < until) {
+      const auto end = pending_.find("\r\n\r\n");
+      if (end != std::string::npos) {
+        std::size_t length = 0;
+        std::string lower = pending_.substr(0, end);
+        std::transform(lower.begin(), lower.end(), lower.begin(), ::tolower);
+        if (auto at = lower.find("content-length:"); at != std::string::npos) {
+          length = std::stoul(lower.substr(at + 15));
+        }
+        if (pending_.size() >= end + 4 + length) {
+          std::string out = pending_.substr(0, end + 4 + length);
+          pending_.erase(0, out.size());
+          return out;
+        }
+      }
+      timeval tv{0, 50000};
+      ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      char buf[65536];
+      const ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n > 0) pending_.append(buf, static_cast<std::size_t>(n));
+      if (n == 0) break;
+    }
+    return {};
+  }
+
+ private:
+  int fd_ = -1;
+  bool connected_ = false;
+  bool closed_ = false;
+  std::string pending_;
+};
+
+std::string status_line(const std::string& response) {
+  return response.substr(0, response.find("\r\n"));
+}
+
+const std::string kRawQuery = "POST /v1/queries HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n";
+
+// Item 11 as found: 8 long-polls, or clients trickling header bytes, blocked every
+// submission and the liveness probe. With one event-loop thread, 50 long-polls waiting on
+// the broker and 200 clients trickling headers, the probe, the metrics and a submission
+// are still answered.
+TEST_F(GatewayTest, LongPollsAndTricklingClientsHoldNoThreadAndStarveNothing) {
+  start([](GatewayOptions& o) { o.threads = 1; });
+  broker.set_responder([&](const wire::Message& m) -> Reply {
+    if (m.type() == "get_job") return std::nullopt;  // a job that never ends: the wait runs on
+    return broker.standard_reply(m);
+  });
+  std::vector<std::unique_ptr<RawConn>> polls, tricklers;
+  for (int i = 0; i < 50; ++i) {
+    polls.push_back(std::make_unique<RawConn>(gateway->port()));
+    ASSERT_TRUE(polls.back()->send("GET /v1/jobs/" + wire::random_id() +
+                                   "?wait_ms=30000 HTTP/1.1\r\nHost: x\r\n\r\n"));
+  }
+  for (int i = 0; i < 200; ++i) {
+    tricklers.push_back(std::make_unique<RawConn>(gateway->port()));
+    ASSERT_TRUE(tricklers.back()->send("POST /v1/queries HTTP/1.1\r\nHo"));
+  }
+  std::atomic<bool> done{false};
+  std::thread trickle([&] {
+    while (!done) {
+      for (auto& t : tricklers) t->send("x");
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  });
+  // Every long-poll reached the broker, and each still waits for its answer.
+  for (int i = 0; i < 250 && broker.received("get_job").size() < 50; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(broker.received("get_job").size(), 50u);
+  // All 250 connections are open on the gateway (its gauge counts them).
+  const auto open_connections = [&] {
+    auto m = http->Get("/metrics");
+    if (!m) return -1.0;
+    const std::string name = "\ngmi_http_connections ";
+    const auto at = m->body.find(name);
+    return at == std::string::npos ? -1.0 : std::stod(m->body.substr(at + name.size()));
+  };
+  double open = 0;
+  for (int i = 0; i < 250 && (open = open_connections()) < 251; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_GE(open, 251.0);  // the 250 and this client
+
+  auto res = http->Get("/healthz");
+  ASSERT_TRUE(res) << httplib::to_string(res.error());
+  EXPECT_EQ(res->status, 200);
+  res = http->Post("/v1/queries", kImage, "image/jpeg");
+  ASSERT_TRUE(res) << httplib::to_string(res.error());
+  EXPECT_EQ(res->status, 202) << res->body;
+  done = true;
+  trickle.join();
+}
+
+// A stopping gateway does not hold its long-polls until they run out: each is answered
+// 503 with Retry-After (the client polls again, through another replica).
+TEST_F(GatewayTest, StoppingAnswersLongPollsAtOnce) {
+  start();
+  broker.set_responder([&](const wire::Message& m) -> Reply {
+    if (m.type() == "get_job") return std::nullopt;
+    return broker.standard_reply(m);
+  });
+  RawConn poll(gateway->port());
+  ASSERT_TRUE(poll.send("GET /v1/jobs/" + wire::random_id() + "?wait_ms=30000 HTTP/1.1\r\nHost: x\r\n\r\n"));
+  for (int i = 0; i < 250 && broker.received("get_job").empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_EQ(broker.received("get_job").size(), 1u);
+  http.reset();
+  std::thread stopper([&] { gateway->stop(); });
+  const std::string answer = poll.read_response(20000);
+  stopper.join();
+  EXPECT_EQ(status_line(answer), "HTTP/1.1 503 Service Unavailable") << answer;
+  EXPECT_NE(answer.find("shutting down"), std::string::npos) << answer;
+  EXPECT_NE(answer.find("Retry-After: 2"), std::string::npos) << answer;
+}
+
+TEST_F(GatewayTest, ATricklingOrIdleClientIsCutOffAtTheHeaderDeadline) {
+  start([](GatewayOptions& o) { o.header_timeout_ms = 300; });
+  RawConn idle(gateway->port());
+  RawConn trickler(gateway->port());
+  ASSERT_TRUE(trickler.send("GET /healthz HTTP/1.1\r\n"));
+  const auto t0 = std::chrono::steady_clock::now();
+  // One byte every 100 ms would keep a per-read timeout happy for ever.
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3) && trickler.send("X")) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(trickler.read_to_close(3000), "");  // no answer can go: the socket was closed
+  EXPECT_TRUE(trickler.closed());
+  idle.read_to_close(3000);
+  EXPECT_TRUE(idle.closed());
+  auto res = http->Get("/metrics");
+  ASSERT_TRUE(res);
+  EXPECT_NE(res->body.find("code=\"408\",route=\"unmatched\""), std::string::npos) << res->body;
+}
+
+TEST_F(GatewayTest, ABodyThatStopsComingIsCutOffAtTheBodyDeadline) {
+  start([](GatewayOptions& o) { o.body_timeout_ms = 300; });
+  RawConn c(gateway->port());
+  ASSERT_TRUE(c.send(kRawQuery + "Content-Length: 100\r\n\r\n0123456789"));
+  c.read_to_close(3000);
+  EXPECT_TRUE(c.closed());
+  EXPECT_TRUE(broker.received("submit_query").empty());
+}
+
+TEST_F(GatewayTest, AWrongKeyIsRefusedBeforeTheBodyIsReadAndTheRightOneGets100Continue) {
+  start([](GatewayOptions& o) { o.api_key = "s3cret-key"; });
+  // 50 MB announced, none sent: the 401 cannot wait for the body.
+  RawConn wrong(gateway->port());
+  ASSERT_TRUE(wrong.send(kRawQuery + "X-API-Key: nope\r\nContent-Length: 50000000\r\n\r\n"));
+  const std::string refused = wrong.read_response(3000);
+  EXPECT_EQ(status_line(refused), "HTTP/1.1 401 Unauthorized") << refused;
+  EXPECT_NE(refused.find("Connection: close"), std::string::npos) << refused;
+  EXPECT_NE(refused.find("\"code\":\"unauthorized\""), std::string::npos) << refused;
+
+  RawConn right(gateway->port());
+  ASSERT_TRUE(right.send(kRawQuery + "X-API-Key: s3cret-key\r\nExpect: 100-continue\r\nContent-Length: " +
+                         std::to_string(kImage.size()) + "\r\n\r\n"));
+  EXPECT_EQ(status_line(right.read_response(3000)), "HTTP/1.1 100 Continue");
+  ASSERT_TRUE(right.send(kImage));
+  const std::string accepted = right.read_response(3000);
+  EXPECT_EQ(status_line(accepted), "HTTP/1.1 202 Accepted") << accepted;
+  ASSERT_EQ(broker.received("submit_query").size(), 1u);
+  EXPECT_EQ(broker.received("submit_query")[0].frames[0], kImage);
+}
+
+TEST_F(GatewayTest, PastTheConnectionCapOnlyProbesAreServed) {
+  start([](GatewayOptions& o) { o.max_connections = 3; });
+  std::vector<std::unique_ptr<RawConn>> held;
+  for (int i = 0; i < 3; ++i) held.push_back(std::make_unique<RawConn>(gateway->port()));
+  // The cap counts accepted connections: wait until a fourth is over it.
+  std::string busy;
+  for (int i = 0; i < 100 && status_line(busy) != "HTTP/1.1 503 Service Unavailable"; ++i) {
+    RawConn c(gateway->port());
+    c.send("GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n");
+    busy = c.read_response(2000);
+  }
+  EXPECT_EQ(status_line(busy), "HTTP/1.1 503 Service Unavailable") << busy;
+  EXPECT_NE(busy.find("\"code\":\"busy\""), std::string::npos) << busy;
+  EXPECT_NE(busy.find("Retry-After: 1"), std::string::npos) << busy;
+  for (const char* probe : {"/healthz", "/readyz", "/metrics"}) {
+    RawConn c(gateway->port());
+    c.send(std::string("GET ") + probe + " HTTP/1.1\r\nHost: x\r\n\r\n");
+    EXPECT_EQ(status_line(c.read_response(3000)), "HTTP/1.1 200 OK") << probe;
+  }
+  held.clear();  // below the cap again: everything is served
+  std::string ok;
+  for (int i = 0; i < 100 && status_line(ok) != "HTTP/1.1 202 Accepted"; ++i) {
+    RawConn c(gateway->port());
+    c.send(kRawQuery + "Content-Length: " + std::to_string(kImage.size()) + "\r\n\r\n" + kImage);
+    ok = c.read_response(2000);
+  }
+  EXPECT_EQ(status_line(ok), "HTTP/1.1 202 Accepted") << ok;
+}
+
+// Item 12: after a 413 on a chunked body the connection is closed and nothing more of it is
+// parsed (a request hidden after the body never runs); a client that half-closes after its
+// request still gets its answer; a junk request line gets the Error body.
+TEST_F(GatewayTest, A413OnAChunkedBodyClosesTheConnectionAndParsesNothingAfterIt) {
+  start([](GatewayOptions& o) { o.max_query_bytes = 1000; });
+  RawConn c(gateway->port());
+  const std::string hidden = kRawQuery + "Content-Length: 5\r\n\r\nhello";
+  ASSERT_TRUE(c.send(kRawQuery + "Transfer-Encoding: chunked\r\n\r\n7d0\r\n" + std::string(2000, 'c') +
+                     "\r\n0\r\n\r\n" + hidden));
+  const std::string all = c.read_to_close(5000);
+  EXPECT_TRUE(c.closed());
+  EXPECT_EQ(status_line(all), "HTTP/1.1 413 Payload Too Large") << all;
+  EXPECT_NE(all.find("Connection: close"), std::string::npos) << all;
+  EXPECT_EQ(all.find("HTTP/1.1", 1), std::string::npos) << "a second answer: " << all;
+  EXPECT_TRUE(broker.received("submit_query").empty());
+}
+
+TEST_F(GatewayTest, AClientThatHalfClosesAfterItsRequestGetsTheAnswer) {
+  start();
+  RawConn c(gateway->port());
+  ASSERT_TRUE(c.send(kRawQuery + "Content-Length: " + std::to_string(kImage.size()) + "\r\n\r\n" + kImage));
+  c.shutdown_write();
+  const std::string all = c.read_to_close(5000);
+  EXPECT_EQ(status_line(all), "HTTP/1.1 202 Accepted") << all;
+  EXPECT_TRUE(c.closed());
+  EXPECT_EQ(broker.received("submit_query").size(), 1u);
+}
+
+TEST_F(GatewayTest, AJunkRequestLineGetsTheErrorBody) {
+  start();
+  for (const std::string junk : {"HELLO\r\n\r\n", "GET\r\n\r\n", "GET /healthz HTTP/9.9\r\n\r\n",
+                                 "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"}) {
+    RawConn c(gateway->port());
+    ASSERT_TRUE(c.send(junk));
+    const std::string all = c.read_to_close(3000);
+    EXPECT_EQ(status_line(all), "HTTP/1.1 400 Bad Request") << all;
+    EXPECT_NE(all.find("{\"error\":{\"code\":\"bad_request\",\"message\":\"malformed HTTP request"),
+              std::string::npos)
+        << all;
+    EXPECT_TRUE(c.closed());
+  }
+}
+
 TEST_F(GatewayTest, ApiKeyIsRequiredWhenSet) {
   start([](GatewayOptions& o) { o.api_key = "s3cret-key"; });
   const std::string id = wire::random_id();

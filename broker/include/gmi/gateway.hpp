@@ -15,8 +15,9 @@
 /// Errors: 400 bad input, 401 missing/wrong API key, 404 unknown id, 413 body too large,
 /// 415 unsupported content type, 503 broker busy/unreachable (Retry-After). Body:
 /// {"error": {"code": "...", "message": "..."}}.
-/// Thread-safety: the server runs its own thread pool; each thread has its own BrokerClient.
-#include <atomic>
+/// Event-driven (Boost.Beast, see broker/src/http_server.hpp): a few threads serve every
+/// connection, and a request waiting for its headers, its body or the broker (a long-poll)
+/// holds none of them. Thread-safety: start()/stop() from one thread.
 #include <memory>
 #include <string>
 
@@ -36,8 +37,11 @@ struct GatewayOptions {
                                    ///< "Authorization: Bearer KEY" must match
   std::size_t max_query_bytes = 32u << 20;
   std::size_t max_upload_bytes = 256u << 20;
-  int threads = 8;
+  int threads = 2;                 ///< event-loop threads (each serves many connections)
   int max_wait_ms = 30000;         ///< cap on ?wait_ms
+  int max_connections = 1000;      ///< past it: probes only, 503 busy for the rest
+  int header_timeout_ms = 10000;   ///< request line and headers must arrive within this
+  int body_timeout_ms = 30000;     ///< longest gap between two reads of a body
 };
 
 class Gateway {

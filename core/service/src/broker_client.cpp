@@ -125,10 +125,39 @@ json BrokerClient::request(json header, const std::vector<std::string>& frames, 
   }
 }
 
-std::string BrokerClient::submit(json h, const std::vector<std::string>& frames,
-                                 const std::string& idempotency_key, const std::string& idempotency_scope) {
-  h["idempotency_key"] = idempotency_key.empty() ? wire::random_id() : idempotency_key;
-  if (!idempotency_scope.empty()) h["idempotency_scope"] = idempotency_scope;
+namespace {
+
+void add_idempotency(json& h, const std::string& key, const std::string& scope) {
+  h["idempotency_key"] = key.empty() ? wire::random_id() : key;
+  if (!scope.empty()) h["idempotency_scope"] = scope;
+}
+
+}  // namespace
+
+json submit_query_header(const QueryRequest& request) {
+  json h = wire::header("submit_query");
+  h["top"] = request.top;
+  if (!request.scorer.empty()) h["scorer"] = request.scorer;
+  if (!request.prompt.empty()) h["prompt"] = request.prompt;
+  if (request.deadline_ms > 0) h["deadline_ms"] = request.deadline_ms;
+  add_idempotency(h, request.idempotency_key, request.idempotency_scope);
+  return h;
+}
+
+json submit_upload_header(const UploadRequest& request) {
+  json h = wire::header("submit_upload");
+  h["model_id"] = request.model_id;
+  h["prompts"] = request.prompts;
+  h["downloads"] = request.downloads;
+  if (!request.card.empty()) h["card"] = request.card;
+  if (request.deadline_ms > 0) h["deadline_ms"] = request.deadline_ms;
+  add_idempotency(h, request.idempotency_key, request.idempotency_scope);
+  return h;
+}
+
+std::string BrokerClient::submit(const json& h, const std::vector<std::string>& frames) {
+  // Every try carries the same idempotency key (fixed in `h`): a lost reply never makes a
+  // second job.
   const int attempts = std::max(1, options_.submit_attempts);
   for (int attempt = 1;; ++attempt) {
     try {
@@ -140,22 +169,11 @@ std::string BrokerClient::submit(json h, const std::vector<std::string>& frames,
 }
 
 std::string BrokerClient::submit_query(const QueryRequest& request) {
-  json h = wire::header("submit_query");
-  h["top"] = request.top;
-  if (!request.scorer.empty()) h["scorer"] = request.scorer;
-  if (!request.prompt.empty()) h["prompt"] = request.prompt;
-  if (request.deadline_ms > 0) h["deadline_ms"] = request.deadline_ms;
-  return submit(std::move(h), {request.image}, request.idempotency_key, request.idempotency_scope);
+  return submit(submit_query_header(request), {request.image});
 }
 
 std::string BrokerClient::submit_upload(const UploadRequest& request) {
-  json h = wire::header("submit_upload");
-  h["model_id"] = request.model_id;
-  h["prompts"] = request.prompts;
-  h["downloads"] = request.downloads;
-  if (!request.card.empty()) h["card"] = request.card;
-  if (request.deadline_ms > 0) h["deadline_ms"] = request.deadline_ms;
-  return submit(std::move(h), request.images, request.idempotency_key, request.idempotency_scope);
+  return submit(submit_upload_header(request), request.images);
 }
 
 json BrokerClient::get_job(const std::string& job_id, int wait_ms) {

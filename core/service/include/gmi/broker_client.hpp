@@ -67,6 +67,12 @@ struct UploadRequest {
   std::int64_t deadline_ms = 0;   ///< as in QueryRequest (default broker.upload_deadline_s)
 };
 
+/// The header of the submit_query / submit_upload message for `request` (its image bytes go
+/// in frames, not in the header), with its idempotency key (a fresh one when the request
+/// has none) and scope. Every client of the frontend builds its submissions here.
+nlohmann::json submit_query_header(const QueryRequest& request);
+nlohmann::json submit_upload_header(const UploadRequest& request);
+
 class BrokerClient {
  public:
   BrokerClient(zmq::context_t& context, BrokerClientOptions options);
@@ -94,8 +100,7 @@ class BrokerClient {
 
  private:
   void open_socket();
-  std::string submit(nlohmann::json header, const std::vector<std::string>& frames,
-                     const std::string& idempotency_key, const std::string& idempotency_scope);
+  std::string submit(const nlohmann::json& header, const std::vector<std::string>& frames);
   zmq::context_t& context_;
   BrokerClientOptions options_;
   std::optional<zmq::socket_t> socket_;
