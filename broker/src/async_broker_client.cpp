@@ -75,19 +75,10 @@ struct AsyncBrokerClient::Impl {
 };
 
 AsyncBrokerClient::Impl::Impl(zmq::context_t& context, const BrokerClientOptions& opts)
-    : options(opts), socket(context, zmq::socket_type::dealer) {
-  socket.set(zmq::sockopt::linger, 0);
-  // Queue nothing for a broker that is not connected: such requests wait in `unsent`, where
-  // their deadline is ours to keep, instead of reaching a broker that comes up minutes later.
-  socket.set(zmq::sockopt::immediate, 1);
-  if (!options.curve_server_public.empty()) {
-    wire::make_curve_client(socket, options.curve_server_public, options.curve_client);
-  }
-  try {
-    socket.connect(options.endpoint);
-  } catch (const zmq::error_t& e) {
-    throw InputError("cannot connect to the broker at \"" + options.endpoint + "\": " + e.what());
-  }
+    // Queue nothing for a broker that is not connected: such requests wait in `unsent`,
+    // where their deadline is ours to keep, instead of reaching a broker that comes up
+    // minutes later.
+    : options(opts), socket(connect_to_broker(context, opts, /*immediate=*/true)) {
   event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (event_fd < 0) throw IoError("cannot make an eventfd for the broker client");
   thread = std::thread([this] { run(); });

@@ -34,21 +34,28 @@ BrokerClient::BrokerClient(zmq::context_t& context, BrokerClientOptions options)
   open_socket();
 }
 
+zmq::socket_t connect_to_broker(zmq::context_t& context, const BrokerClientOptions& options,
+                                bool immediate) {
+  zmq::socket_t socket(context, zmq::socket_type::dealer);
+  socket.set(zmq::sockopt::linger, 0);
+  if (immediate) socket.set(zmq::sockopt::immediate, 1);
+  if (!options.curve_server_public.empty()) {
+    wire::make_curve_client(socket, options.curve_server_public, options.curve_client);
+  }
+  try {
+    socket.connect(options.endpoint);
+  } catch (const zmq::error_t& e) {
+    throw InputError("cannot connect to the broker at \"" + options.endpoint + "\": " + e.what());
+  }
+  return socket;
+}
+
 void BrokerClient::open_socket() {
   socket_.reset();  // close the old one first: its queued requests and late replies go with it
-  zmq::socket_t socket(context_, zmq::socket_type::dealer);
-  socket.set(zmq::sockopt::linger, 0);
+  zmq::socket_t socket = connect_to_broker(context_, options_, /*immediate=*/false);
   // A send blocks only while the pipe is full (a broker that stopped reading); bound that
   // wait like the reply wait, so a stuck broker is an IoError and not a hung thread.
   socket.set(zmq::sockopt::sndtimeo, options_.timeout_ms);
-  if (!options_.curve_server_public.empty()) {
-    wire::make_curve_client(socket, options_.curve_server_public, options_.curve_client);
-  }
-  try {
-    socket.connect(options_.endpoint);
-  } catch (const zmq::error_t& e) {
-    throw InputError("cannot connect to the broker at \"" + options_.endpoint + "\": " + e.what());
-  }
   socket_.emplace(std::move(socket));
 }
 

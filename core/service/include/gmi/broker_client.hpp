@@ -73,6 +73,12 @@ struct UploadRequest {
 nlohmann::json submit_query_header(const QueryRequest& request);
 nlohmann::json submit_upload_header(const UploadRequest& request);
 
+/// A DEALER socket connected to the broker's frontend as `options` say (CURVE when a server
+/// key is set; linger 0). `immediate`: queue nothing for a broker that is not connected.
+/// InputError for a bad endpoint or key.
+zmq::socket_t connect_to_broker(zmq::context_t& context, const BrokerClientOptions& options,
+                                bool immediate);
+
 class BrokerClient {
  public:
   BrokerClient(zmq::context_t& context, BrokerClientOptions options);
