@@ -59,6 +59,7 @@ struct AsyncBrokerClient::Impl {
   std::deque<Request> incoming;  ///< handed over by submit(), taken by the loop
   bool stopping = false;
   std::string interrupt_why;  ///< non-empty: interrupt the open waits (then cleared)
+  std::string interrupted;    ///< non-empty: waits submitted from now on fail at once
   std::atomic<std::size_t> open{0};
   std::atomic<std::uint64_t> next_req{1};
 
@@ -305,6 +306,7 @@ void AsyncBrokerClient::interrupt_waits(const std::string& why) {
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     impl_->interrupt_why = why.empty() ? "interrupted" : why;
+    impl_->interrupted = impl_->interrupt_why;
   }
   impl_->wake();
 }
@@ -327,14 +329,21 @@ void AsyncBrokerClient::submit(json header, Frames frames, std::chrono::millisec
     Impl::finish(r, std::make_exception_ptr(IoError("the broker client is stopped")));
     return;
   }
+  std::string refused;
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     if (impl_->stopping) {
-      Impl::finish(r, std::make_exception_ptr(IoError("the broker client is stopping")));
-      return;
+      refused = "the broker client is stopping";
+    } else if (interruptible && !impl_->interrupted.empty()) {
+      refused = impl_->interrupted;  // a wait that starts after interrupt_waits() ends at once
+    } else {
+      impl_->incoming.push_back(std::move(r));
+      ++impl_->open;
     }
-    impl_->incoming.push_back(std::move(r));
-    ++impl_->open;
+  }
+  if (!refused.empty()) {
+    Impl::finish(r, std::make_exception_ptr(IoError(refused)));  // outside the lock
+    return;
   }
   impl_->wake();
 }

@@ -61,8 +61,9 @@ class AsyncBrokerClient {
   void submit(nlohmann::json header, Frames frames, std::chrono::milliseconds timeout,
               Callback callback, bool interruptible = false);
 
-  /// Answers every interruptible request still open with IoError(`why`) now (a gateway
-  /// that stops does not hold its long-polls until they run out).
+  /// Answers every interruptible request still open with IoError(`why`) now, and every
+  /// interruptible one submitted later at once (a gateway that stops does not hold its
+  /// long-polls until they run out).
   void interrupt_waits(const std::string& why);
 
   /// Answers every request still open with IoError("... stopping") and joins the thread.

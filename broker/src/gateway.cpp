@@ -55,6 +55,10 @@ constexpr auto kReadyCacheFor = std::chrono::seconds(1);
 constexpr int kReadyPingMs = 1000;
 // Spec-store reads waiting for the store pool; past this, 503 busy.
 constexpr std::size_t kMaxStoreQueue = 256;
+// A spec-store read that waited longer than this for the pool is answered 503, not done.
+constexpr auto kMaxStoreWait = std::chrono::seconds(5);
+// After the store could not be opened, the next try waits this long (reads answer 503).
+constexpr auto kStoreRetryAfter = std::chrono::seconds(1);
 
 /// An HTTP failure decided by the gateway itself (bad parameter, wrong content type).
 class HttpError : public std::runtime_error {
@@ -267,6 +271,12 @@ class BlockingPool {
   }
   ~BlockingPool() { stop(); }
 
+  /// True once stop() began: jobs still queued should answer without doing their work.
+  bool stopping() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stopping_;
+  }
+
   /// False when the queue is full (the caller answers busy).
   bool post(std::function<void()> job) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -351,7 +361,19 @@ struct Gateway::Impl : http::Handler {
     if (options.spec_store_uri.empty()) {
       throw HttpError(503, "unavailable", "this gateway has no spec store configured");
     }
-    if (!store) store = open_spec_store(options.spec_store_uri);
+    if (!store) {
+      // One failed open does not make every queued read wait out its own connect timeout.
+      if (Clock::now() - store_failed_at < kStoreRetryAfter) {
+        throw IoError("the spec store " + options.spec_store_uri + " is unreachable: " + store_error);
+      }
+      try {
+        store = open_spec_store(options.spec_store_uri);
+      } catch (const IoError& e) {
+        store_failed_at = Clock::now();
+        store_error = e.what();
+        throw;
+      }
+    }
     try {
       return fn(*store);
     } catch (const IoError&) {
@@ -366,6 +388,8 @@ struct Gateway::Impl : http::Handler {
 
   std::mutex store_mutex;
   std::unique_ptr<SpecStore> store;
+  Clock::time_point store_failed_at{};  ///< last failed open (see kStoreRetryAfter)
+  std::string store_error;
   std::optional<std::uint64_t> models_generation;  ///< of models_cache
   json models_cache;
 
@@ -376,10 +400,12 @@ struct Gateway::Impl : http::Handler {
   std::string ready_reason;
   std::vector<http::Responder> ready_waiters;
 
-  // Stopped in reverse: the server first (no new request), then what answers requests.
+  // Destroyed in reverse order: what holds responders (the broker client, the store pool)
+  // goes before the server, whose sessions they hold. Gateway::stop() stops them in the
+  // other order (the server first: no new request).
+  std::unique_ptr<http::Server> server;
   std::unique_ptr<AsyncBrokerClient> broker;
   std::unique_ptr<BlockingPool> store_pool;
-  std::unique_ptr<http::Server> server;
 };
 
 Gateway::Impl::Impl(zmq::context_t& context, GatewayOptions opts) : options(std::move(opts)) {
@@ -774,7 +800,18 @@ void Gateway::Impl::get_job(const http::Request& request, const http::Responder&
 }
 
 void Gateway::Impl::on_store(const http::Responder& respond, std::function<Response()> fn) {
-  const bool queued = store_pool->post([respond, fn = std::move(fn)] {
+  const auto queued_at = Clock::now();
+  const bool queued = store_pool->post([this, respond, queued_at, fn = std::move(fn)] {
+    // A read that waited too long (the store is slow or unreachable), or one still queued
+    // when the gateway stops, is answered without being done.
+    const bool stale = Clock::now() - queued_at > kMaxStoreWait;
+    if (stale || store_pool->stopping()) {
+      Response r = http::error_response(503, "unavailable",
+                                        stale ? "the spec store is slow to answer; retry"
+                                              : "the gateway is shutting down; retry");
+      r.headers.emplace_back("Retry-After", "2");
+      return respond(std::move(r));
+    }
     try {
       respond(fn());
     } catch (...) {

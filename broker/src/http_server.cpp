@@ -1,7 +1,10 @@
 // The gateway's event-driven HTTP/1.1 server (see http_server.hpp).
 #include "http_server.hpp"
 
+#include <sys/resource.h>
+
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <limits>
 #include <cctype>
@@ -14,6 +17,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -47,6 +51,11 @@ constexpr std::size_t kOverflowReserve = 64;
 constexpr auto kLingerFor = std::chrono::seconds(3);
 // Writing one response may take this long (a client that stopped reading is cut off).
 constexpr auto kWriteTimeout = std::chrono::seconds(30);
+// Past its first body_timeout, a body must have averaged at least this rate: a client that
+// sends one byte just inside every per-read deadline is cut off too.
+constexpr double kMinBodyBytesPerSecond = 16 * 1024;
+// Drained bytes after an answer go here.
+constexpr std::size_t kDrainChunk = 16 * 1024;
 
 bool iequals(std::string_view a, std::string_view b) {
   return a.size() == b.size() &&
@@ -113,12 +122,14 @@ class Session;
 struct Server::Impl {
   Impl(ServerOptions o, Handler& h) : options(std::move(o)), handler(h) {
     ioc.emplace();
-    acceptor.emplace(*ioc);
+    // On a strand of its own: stop() closes it while an accept may be completing.
+    acceptor.emplace(asio::make_strand(*ioc));
   }
   // The io_context goes first, while the rest is still here: destroying it destroys the
   // handlers it still holds, and with them the last sessions, which call forget().
   ~Impl() {
     work.reset();
+    backoff.reset();
     acceptor.reset();
     ioc.reset();
   }
@@ -134,6 +145,8 @@ struct Server::Impl {
   // Keeps the threads running while no operation is pending (a stop that waits for
   // long-polls has closed the acceptor, and a waiting request has no read or write open).
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  std::optional<asio::steady_timer> backoff;  ///< after a failed accept
+  Clock::time_point last_accept_warning{};
   int port = 0;
   std::vector<std::thread> threads;
   std::atomic<bool> stopping{false};
@@ -261,6 +274,10 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     limit_ = limit;
     parser_->body_limit(limit);
+    // Chunked bodies: parse every chunk the buffer holds in one step, not one per completion.
+    parser_->eager(true);
+    body_started_ = Clock::now();
+    body_bytes_ = 0;
     phase_ = Phase::kBody;
     if (head_.has_body() && iequals(trim(head_.header("Expect")), "100-continue")) {
       // The client waits for this before it sends the body (curl does for large ones).
@@ -286,7 +303,8 @@ class Session : public std::enable_shared_from_this<Session> {
     // as long as it keeps coming.
     stream_.expires_after(options().body_timeout);
     bhttp::async_read_some(stream_, buffer_, *parser_,
-                           [self = shared_from_this()](error_code ec, std::size_t) {
+                           [self = shared_from_this()](error_code ec, std::size_t n) {
+                             self->body_bytes_ += n;
                              self->on_body_read(ec);
                            });
   }
@@ -306,6 +324,15 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     if (is_disconnect(ec)) return close();
     if (ec) return fail(400, "bad_request", "malformed request body: " + ec.message());
+    const double elapsed = std::chrono::duration<double>(Clock::now() - body_started_).count();
+    const double grace = std::chrono::duration<double>(options().body_timeout).count();
+    if (!parser_->is_done() && elapsed > grace &&
+        static_cast<double>(body_bytes_) < kMinBodyBytesPerSecond * (elapsed - grace)) {
+      return timed_out("the request body arrives slower than " +
+                       std::to_string(static_cast<int>(kMinBodyBytesPerSecond)) +
+                       " bytes/s (" + std::to_string(body_bytes_) + " bytes in " +
+                       std::to_string(static_cast<int>(elapsed)) + " s)");
+    }
     read_body();
   }
 
@@ -388,11 +415,12 @@ class Session : public std::enable_shared_from_this<Session> {
     error_code ignored;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
     stream_.expires_after(kLingerFor);
+    scratch_ = std::make_unique<std::array<char, kDrainChunk>>();
     drain();
   }
 
   void drain() {
-    stream_.async_read_some(asio::buffer(scratch_),
+    stream_.async_read_some(asio::buffer(*scratch_),
                             [self = shared_from_this()](error_code ec, std::size_t) {
                               if (ec) return self->close();
                               self->drain();
@@ -418,7 +446,9 @@ class Session : public std::enable_shared_from_this<Session> {
   bool keep_alive_ = true;
   std::uint64_t limit_ = 0;
   Clock::time_point started_ = Clock::now();
-  std::array<char, 65536> scratch_{};
+  Clock::time_point body_started_;
+  std::uint64_t body_bytes_ = 0;
+  std::unique_ptr<std::array<char, kDrainChunk>> scratch_;  ///< only while lingering
 };
 
 void Server::Impl::accept() {
@@ -430,10 +460,19 @@ void Server::Impl::accept() {
 void Server::Impl::on_accept(error_code ec, tcp::socket socket) {
   if (stopping || ec == asio::error::operation_aborted) return;
   if (ec) {
-    // Out of file descriptors and the like: say so, back off a little, go on accepting.
-    log::warn("accepting an HTTP connection failed", {{"error", ec.message()}});
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    return accept();
+    // Out of file descriptors and the like: say so (once a second at most), back off a
+    // little on a timer (never on a thread), go on accepting.
+    const auto now = Clock::now();
+    if (now - last_accept_warning > std::chrono::seconds(1)) {
+      last_accept_warning = now;
+      log::warn("accepting an HTTP connection failed", {{"error", ec.message()},
+                                                         {"connections", open.load()}});
+    }
+    backoff.emplace(acceptor->get_executor(), std::chrono::milliseconds(50));
+    backoff->async_wait([this](error_code) {
+      if (!stopping) accept();
+    });
+    return;
   }
   const std::size_t now_open = open.load();
   if (now_open >= options.max_connections + kOverflowReserve) {
@@ -447,9 +486,9 @@ void Server::Impl::on_accept(error_code ec, tcp::socket socket) {
   {
     std::lock_guard<std::mutex> lock(sessions_mutex);
     const std::uint64_t id = next_session++;
-    ++open;
     session = std::make_shared<Session>(std::move(socket), this,
                                         now_open >= options.max_connections, id);
+    ++open;  // after the session exists: its destructor is what counts it down
     sessions.emplace(id, session);
   }
   session->start();
@@ -488,6 +527,21 @@ Server::Server(ServerOptions options, Handler& handler)
   acceptor.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) throw failed("listen");
   impl_->port = acceptor.local_endpoint().port();
+  // Descriptors for every connection the cap and its probe reserve allow, plus a margin for
+  // the rest of the process: raise the soft limit if that is what stands in the way.
+  const rlim_t needed = static_cast<rlim_t>(o.max_connections + kOverflowReserve + 256);
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < needed) {
+    rlimit raised = lim;
+    raised.rlim_cur = lim.rlim_max == RLIM_INFINITY ? needed : std::min(needed, lim.rlim_max);
+    ::setrlimit(RLIMIT_NOFILE, &raised);
+    if (raised.rlim_cur < needed) {
+      log::warn("the file descriptor limit is below what the connection cap needs",
+                {{"limit", static_cast<long long>(raised.rlim_cur)},
+                 {"needed", static_cast<long long>(needed)},
+                 {"max_connections", o.max_connections}});
+    }
+  }
 }
 
 Server::~Server() {
@@ -528,7 +582,7 @@ void Server::stop(const std::function<void()>& draining) {
   if (impl_->stopped) return;
   impl_->stopped = true;
   impl_->stopping = true;
-  asio::post(*impl_->ioc, [impl = impl_.get()] {
+  asio::post(impl_->acceptor->get_executor(), [impl = impl_.get()] {
     error_code ignored;
     impl->acceptor->close(ignored);
   });

@@ -10,8 +10,10 @@
 //
 // What the server enforces before the handler sees a request:
 //   - a deadline for the request line and headers (header_timeout; the same bound covers a
-//     kept-alive connection waiting for its next request) and one between two reads of a
-//     body (body_timeout), so that a client trickling bytes is cut off: 408, then close;
+//     kept-alive connection waiting for its next request), one between two reads of a body
+//     (body_timeout), and past the first body_timeout a floor on the body's average rate
+//     (16 KiB/s), so that a client trickling bytes is cut off. The socket is closed at the
+//     deadline (no answer can be written to it); the request is counted as a 408;
 //   - RFC 9112 framing: 400 for bad or conflicting lengths, 501 for a transfer coding other
 //     than chunked, 431 for headers over header_limit bytes; each closes the connection;
 //   - the body limit the handler chose for the route after seeing the headers (413, close);
@@ -68,7 +70,8 @@ struct Response {
 };
 
 /// Calls the handler back with the request's response: from any thread, exactly once
-/// (later calls are ignored). It holds the connection open until it is called or dropped.
+/// (later calls are ignored). It holds the connection open until it is called or dropped,
+/// and must not outlive the Server: whatever holds responders is stopped before it goes.
 using Responder = std::function<void(Response)>;
 
 class Handler {

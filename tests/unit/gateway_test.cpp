@@ -611,6 +611,21 @@ TEST_F(GatewayTest, ABodyThatStopsComingIsCutOffAtTheBodyDeadline) {
   ASSERT_TRUE(c.send(kRawQuery + "Content-Length: 100\r\n\r\n0123456789"));
   c.read_to_close(3000);
   EXPECT_TRUE(c.closed());
+
+  // One byte inside every per-read deadline is cut off too: past the first deadline a body
+  // must average 16 KiB/s.
+  RawConn slow(gateway->port());
+  ASSERT_TRUE(slow.send(kRawQuery + "Content-Length: 100\r\n\r\n"));
+  const auto t0 = std::chrono::steady_clock::now();
+  bool cut_off = false;  // the gateway closed while the client was still sending
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5)) {
+    if (!slow.send("x")) {
+      cut_off = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(cut_off);
   EXPECT_TRUE(broker.received("submit_query").empty());
 }
 
