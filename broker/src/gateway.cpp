@@ -127,6 +127,14 @@ Response response_for(const std::exception_ptr& error, const Head* head) {
   return http::error_response(500, "internal", "internal error");
 }
 
+// 502 for a broker reply of the wrong type (or without its payload).
+Response unexpected_reply(const std::string& endpoint, const char* request, const json& reply,
+                          const char* expected) {
+  return http::error_response(502, "bad_gateway",
+                              "the broker at " + endpoint + " answered " + request + " with \"" +
+                                  reply.value("type", "") + "\" instead of \"" + expected + "\"");
+}
+
 // A client's Idempotency-Key header: the same key names the same job (a retried POST whose
 // answer was lost does not make a second one).
 std::string idempotency_key(const Head& head) {
@@ -620,10 +628,7 @@ void Gateway::Impl::submit(json header, AsyncBrokerClient::Frames frames, std::s
                                                                         json reply) {
                    if (error) return respond(response_for(error, nullptr));
                    if (reply.value("type", "") != "accepted" || !reply.contains("job_id")) {
-                     return respond(http::error_response(
-                         502, "bad_gateway",
-                         "the broker at " + endpoint + " answered a submission with \"" +
-                             reply.value("type", "") + "\" instead of \"accepted\""));
+                     return respond(unexpected_reply(endpoint, "a submission", reply, "accepted"));
                    }
                    const std::string id = reply["job_id"].get<std::string>();
                    const std::string url = url_prefix + id;
@@ -789,10 +794,7 @@ void Gateway::Impl::get_job(const http::Request& request, const http::Responder&
                  [respond, endpoint](std::exception_ptr error, json reply) {
                    if (error) return respond(response_for(error, nullptr));
                    if (reply.value("type", "") != "job" || !reply.contains("job")) {
-                     return respond(http::error_response(
-                         502, "bad_gateway",
-                         "the broker at " + endpoint + " answered get_job with \"" +
-                             reply.value("type", "") + "\" instead of \"job\""));
+                     return respond(unexpected_reply(endpoint, "get_job", reply, "job"));
                    }
                    respond(json_response(200, reply["job"]));
                  },
