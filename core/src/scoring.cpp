@@ -5,6 +5,7 @@
 #include <cmath>
 #include <exception>
 #include <limits>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <unordered_set>
@@ -292,7 +293,7 @@ void SpecIndex::check_query(const float* x, Index x_size, const float* t, Index 
 void SpecIndex::finish_models(std::size_t m_begin, std::size_t m_end, int count, const float* s,
                               const float* tdot, std::size_t ld, const QueryTerms* terms,
                               const ScoreOptions& options, double* out,
-                              std::size_t out_stride) const {
+                              std::size_t out_stride, std::size_t out_first) const {
   const auto pa = static_cast<Index>(offsets_[m_begin]);
   const auto len = static_cast<Index>(offsets_[m_end]) - pa;
   Eigen::ArrayXf k_buffer(len), e_buffer(len);  // a model's r values, at the front
@@ -365,21 +366,22 @@ void SpecIndex::finish_models(std::size_t m_begin, std::size_t m_end, int count,
       }
       // An MMD^2 is >= 0; rounding may leave a hair below.
       if (options.scorer != Scorer::kNearest) score = std::max(score, 0.0);
-      row_out[m] = score;
+      row_out[m - out_first] = score;
     }
   }
 }
 
 void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMatrix& xs,
                             const RowMatrix& ts, const QueryTerms* terms,
-                            const ScoreOptions& options, double* out,
-                            std::size_t out_stride) const {
+                            const ScoreOptions& options, double* out, std::size_t out_stride,
+                            const BlockSink* sink) const {
   const Index queries = xs.rows();
   bool need_t = false;
   if (options.scorer == Scorer::kWeighted)
     for (Index q = 0; q < queries; ++q) need_t = need_t || terms[q].weighted;
   RowMatrix s, tdot;
   Eigen::VectorXf sv, tv;
+  std::vector<double> block_scores;
   std::size_t mb;
   for (std::size_t ma = m_begin; ma < m_end; ma = mb) {
     mb = ma + 1;
@@ -411,9 +413,16 @@ void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMat
           t_ptr = tdot.data();
         }
       }
-      finish_models(ma, mb, static_cast<int>(qc), s_ptr, t_ptr, static_cast<std::size_t>(len),
-                    terms + q0, options, out + static_cast<std::size_t>(q0) * out_stride,
-                    out_stride);
+      if (sink != nullptr) {
+        block_scores.resize(static_cast<std::size_t>(qc) * (mb - ma));
+        finish_models(ma, mb, static_cast<int>(qc), s_ptr, t_ptr, static_cast<std::size_t>(len),
+                      terms + q0, options, block_scores.data(), mb - ma, ma);
+        (*sink)(ma, mb, q0, qc, block_scores.data());
+      } else {
+        finish_models(ma, mb, static_cast<int>(qc), s_ptr, t_ptr, static_cast<std::size_t>(len),
+                      terms + q0, options, out + static_cast<std::size_t>(q0) * out_stride,
+                      out_stride, 0);
+      }
     }
   }
 }
@@ -426,6 +435,35 @@ Eigen::VectorXd SpecIndex::score_all(const Eigen::VectorXf& x, const Eigen::Vect
   return score_all_batch(xs, ts, options).row(0).transpose();
 }
 
+struct SpecIndex::Prepared {
+  RowMatrix mapped;  // the queries in the metric's space (an index with a metric)
+  const RowMatrix* qx = nullptr;
+  RowMatrix no_prompts;
+  const RowMatrix* prompts = nullptr;
+  std::vector<QueryTerms> terms;
+  double work = 0;  // multiply-adds of the per-model pass
+};
+
+void SpecIndex::prepare(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
+                        Prepared& p) const {
+  const Index queries = xs.rows();
+  const bool weighted = options.scorer == Scorer::kWeighted;
+  const bool have_t = weighted && ts.size() > 0;
+  if (have_t && ts.rows() != queries)
+    throw InputError("score: " + std::to_string(queries) + " query images but " +
+                     std::to_string(ts.rows()) + " pseudo-prompts");
+  // With a metric, queries are mapped first (a non-finite query stays non-finite).
+  if (metric_) p.mapped = map_queries(xs);
+  p.qx = metric_ ? &p.mapped : &xs;
+  p.terms.assign(static_cast<std::size_t>(queries), QueryTerms{});
+  for (Index q = 0; q < queries; ++q)
+    check_query(p.qx->row(q).data(), p.qx->cols(), have_t ? ts.row(q).data() : nullptr,
+                have_t ? ts.cols() : 0, weighted, p.terms[static_cast<std::size_t>(q)]);
+  p.prompts = have_t ? &ts : &p.no_prompts;
+  p.work = static_cast<double>(points()) * static_cast<double>(queries) *
+           static_cast<double>(zx_.cols() + (have_t ? zt_.cols() : 0));
+}
+
 RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
                                       const ScoreOptions& options) const {
   check_options(options);
@@ -433,58 +471,135 @@ RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
   const auto models = static_cast<Index>(size());
   RowMatrixD out(queries, models);
   if (models == 0 || queries == 0) return out;
-  const bool weighted = options.scorer == Scorer::kWeighted;
-  const bool have_t = weighted && ts.size() > 0;
-  if (have_t && ts.rows() != queries)
-    throw InputError("score: " + std::to_string(queries) + " query images but " +
-                     std::to_string(ts.rows()) + " pseudo-prompts");
-  // With a metric, queries are mapped first (a non-finite query stays non-finite).
-  RowMatrix mapped;
-  if (metric_) mapped = map_queries(xs);
-  const RowMatrix& qx = metric_ ? mapped : xs;
-  std::vector<QueryTerms> terms(static_cast<std::size_t>(queries));
-  for (Index q = 0; q < queries; ++q)
-    check_query(qx.row(q).data(), qx.cols(), have_t ? ts.row(q).data() : nullptr,
-                have_t ? ts.cols() : 0, weighted, terms[static_cast<std::size_t>(q)]);
-
+  Prepared p;
+  prepare(xs, ts, options, p);
   switch (options.scorer) {
     case Scorer::kPopularity:
       out.rowwise() = downloads_.transpose();
       return out;
     case Scorer::kMean: {
-      out = (qx * mean_unit_.transpose()).cast<double>();
+      out = (*p.qx * mean_unit_.transpose()).cast<double>();
       for (Index q = 0; q < queries; ++q)
-        out.row(q) *= terms[static_cast<std::size_t>(q)].inv_x_norm;
+        out.row(q) *= p.terms[static_cast<std::size_t>(q)].inv_x_norm;
       return out;
     }
     default:
       break;
   }
-  const double work = static_cast<double>(points()) * static_cast<double>(queries) *
-                      static_cast<double>(zx_.cols() + (have_t ? zt_.cols() : 0));
-  const RowMatrix no_prompts;
-  const RowMatrix& prompts = have_t ? ts : no_prompts;
-  for_model_ranges(offsets_, work, [&](std::size_t m_begin, std::size_t m_end) {
-    score_range(m_begin, m_end, qx, prompts, terms.data(), options, out.data(),
+  for_model_ranges(offsets_, p.work, [&](std::size_t m_begin, std::size_t m_end) {
+    score_range(m_begin, m_end, *p.qx, *p.prompts, p.terms.data(), options, out.data(),
                 static_cast<std::size_t>(models));
   });
   return out;
 }
 
+namespace {
+
+// The best k of the scores offered, in top_k's order (NaN last, then by score, then by
+// model id): a heap whose front is the worst kept, so most offers cost one comparison.
+class BoundedTopK {
+ public:
+  BoundedTopK(std::size_t k, bool ascending, const std::vector<std::string>& ids)
+      : k_(k), ascending_(ascending), ids_(&ids) {
+    heap_.reserve(k);
+  }
+
+  void offer(double score, std::size_t model) {
+    const Entry e{score, model};
+    if (heap_.size() < k_) {
+      heap_.push_back(e);
+      std::push_heap(heap_.begin(), heap_.end(), better_);
+    } else if (k_ > 0 && better_(e, heap_.front())) {
+      std::pop_heap(heap_.begin(), heap_.end(), better_);
+      heap_.back() = e;
+      std::push_heap(heap_.begin(), heap_.end(), better_);
+    }
+  }
+
+  void merge(const BoundedTopK& other) {
+    for (const auto& e : other.heap_) offer(e.score, e.model);
+  }
+
+  std::vector<RankedModel> ranked() const {
+    std::vector<Entry> sorted = heap_;
+    std::sort(sorted.begin(), sorted.end(), better_);
+    std::vector<RankedModel> out;
+    out.reserve(sorted.size());
+    for (const auto& e : sorted) out.push_back({(*ids_)[e.model], e.score});
+    return out;
+  }
+
+ private:
+  struct Entry {
+    double score;
+    std::size_t model;
+  };
+  struct Better {
+    bool ascending;
+    const std::vector<std::string>* ids;
+    bool operator()(const Entry& a, const Entry& b) const {
+      const bool na = std::isnan(a.score), nb = std::isnan(b.score);
+      if (na != nb) return nb;
+      if (!na && a.score != b.score) return ascending ? a.score < b.score : a.score > b.score;
+      return (*ids)[a.model] < (*ids)[b.model];
+    }
+  };
+
+  std::size_t k_;
+  bool ascending_;
+  const std::vector<std::string>* ids_;
+  Better better_{ascending_, ids_};
+  std::vector<Entry> heap_;
+};
+
+}  // namespace
+
 std::vector<RankedModel> SpecIndex::rank(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
                                          const ScoreOptions& options) const {
-  return top_k(score_all(x, t, options), model_ids_, ascending(options.scorer), options.top_k);
+  const RowMatrix xs = Eigen::Map<const RowMatrix>(x.data(), 1, x.size());
+  const RowMatrix ts =
+      t.size() ? RowMatrix(Eigen::Map<const RowMatrix>(t.data(), 1, t.size())) : RowMatrix(0, 0);
+  return rank_batch(xs, ts, options).front();
 }
 
 std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
                                                             const RowMatrix& ts,
                                                             const ScoreOptions& options) const {
-  const RowMatrixD scores = score_all_batch(xs, ts, options);
+  check_options(options);
+  const Index queries = xs.rows();
+  const bool asc = ascending(options.scorer);
+  const bool per_model_pass = options.scorer != Scorer::kMean && options.scorer != Scorer::kPopularity;
+  if (options.top_k <= 0 || !per_model_pass || size() == 0 || queries == 0) {
+    // Every model wanted, or a scorer without a per-model pass (one small product): whole.
+    const RowMatrixD scores = score_all_batch(xs, ts, options);
+    std::vector<std::vector<RankedModel>> out;
+    out.reserve(static_cast<std::size_t>(queries));
+    for (Index q = 0; q < queries; ++q)
+      out.push_back(top_k(scores.row(q).transpose(), model_ids_, asc, options.top_k));
+    return out;
+  }
+  Prepared p;
+  prepare(xs, ts, options, p);
+  const std::size_t k = std::min(size(), static_cast<std::size_t>(options.top_k));
+  std::vector<BoundedTopK> best(static_cast<std::size_t>(queries), BoundedTopK(k, asc, model_ids_));
+  std::mutex merge_mutex;
+  for_model_ranges(offsets_, p.work, [&](std::size_t m_begin, std::size_t m_end) {
+    std::vector<BoundedTopK> local(static_cast<std::size_t>(queries), BoundedTopK(k, asc, model_ids_));
+    const BlockSink sink = [&](std::size_t ma, std::size_t mb, Index q0, Index count, const double* scores) {
+      const std::size_t width = mb - ma;
+      for (Index q = 0; q < count; ++q) {
+        BoundedTopK& top = local[static_cast<std::size_t>(q0 + q)];
+        const double* row = scores + static_cast<std::size_t>(q) * width;
+        for (std::size_t m = ma; m < mb; ++m) top.offer(row[m - ma], m);
+      }
+    };
+    score_range(m_begin, m_end, *p.qx, *p.prompts, p.terms.data(), options, nullptr, 0, &sink);
+    std::lock_guard lock(merge_mutex);
+    for (std::size_t q = 0; q < local.size(); ++q) best[q].merge(local[q]);
+  });
   std::vector<std::vector<RankedModel>> out;
-  out.reserve(static_cast<std::size_t>(scores.rows()));
-  for (Index q = 0; q < scores.rows(); ++q)
-    out.push_back(
-        top_k(scores.row(q).transpose(), model_ids_, ascending(options.scorer), options.top_k));
+  out.reserve(best.size());
+  for (const auto& b : best) out.push_back(b.ranked());
   return out;
 }
 

@@ -352,6 +352,64 @@ TEST(Scoring, RankPutsTheBestFirstAndStopsAtK) {
   }
 }
 
+// The streamed top-k (scores folded into a bounded heap per block, per thread) is exactly
+// top_k of every score: the same models, in the same order, with the same scores, ties
+// (identical specs under other ids) broken by id, on an index large enough to be split
+// over threads, for single queries and batches, k below, at and above the hub's size.
+TEST(Scoring, StreamedRankIsTopKOfEveryScore) {
+  std::mt19937_64 rng(31);
+  std::vector<Spec> specs;
+  for (int m = 0; m < 700; ++m) {
+    const int r = 4 + m % 13;
+    specs.push_back(make_spec("m" + std::to_string(1000 + (m * 7919) % 700), random_rows(r, 64, rng),
+                              random_rows(r, 16, rng), random_simplex(r, rng), 0.8, m));
+  }
+  for (int m = 0; m < 40; ++m) {  // exact duplicates: equal scores, told apart by id
+    Spec twin = specs[static_cast<std::size_t>(m * 3)];
+    twin.model_id = "dup-" + std::to_string(m);
+    specs.push_back(std::move(twin));
+  }
+  const SpecIndex index(specs);
+  const RowMatrix xs = random_rows(24, 64, rng), ts = random_rows(24, 16, rng);
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest, Scorer::kMean}) {
+    for (int k : {1, 4, 37, 740, 5000}) {
+      ScoreOptions o;
+      o.scorer = scorer;
+      o.top_k = k;
+      const RowMatrixD all = index.score_all_batch(xs, ts, o);
+      const auto batch = index.rank_batch(xs, ts, o);
+      ASSERT_EQ(batch.size(), 24u);
+      for (Eigen::Index q = 0; q < xs.rows(); ++q) {
+        const auto want = top_k(all.row(q).transpose(), index.model_ids(), ascending(scorer), k);
+        // One query goes through matrix-vector products: compare it with its own scores.
+        const Eigen::VectorXf x = xs.row(q).transpose(), t = ts.row(q).transpose();
+        const auto single = index.rank(x, t, o);
+        const auto want_single = top_k(index.score_all(x, t, o), index.model_ids(), ascending(scorer), k);
+        ASSERT_EQ(batch[q].size(), want.size());
+        ASSERT_EQ(single.size(), want_single.size());
+        for (std::size_t i = 0; i < want.size(); ++i) {
+          EXPECT_EQ(batch[q][i].model, want[i].model) << to_string(scorer) << " k=" << k << " q=" << q << " i=" << i;
+          EXPECT_EQ(batch[q][i].score, want[i].score);
+          EXPECT_EQ(single[i].model, want_single[i].model);
+          EXPECT_EQ(single[i].score, want_single[i].score);
+        }
+      }
+    }
+  }
+  // The comparisons above met real ties: in a batch, a duplicate scores exactly as its
+  // original (a single query's matrix-vector products may differ in the last bit).
+  ScoreOptions o;
+  const RowMatrixD all = index.score_all_batch(xs, ts, o);
+  std::map<std::string, Eigen::Index> column;
+  for (std::size_t m = 0; m < index.model_ids().size(); ++m) column[index.model_ids()[m]] = static_cast<Eigen::Index>(m);
+  int ties = 0;
+  for (int m = 0; m < 40; ++m) {
+    const auto a = column[specs[static_cast<std::size_t>(m * 3)].model_id], b = column["dup-" + std::to_string(m)];
+    for (Eigen::Index q = 0; q < all.rows(); ++q) ties += all(q, a) == all(q, b) ? 1 : 0;
+  }
+  EXPECT_GT(ties, 100);
+}
+
 TEST(TopK, BreaksTiesByModelIdAndHandlesK) {
   const std::vector<std::string> ids{"d", "b", "a", "c", "e"};
   Eigen::VectorXd scores(5);

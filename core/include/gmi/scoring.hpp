@@ -3,6 +3,7 @@
 /// contiguous matrices: a query is one GEMV over all reduced points plus elementwise
 /// passes; a batch of queries is one GEMM. See shared METHOD.md, "Identification".
 /// Thread-safety: a built SpecIndex is immutable; rank*/score* are const and reentrant.
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -81,7 +82,10 @@ class SpecIndex {
   RowMatrixD score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
                              const ScoreOptions& options) const;
 
-  /// score_all + top-k selection in rank order.
+  /// score_all + top-k selection in rank order (the same models in the same order as
+  /// top_k(score_all(...))), streamed: the scores of a block of models are folded into a
+  /// bounded top-k as they are computed, so no query x models matrix is ever held.
+  /// top_k <= 0 (every model) scores all first.
   std::vector<RankedModel> rank(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
                                 const ScoreOptions& options) const;
   std::vector<std::vector<RankedModel>> rank_batch(const RowMatrix& xs, const RowMatrix& ts,
@@ -123,13 +127,25 @@ class SpecIndex {
                    bool weighted, QueryTerms& terms) const;
   /// Scores models [m_begin, m_end) for `count` queries. s / tdot: row q holds zx_j . x_q /
   /// zt_j . t_q for the points of those models (leading dimension `ld`); out: row q, stride
-  /// out_stride, model m at out[q * out_stride + m].
+  /// out_stride, model m at out[q * out_stride + m - out_first].
   void finish_models(std::size_t m_begin, std::size_t m_end, int count, const float* s,
                      const float* tdot, std::size_t ld, const QueryTerms* terms,
-                     const ScoreOptions& options, double* out, std::size_t out_stride) const;
+                     const ScoreOptions& options, double* out, std::size_t out_stride,
+                     std::size_t out_first) const;
+  /// Gets the scores of models [m_begin, m_end) for queries [q_begin, q_begin + count):
+  /// query q's score of model m at scores[(q - q_begin) * (m_end - m_begin) + m - m_begin].
+  using BlockSink = std::function<void(std::size_t m_begin, std::size_t m_end, Eigen::Index q_begin,
+                                       Eigen::Index count, const double* scores)>;
+  /// Scores models [m_begin, m_end) block by block, into `out` (row q, stride out_stride,
+  /// model m at column m), or, with a sink, into a block buffer handed to the sink.
   void score_range(std::size_t m_begin, std::size_t m_end, const RowMatrix& xs,
                    const RowMatrix& ts, const QueryTerms* terms, const ScoreOptions& options,
-                   double* out, std::size_t out_stride) const;
+                   double* out, std::size_t out_stride, const BlockSink* sink = nullptr) const;
+  /// What score_all_batch checks and prepares before the per-model pass: the queries in the
+  /// index's space and their terms. False when the scorer needs no per-model pass.
+  struct Prepared;
+  void prepare(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
+               Prepared& p) const;
 };
 
 /// Top-k of `scores` (ascending or descending), ties broken by model id.
