@@ -1,15 +1,21 @@
 // Scoring benchmark: exact scoring of M synthetic specs (packed SpecIndex), one query at a
-// time and in batches. Compare with scripts/bench_score_numpy.py (same sizes).
+// time and in batches, with float32 or binary16 storage; with binary16, the float32 index is
+// built in the same run and the rankings compared (recall@1/@4 of its top-k). Compare with
+// scripts/bench_score_numpy.py (same sizes). --json prints one object for machines.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "bench_util.hpp"
+#include "gmi/parallel.hpp"
 #include "gmi/rkme.hpp"
 #include "gmi/scoring.hpp"
 
@@ -68,6 +74,8 @@ int main(int argc, char** argv) {
   std::vector<int> batches{16, 64};
   std::vector<std::string> scorers{"weighted", "rkme"};
   std::uint64_t seed = 7;
+  std::string storage_name = "f32", search = "exact";
+  bool json = false;
   app.add_option("--models", models, "M: number of specs (1000, 10000, 100000)");
   app.add_option("--r", r, "reduced points per spec");
   app.add_option("--d", d, "image embedding dimension");
@@ -78,17 +86,25 @@ int main(int argc, char** argv) {
   app.add_option("--scorers", scorers, "scorers to time");
   app.add_option("--tau", tau, "prompt-weight temperature");
   app.add_option("--seed", seed, "data seed");
+  app.add_option("--storage", storage_name, "f32 | f16: how the index stores its points")
+      ->check(CLI::IsMember({"f32", "f16"}));
+  app.add_option("--search", search, "exact (the only search built so far)")->check(CLI::IsMember({"exact"}));
+  app.add_flag("--json", json, "print one JSON object (p50_ms, batch64_ms_per_query, recall_at_1, "
+                               "recall_at_4, bytes_per_spec, ...) instead of the table");
   CLI11_PARSE(app, argc, argv);
 
   const double points = static_cast<double>(models) * r;
   const double spec_bytes =
       static_cast<double>(models) * (static_cast<double>(r) * (d + dt + r + 1) + d) * 4.0;
   const double available = mem_available_gb();
-  std::printf(
-      "bench_score: M=%ld r=%d d=%d dt=%d (P=%.0f points, %.2f GB of spec arrays; "
-      "%.1f GB available)\n",
-      models, r, d, dt, points, spec_bytes / 1e9, available);
-  if (available > 0 && spec_bytes * 1.25 / (1024.0 * 1024.0 * 1024.0) > available) {
+  if (!json)
+    std::printf(
+        "bench_score: M=%ld r=%d d=%d dt=%d (P=%.0f points, %.2f GB of spec arrays; "
+        "%.1f GB available)\n",
+        models, r, d, dt, points, spec_bytes / 1e9, available);
+  // binary16 runs hold the float32 reference too.
+  const double copies = storage_name == "f32" ? 1.25 : 2.0;
+  if (available > 0 && spec_bytes * copies / (1024.0 * 1024.0 * 1024.0) > available) {
     std::fprintf(stderr, "not enough memory for one copy of the specs plus headroom\n");
     return 1;
   }
@@ -119,30 +135,43 @@ int main(int argc, char** argv) {
   }
   const double build_s = std::chrono::duration<double>(Clock::now() - start).count();
   const double rss_specs = peak_rss_gb();
-  start = Clock::now();
-  const gmi::SpecIndex index(std::move(specs));
-  const double pack_s = std::chrono::duration<double>(Clock::now() - start).count();
-  std::printf("built specs in %.1f s (peak RSS %.2f GB); packed in %.1f s (peak RSS %.2f GB)\n",
-              build_s, rss_specs, pack_s, peak_rss_gb());
 
   // Queries: near a random model's points (a realistic hit), with a pseudo-prompt near its zt.
   const int max_batch = batches.empty() ? 1 : *std::max_element(batches.begin(), batches.end());
-  const int pool = std::max(queries, max_batch);
+  const int pool = std::max({queries, max_batch, 64});
   gmi::RowMatrix xs(pool, d), ts(pool, dt);
   for (int q = 0; q < pool; ++q) {
-    const auto p = static_cast<Eigen::Index>(rng.next() % static_cast<std::uint64_t>(points));
-    for (int k = 0; k < d; ++k) xs(q, k) = index.all_zx()(p, k) + 0.05f * rng.uniform();
-    for (int k = 0; k < dt; ++k) ts(q, k) = index.all_zt()(p, k) + 0.05f * rng.uniform();
+    const gmi::Spec& near = specs[static_cast<std::size_t>(rng.next() % static_cast<std::uint64_t>(models))];
+    const auto p = static_cast<Eigen::Index>(rng.next() % static_cast<std::uint64_t>(r));
+    for (int k = 0; k < d; ++k) xs(q, k) = near.zx(p, k) + 0.05f * rng.uniform();
+    for (int k = 0; k < dt; ++k) ts(q, k) = near.zt(p, k) + 0.05f * rng.uniform();
     xs.row(q).normalize();
     ts.row(q).normalize();
   }
+
+  const gmi::SpecStorage storage = gmi::parse_storage(storage_name);
+  // With another storage than float32, the float32 index is the reference of the same run.
+  std::optional<gmi::SpecIndex> reference;
+  if (storage != gmi::SpecStorage::kF32) reference.emplace(specs);
+  start = Clock::now();
+  const gmi::SpecIndex index(std::move(specs), nullptr, gmi::SpecSpace::kRaw, storage);
+  const double pack_s = std::chrono::duration<double>(Clock::now() - start).count();
+  if (!json)
+    std::printf("built specs in %.1f s (peak RSS %.2f GB); packed (%s) in %.1f s (peak RSS %.2f GB), "
+                "%.0f bytes per spec\n",
+                build_s, rss_specs, storage_name.c_str(), pack_s, peak_rss_gb(),
+                static_cast<double>(index.memory_bytes()) / static_cast<double>(models));
+  nlohmann::json out{{"models", models}, {"r", r}, {"d", d}, {"dt", dt}, {"storage", storage_name},
+                     {"search", search}, {"threads", gmi::default_threads()},
+                     {"bytes_per_spec", static_cast<double>(index.memory_bytes()) / static_cast<double>(models)},
+                     {"pack_s", pack_s}};
 
   for (const std::string& name : scorers) {
     gmi::ScoreOptions options;
     options.scorer = gmi::parse_scorer(name);
     options.tau = tau;
     const bool uses_t = options.scorer == gmi::Scorer::kWeighted;
-    const double bytes = points * (d + (uses_t ? dt : 0)) * 4.0;        // zx (+ zt) per pass
+    const double bytes = points * (d + (uses_t ? dt : 0)) * (storage == gmi::SpecStorage::kF16 ? 2.0 : 4.0);  // zx (+ zt) per pass
     index.rank(xs.row(0).transpose(), ts.row(0).transpose(), options);  // warm-up
     std::vector<double> single;
     for (int q = 0; q < queries; ++q) {
@@ -152,9 +181,13 @@ int main(int argc, char** argv) {
       if (top.empty()) return 1;
     }
     const Stats s1 = stats(single);
-    std::printf("%-8s single   : median %9.3f ms  p90 %9.3f ms per query  (%.1f GB/s of zx%s)\n",
-                name.c_str(), s1.median * 1e3, s1.p90 * 1e3, bytes / s1.median / 1e9,
-                uses_t ? "+zt" : "");
+    if (!json)
+      std::printf("%-8s single   : median %9.3f ms  p90 %9.3f ms per query  (%.1f GB/s of zx%s)\n",
+                  name.c_str(), s1.median * 1e3, s1.p90 * 1e3, bytes / s1.median / 1e9,
+                  uses_t ? "+zt" : "");
+    nlohmann::json& js = out["scorers"][name];
+    js["p50_ms"] = s1.median * 1e3;
+    js["p90_ms"] = s1.p90 * 1e3;
     for (int b : batches) {
       std::vector<double> per_query;
       for (int rep = 0; rep < repeats; ++rep) {
@@ -165,13 +198,51 @@ int main(int argc, char** argv) {
         if (static_cast<int>(ranked.size()) != b) return 1;
       }
       const Stats sb = stats(per_query);
-      std::printf(
+      js["batch" + std::to_string(b) + "_ms_per_query"] = sb.median * 1e3;
+      if (!json) std::printf(
           "%-8s batch %3d: median %9.3f ms  p90 %9.3f ms per query  (%.1f GB/s "
           "effective, x%.1f vs single)\n",
           name.c_str(), b, sb.median * 1e3, sb.p90 * 1e3, bytes / sb.median / 1e9,
           s1.median / sb.median);
     }
+    // Recall of the reference's top-k (float32 exact) in this index's top-4, over the pool.
+    const gmi::SpecIndex& ref = reference ? *reference : index;
+    gmi::ScoreOptions four = options;
+    four.top_k = 4;
+    const auto mine = index.rank_batch(xs, ts, four), theirs = ref.rank_batch(xs, ts, four);
+    double at1 = 0, at4 = 0, same4 = 0, margin = 0;
+    for (std::size_t q = 0; q < mine.size(); ++q) {
+      at1 += mine[q][0].model == theirs[q][0].model ? 1 : 0;
+      std::size_t found = 0;
+      bool equal = true;
+      for (std::size_t i = 0; i < theirs[q].size(); ++i) {
+        for (const auto& m : mine[q]) found += m.model == theirs[q][i].model ? 1 : 0;
+        equal = equal && mine[q][i].model == theirs[q][i].model;
+      }
+      at4 += static_cast<double>(found) / static_cast<double>(theirs[q].size());
+      same4 += equal ? 1 : 0;
+      if (theirs[q].size() > 1) margin += std::fabs(theirs[q][1].score - theirs[q][0].score);
+    }
+    const auto n = static_cast<double>(mine.size());
+    js["recall_at_1"] = at1 / n;
+    js["recall_at_4"] = at4 / n;
+    js["top4_identical"] = same4 / n;
+    js["mean_margin_rank1_rank2"] = margin / n;
+    js["recall_queries"] = mine.size();
+    if (!json)
+      std::printf("%-8s vs float32 exact on %zu queries: recall@1 %.4f  recall@4 %.4f  identical top-4 %.4f  "
+                  "(mean score margin rank 1 to 2: %.4g)\n",
+                  name.c_str(), mine.size(), at1 / n, at4 / n, same4 / n, margin / n);
   }
-  std::printf("peak RSS %.2f GB\n", peak_rss_gb());
+  // The first scorer's figures at the top level too, for checks that drive one scorer.
+  if (!scorers.empty()) {
+    for (const auto& [k, v] : out["scorers"][scorers.front()].items()) out[k] = v;
+  }
+  out["peak_rss_gb"] = peak_rss_gb();
+  if (json) {
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::printf("peak RSS %.2f GB\n", peak_rss_gb());
+  }
   return 0;
 }

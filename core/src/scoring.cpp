@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "gmi/error.hpp"
+#include "gmi/half.hpp"
 #include "gmi/parallel.hpp"
 #include "gmi/rkme.hpp"
 
@@ -28,6 +29,8 @@ using Eigen::Index;
 constexpr std::size_t kBlockPoints = 4096;
 // Queries per GEMM of a batch: each zx block is read once per this many queries.
 constexpr Index kQueryChunk = 128;
+// Floats of reduced points widened at a time from binary16 (128 KiB: stays in L2).
+constexpr Index kHalfFloats = 32768;
 // Multiply-adds below which a call stays on the calling thread.
 constexpr double kMinWorkPerThread = 4e6;
 // While packing, freed spec memory is handed back to the system every this many bytes.
@@ -113,6 +116,42 @@ Scorer parse_scorer(std::string_view name) {
                    "' (expected weighted, rkme, mean, nearest or popularity)");
 }
 
+const char* to_string(SpecStorage s) { return s == SpecStorage::kF16 ? "f16" : "f32"; }
+
+SpecStorage parse_storage(std::string_view name) {
+  if (name == "f32") return SpecStorage::kF32;
+  if (name == "f16") return SpecStorage::kF16;
+  throw InputError("unknown spec storage '" + std::string(name) + "' (expected f32 or f16)");
+}
+
+const RowMatrix& SpecIndex::all_zx() const {
+  if (storage_ != SpecStorage::kF32)
+    throw InputError("this spec index stores its points as " + std::string(to_string(storage_)) +
+                     "; the packed float32 points exist only with f32 storage");
+  return zx_;
+}
+
+const RowMatrix& SpecIndex::all_zt() const {
+  if (storage_ != SpecStorage::kF32)
+    throw InputError("this spec index stores its points as " + std::string(to_string(storage_)) +
+                     "; the packed float32 points exist only with f32 storage");
+  return zt_;
+}
+
+std::size_t SpecIndex::memory_bytes() const {
+  const std::size_t points_bytes =
+      storage_ == SpecStorage::kF16 ? (zx16_.size() + zt16_.size()) * sizeof(std::uint16_t)
+                                    : static_cast<std::size_t>(zx_.size() + zt_.size()) * sizeof(float);
+  const std::size_t per_point = static_cast<std::size_t>(zx_sqnorm_.size() + zt_inv_norm_.size() +
+                                                         beta_.size() + log_beta_.size()) * sizeof(float);
+  const std::size_t per_model =
+      grams_.size() * sizeof(float) + gram_offsets_.size() * sizeof(std::size_t) +
+      static_cast<std::size_t>(beta_k_beta_.size() + downloads_.size()) * sizeof(double) +
+      static_cast<std::size_t>(gamma_.size() + mean_unit_.size()) * sizeof(float) +
+      offsets_.size() * sizeof(std::size_t);
+  return points_bytes + per_point + per_model;
+}
+
 bool ascending(Scorer s) { return s == Scorer::kWeighted || s == Scorer::kRkme; }
 
 struct SpecIndex::QueryTerms {
@@ -134,8 +173,9 @@ Spec to_metric_space(Spec s, const Metric& metric) {
   return s;
 }
 
-SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric, SpecSpace space)
-    : metric_(std::move(metric)) {
+SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric, SpecSpace space,
+                     SpecStorage storage)
+    : storage_(storage), metric_(std::move(metric)) {
   if (space == SpecSpace::kMapped && !metric_)
     throw InputError("SpecIndex: specs said to be mapped, but no metric given");
   const std::size_t models = specs.size();
@@ -196,8 +236,16 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
   // and their memory is handed back as we go, so the packed matrices (allocated but not yet
   // touched) grow while the specs shrink: the peak stays near one copy, not two.
   const auto points = static_cast<Index>(offsets_.back());
-  zx_.resize(points, dm);
-  zt_.resize(points, dt);
+  const bool half = storage_ == SpecStorage::kF16;
+  dx_ = dm;
+  dt_ = dt;
+  if (half) {
+    zx16_.resize(static_cast<std::size_t>(points * dm));
+    zt16_.resize(static_cast<std::size_t>(points * dt));
+  } else {
+    zx_.resize(points, dm);
+    zt_.resize(points, dt);
+  }
   zx_sqnorm_.resize(points);
   zt_inv_norm_.resize(points);
   beta_.resize(points);
@@ -217,8 +265,16 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
     if (!s.zx.allFinite() || !s.zt.allFinite() || !s.gram_x.allFinite() || !s.mean_x.allFinite())
       throw SpecFormatError("spec " + in_quotes(s.model_id) + ": non-finite values");
     if (metric_ && space == SpecSpace::kRaw) s = to_metric_space(std::move(s), *metric_);
-    zx_.middleRows(p, r) = s.zx;
-    zt_.middleRows(p, r) = s.zt;
+    if (half) {
+      // The norms are those of the rounded points, so that each kernel is of one point.
+      floats_to_halves(s.zx.data(), zx16_.data() + static_cast<std::size_t>(p * dm), static_cast<std::size_t>(r * dm));
+      floats_to_halves(s.zt.data(), zt16_.data() + static_cast<std::size_t>(p * dt), static_cast<std::size_t>(r * dt));
+      halves_to_floats(zx16_.data() + static_cast<std::size_t>(p * dm), s.zx.data(), static_cast<std::size_t>(r * dm));
+      halves_to_floats(zt16_.data() + static_cast<std::size_t>(p * dt), s.zt.data(), static_cast<std::size_t>(r * dt));
+    } else {
+      zx_.middleRows(p, r) = s.zx;
+      zt_.middleRows(p, r) = s.zt;
+    }
     zx_sqnorm_.segment(p, r) = s.zx.cast<double>().rowwise().squaredNorm().cast<float>();
     const Eigen::VectorXd zt_norm = s.zt.cast<double>().rowwise().norm();
     for (Index j = 0; j < r; ++j)
@@ -266,7 +322,7 @@ RowMatrix SpecIndex::map_queries(const RowMatrix& xs) const {
 
 void SpecIndex::check_query(const float* x, Index x_size, const float* t, Index t_size,
                             bool weighted, QueryTerms& terms) const {
-  const Index d = zx_.cols(), dt = zt_.cols();
+  const Index d = dx_, dt = dt_;
   if (x_size != d)
     throw InputError("score: query image embedding has dimension " + std::to_string(x_size) +
                      ", the index has " + std::to_string(d));
@@ -371,6 +427,36 @@ void SpecIndex::finish_models(std::size_t m_begin, std::size_t m_end, int count,
   }
 }
 
+void SpecIndex::products(bool prompts, Index pa, Index len, const RowMatrix& qs, Index q0, Index count,
+                         float* out, std::vector<float>& scratch) const {
+  const Index cols = prompts ? dt_ : dx_;
+  Eigen::Map<RowMatrix> result(out, count, len);
+  if (storage_ == SpecStorage::kF32) {
+    const auto block = (prompts ? zt_ : zx_).middleRows(pa, len);
+    if (count == 1) {  // one query: a matrix-vector product
+      Eigen::Map<Eigen::VectorXf>(out, len).noalias() = block * qs.row(q0).transpose();
+    } else {  // a chunk of queries: one GEMM reads the block once for all of them
+      result.noalias() = qs.middleRows(q0, count) * block.transpose();
+    }
+    return;
+  }
+  // binary16: widened kHalfRows points at a time into a buffer that stays in cache.
+  const std::vector<std::uint16_t>& packed = prompts ? zt16_ : zx16_;
+  const Index step = std::max<Index>(1, kHalfFloats / std::max<Index>(cols, 1));
+  scratch.resize(static_cast<std::size_t>(std::min(step, len) * cols));
+  for (Index a = 0; a < len; a += step) {
+    const Index n = std::min(step, len - a);
+    halves_to_floats(packed.data() + static_cast<std::size_t>((pa + a) * cols), scratch.data(),
+                     static_cast<std::size_t>(n * cols));
+    const Eigen::Map<const RowMatrix> block(scratch.data(), n, cols);
+    if (count == 1) {
+      Eigen::Map<Eigen::VectorXf>(out + a, n).noalias() = block * qs.row(q0).transpose();
+    } else {
+      result.middleCols(a, n).noalias() = qs.middleRows(q0, count) * block.transpose();
+    }
+  }
+}
+
 void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMatrix& xs,
                             const RowMatrix& ts, const QueryTerms* terms,
                             const ScoreOptions& options, double* out, std::size_t out_stride,
@@ -380,7 +466,7 @@ void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMat
   if (options.scorer == Scorer::kWeighted)
     for (Index q = 0; q < queries; ++q) need_t = need_t || terms[q].weighted;
   RowMatrix s, tdot;
-  Eigen::VectorXf sv, tv;
+  std::vector<float> scratch;
   std::vector<double> block_scores;
   std::size_t mb;
   for (std::size_t ma = m_begin; ma < m_end; ma = mb) {
@@ -388,30 +474,16 @@ void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMat
     while (mb < m_end && offsets_[mb + 1] - offsets_[ma] <= kBlockPoints) ++mb;
     const auto pa = static_cast<Index>(offsets_[ma]);
     const auto len = static_cast<Index>(offsets_[mb]) - pa;
-    const auto zx_block = zx_.middleRows(pa, len);
-    const auto zt_block = zt_.middleRows(pa, len);
     for (Index q0 = 0; q0 < queries; q0 += kQueryChunk) {
       const Index qc = std::min(kQueryChunk, queries - q0);
-      const float* s_ptr;
+      s.resize(qc, len);
+      products(false, pa, len, xs, q0, qc, s.data(), scratch);
+      const float* s_ptr = s.data();
       const float* t_ptr = nullptr;
-      if (qc == 1) {  // one query: matrix-vector products
-        sv.resize(len);
-        sv.noalias() = zx_block * xs.row(q0).transpose();
-        s_ptr = sv.data();
-        if (need_t && terms[q0].weighted) {
-          tv.resize(len);
-          tv.noalias() = zt_block * ts.row(q0).transpose();
-          t_ptr = tv.data();
-        }
-      } else {  // a chunk of queries: one GEMM reads the block once for all of them
-        s.resize(qc, len);
-        s.noalias() = xs.middleRows(q0, qc) * zx_block.transpose();
-        s_ptr = s.data();
-        if (need_t) {
-          tdot.resize(qc, len);
-          tdot.noalias() = ts.middleRows(q0, qc) * zt_block.transpose();
-          t_ptr = tdot.data();
-        }
+      if (need_t && (qc > 1 || terms[q0].weighted)) {
+        tdot.resize(qc, len);
+        products(true, pa, len, ts, q0, qc, tdot.data(), scratch);
+        t_ptr = tdot.data();
       }
       if (sink != nullptr) {
         block_scores.resize(static_cast<std::size_t>(qc) * (mb - ma));
@@ -461,7 +533,7 @@ void SpecIndex::prepare(const RowMatrix& xs, const RowMatrix& ts, const ScoreOpt
                 have_t ? ts.cols() : 0, weighted, p.terms[static_cast<std::size_t>(q)]);
   p.prompts = have_t ? &ts : &p.no_prompts;
   p.work = static_cast<double>(points()) * static_cast<double>(queries) *
-           static_cast<double>(zx_.cols() + (have_t ? zt_.cols() : 0));
+           static_cast<double>(dx_ + (have_t ? dt_ : 0));
 }
 
 RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,

@@ -410,6 +410,55 @@ TEST(Scoring, StreamedRankIsTopKOfEveryScore) {
   EXPECT_GT(ties, 100);
 }
 
+// binary16 storage: about half the bytes, every score within binary16's rounding of the
+// float32 one, the same top-4 (on unit embeddings whose models are not near-ties), and one
+// query or a batch alike.
+TEST(Scoring, HalfStorageHalvesTheBytesAndKeepsTheRanking) {
+  std::mt19937_64 rng(41);
+  std::vector<Spec> specs;
+  for (int m = 0; m < 300; ++m) {
+    const int r = 8 + m % 9;
+    specs.push_back(make_spec("m" + std::to_string(m), random_rows(r, 96, rng), random_rows(r, 32, rng),
+                              random_simplex(r, rng), 6.0, m));
+  }
+  const SpecIndex f32(specs);
+  const SpecIndex f16(specs, nullptr, SpecSpace::kRaw, SpecStorage::kF16);
+  EXPECT_EQ(f16.storage(), SpecStorage::kF16);
+  EXPECT_EQ(f16.points(), f32.points());
+  EXPECT_LT(static_cast<double>(f16.memory_bytes()), 0.6 * static_cast<double>(f32.memory_bytes()));
+  EXPECT_THROW(f16.all_zx(), InputError);
+  // Queries near a model's points, as real queries are.
+  RowMatrix xs(40, 96), ts(40, 32);
+  for (int q = 0; q < 40; ++q) {
+    const Spec& near = specs[static_cast<std::size_t>((q * 37) % 300)];
+    xs.row(q) = near.zx.row(q % near.zx.rows()) + 0.3f * random_rows(1, 96, rng).row(0);
+    ts.row(q) = near.zt.row(q % near.zt.rows()) + 0.3f * random_rows(1, 32, rng).row(0);
+    xs.row(q).normalize();
+    ts.row(q).normalize();
+  }
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    o.top_k = 4;
+    const RowMatrixD a = f32.score_all_batch(xs, ts, o), b = f16.score_all_batch(xs, ts, o);
+    EXPECT_LT((a - b).cwiseAbs().maxCoeff(), 5e-3) << to_string(scorer);
+    const auto ra = f32.rank_batch(xs, ts, o), rb = f16.rank_batch(xs, ts, o);
+    int same = 0;
+    for (std::size_t q = 0; q < ra.size(); ++q) {
+      bool equal = true;
+      for (std::size_t i = 0; i < 4; ++i) equal = equal && ra[q][i].model == rb[q][i].model;
+      same += equal ? 1 : 0;
+    }
+    EXPECT_GE(same, 39) << to_string(scorer) << ": top-4 changed on " << 40 - same << " of 40 queries";
+    for (Eigen::Index q = 0; q < 3; ++q) {
+      const auto one = f16.rank(xs.row(q).transpose(), ts.row(q).transpose(), o);
+      for (std::size_t i = 0; i < 4; ++i) EXPECT_EQ(one[i].model, rb[q][i].model);
+    }
+  }
+  EXPECT_EQ(parse_storage("f16"), SpecStorage::kF16);
+  EXPECT_THROW(parse_storage("bf16"), InputError);
+}
+
 TEST(TopK, BreaksTiesByModelIdAndHandlesK) {
   const std::vector<std::string> ids{"d", "b", "a", "c", "e"};
   Eigen::VectorXd scores(5);

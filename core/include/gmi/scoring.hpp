@@ -3,6 +3,7 @@
 /// contiguous matrices: a query is one GEMV over all reduced points plus elementwise
 /// passes; a batch of queries is one GEMM. See shared METHOD.md, "Identification".
 /// Thread-safety: a built SpecIndex is immutable; rank*/score* are const and reentrant.
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -46,6 +47,17 @@ enum class SpecSpace {
   kMapped,  ///< already mapped by to_metric_space() (callers that cache mapped specs)
 };
 
+/// How an index stores its reduced points, the bulk of its bytes (zx and zt: r x (d + dt)
+/// numbers per model, against r^2 + r + d for the rest).
+enum class SpecStorage {
+  kF32,  ///< float32
+  kF16,  ///< binary16: half the bytes; widened a block at a time while scoring (F16C where the
+         ///< CPU has it), norms taken of the rounded values so each kernel stays consistent
+};
+const char* to_string(SpecStorage s);
+/// "f32" | "f16"; throws InputError otherwise.
+SpecStorage parse_storage(std::string_view name);
+
 /// A spec in a metric's space: zx and mean_x mapped (k columns), gamma the metric's, the
 /// Gram matrix recomputed there. The encoder identity stays the raw one.
 /// Throws EncoderMismatchError for a metric of another image encoder.
@@ -61,10 +73,13 @@ class SpecIndex {
   SpecIndex() = default;
   /// Throws EncoderMismatchError when `metric` was learnt for another image encoder.
   explicit SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric = nullptr,
-                     SpecSpace space = SpecSpace::kRaw);
+                     SpecSpace space = SpecSpace::kRaw, SpecStorage storage = SpecStorage::kF32);
 
   std::size_t size() const { return model_ids_.size(); }
-  std::size_t points() const { return static_cast<std::size_t>(zx_.rows()); }
+  std::size_t points() const { return offsets_.empty() ? 0 : offsets_.back(); }
+  SpecStorage storage() const { return storage_; }
+  /// Bytes of the packed arrays (what scoring reads, and what the index holds beyond its ids).
+  std::size_t memory_bytes() const;
   const EncoderIdentity& image_encoder() const { return image_encoder_; }
   const EncoderIdentity& text_encoder() const { return text_encoder_; }
   const std::vector<std::string>& model_ids() const { return model_ids_; }
@@ -98,8 +113,9 @@ class SpecIndex {
 
   /// Packed reduced points, for interrogators that learn from the hub itself; in the
   /// mapped space when the index has a metric (map queries with map_queries first).
-  const RowMatrix& all_zx() const { return zx_; }
-  const RowMatrix& all_zt() const { return zt_; }
+  /// float32 storage only (InputError otherwise).
+  const RowMatrix& all_zx() const;
+  const RowMatrix& all_zt() const;
   const Eigen::VectorXf& all_beta() const { return beta_; }
   /// Reduced points of model m are rows [offsets()[m], offsets()[m+1]).
   const std::vector<std::size_t>& offsets() const { return offsets_; }
@@ -109,8 +125,12 @@ class SpecIndex {
   EncoderIdentity image_encoder_, text_encoder_;
   std::shared_ptr<const Metric> metric_;
   std::vector<std::size_t> offsets_;   // M + 1
-  RowMatrix zx_;                       // P x d, all reduced points
+  SpecStorage storage_ = SpecStorage::kF32;
+  Eigen::Index dx_ = 0, dt_ = 0;       // columns of zx and zt (in the space scored)
+  RowMatrix zx_;                       // P x d, all reduced points (float32 storage)
   RowMatrix zt_;                       // P x dt
+  std::vector<std::uint16_t> zx16_;    // P x d, row-major (binary16 storage)
+  std::vector<std::uint16_t> zt16_;    // P x dt
   Eigen::VectorXf zx_sqnorm_;          // P
   Eigen::VectorXf zt_inv_norm_;        // P, 1 / ||zt_j|| (0 for a zero row)
   Eigen::VectorXf beta_;               // P
@@ -138,6 +158,10 @@ class SpecIndex {
                                        Eigen::Index count, const double* scores)>;
   /// Scores models [m_begin, m_end) block by block, into `out` (row q, stride out_stride,
   /// model m at column m), or, with a sink, into a block buffer handed to the sink.
+  /// out (count x len, row-major) = rows [q0, q0 + count) of qs times the points
+  /// [pa, pa + len) of zx (or zt: `prompts`), whatever the storage.
+  void products(bool prompts, Eigen::Index pa, Eigen::Index len, const RowMatrix& qs, Eigen::Index q0,
+                Eigen::Index count, float* out, std::vector<float>& scratch) const;
   void score_range(std::size_t m_begin, std::size_t m_end, const RowMatrix& xs,
                    const RowMatrix& ts, const QueryTerms* terms, const ScoreOptions& options,
                    double* out, std::size_t out_stride, const BlockSink* sink = nullptr) const;
