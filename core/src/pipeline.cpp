@@ -112,15 +112,20 @@ Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, E
       text_encoder_(std::move(text_encoder)),
       prompt_encoder_(std::move(prompt_encoder)),
       options_(std::move(options)),
-      index_(std::move(specs), std::move(metric), space) {
+      index_(std::move(specs), std::move(metric), space, options_.storage) {
   if (prompt_encoder_ && !(prompt_encoder_->identity() == text_encoder_)) {
     throw EncoderMismatchError("the prompt encoder is " + prompt_encoder_->identity().str() + ", not " +
                                text_encoder_.str());
   }
   if (index_.size() > 0) index_.check_compatible(image_encoder_, text_encoder_);
-  if (options_.interrogator_instance) {
+  if (!options_.build_interrogator) {
+    // Queries bring their pseudo-prompts (pseudo_prompts() then needs prompts given).
+  } else if (options_.interrogator_instance) {
     interrogator_ = options_.interrogator_instance;
   } else if (hub_learned_interrogator(options_.interrogator)) {
+    if (options_.storage != SpecStorage::kF32)
+      throw InputError("the " + options_.interrogator + " interrogator learns from float32 points; this hub is held as " +
+                       to_string(options_.storage));
     interrogator_ = make_interrogator(options_.interrogator, index_);
   } else {
     interrogator_input(options_.interrogator);  // InputError for an unknown name

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gmi/error.hpp"
+#include "gmi/pipeline.hpp"
 #include "gmi/rkme.hpp"
 
 namespace gmi {
@@ -457,6 +458,23 @@ TEST(Scoring, HalfStorageHalvesTheBytesAndKeepsTheRanking) {
   }
   EXPECT_EQ(parse_storage("f16"), SpecStorage::kF16);
   EXPECT_THROW(parse_storage("bf16"), InputError);
+}
+
+// A hub held as binary16 has no float32 points to learn an interrogator from: asking for one
+// is a clear error; without one (a score worker) it ranks with the prompts given.
+TEST(Scoring, AHalfStorageHubBuildsNoHubLearnedInterrogator) {
+  const std::vector<Spec> specs = random_specs(6, 4, 3, 21);
+  IdentifyOptions o;
+  o.storage = SpecStorage::kF16;
+  EXPECT_THROW(Identifier(specs, specs[0].image_encoder, specs[0].text_encoder, nullptr, o), InputError);
+  o.build_interrogator = false;
+  const Identifier id(specs, specs[0].image_encoder, specs[0].text_encoder, nullptr, o);
+  EXPECT_EQ(id.index().storage(), SpecStorage::kF16);
+  std::mt19937_64 rng(22);
+  const RowMatrix xs = random_rows(2, 4, rng), ts = random_rows(2, 3, rng);
+  ScoreOptions so;
+  so.top_k = 3;
+  EXPECT_EQ(id.rank(xs, ts, so).at(1).results.size(), 3u);
 }
 
 TEST(TopK, BreaksTiesByModelIdAndHandlesK) {

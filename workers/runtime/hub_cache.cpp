@@ -205,6 +205,7 @@ void HubCache::loop() {
         const double seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         gauge.Set(static_cast<double>(state.specs.size()));
+        const auto& index = next->index();
         {
           std::lock_guard lock(mutex_);
           current_ = std::move(next);
@@ -216,6 +217,8 @@ void HubCache::loop() {
                                       {"models", state.specs.size()}, {"fetched", fetched},
                                       {"generation", generation},
                                       {"metric", state.metric ? state.metric->label() : "none"},
+                                      {"storage", to_string(index.storage())},
+                                      {"index_bytes", index.memory_bytes()},
                                       {"seconds", seconds}});
       }
     } catch (const std::exception& e) {
@@ -243,6 +246,12 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
   // Interrogation needs the weighted scorer's pseudo-prompts whatever the job's scorer.
   o.identify.score.scorer = Scorer::kWeighted;
   o.identify.interrogator = config.get_string("interrogate.interrogator");
+  if (stage == "score") {
+    // A score worker ranks with the pseudo-prompts its tasks bring: it builds no interrogator,
+    // and may hold its points as binary16.
+    o.identify.build_interrogator = false;
+    o.identify.storage = parse_storage(config.get_string("score.storage"));
+  }
   const std::string use = config.get_string("metric.use");
   if (use != "auto" && use != "none")
     throw InputError("metric.use must be auto (the store's metric, when it has one) or none; got '" + use + "'");

@@ -76,6 +76,10 @@ struct IdentifyOptions {
   std::string interrogator = "neighbour";
   /// Used instead of `interrogator` when set (e.g. a prompt-bank interrogator).
   std::shared_ptr<const Interrogator> interrogator_instance;
+  /// False: no interrogator at all (a score worker, whose queries bring their pseudo-prompts).
+  bool build_interrogator = true;
+  /// How the index holds its points; a hub-learned interrogator needs kF32.
+  SpecStorage storage = SpecStorage::kF32;
 };
 
 /// One query's answer.

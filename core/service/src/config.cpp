@@ -293,6 +293,10 @@ const std::vector<ConfigKey>& Config::schema() {
        ConfigType::integer(1, 4096)},
       {"score.refresh_ms", "500", "milliseconds between checks for new or changed specs",
        ConfigType::integer(10, 3600000)},
+      {"score.storage", "f32",
+       "how a score worker holds its shard's reduced points: f32, or f16 (binary16: about half "
+       "the memory per spec, rankings as float32's but for near-ties)",
+       ConfigType::one_of("f32|f16")},
       {"score.max_batch", "64", "most queries a score worker scores at once",
        ConfigType::integer(1, 65536)},
       {"score.max_wait_ms", "0",
