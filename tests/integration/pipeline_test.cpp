@@ -949,8 +949,10 @@ TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
 // A process() that hangs: the worker's watchdog makes it suspect (its heartbeats say so and
 // its /healthz fails), the broker retries the task elsewhere and sends the hung worker
 // nothing more, and on SIGTERM it exits with a message instead of waiting on the batch.
+// The task timeout applies to every stage: 6 s leaves room for an upload's embed under the
+// sanitizers on a loaded 2-core machine (at 2 s, that embed itself timed out there).
 TEST_F(PipelineTest, AHungWorkerIsSuspectGetsNoMoreTasksAndFailsItsLivenessProbe) {
-  START_CLUSTER(c, true, {"GMI_BROKER_TASK_TIMEOUT_S=2"});
+  START_CLUSTER(c, true, {"GMI_BROKER_TASK_TIMEOUT_S=6"});
   c.start_broker();
   for (const char* s : {"embed", "interrogate", "score", "spec"}) c.start_worker(s);
   const int ops_port = testing::free_port();
