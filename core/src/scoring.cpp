@@ -431,16 +431,20 @@ void SpecIndex::products(bool prompts, Index pa, Index len, const RowMatrix& qs,
                          float* out, std::vector<float>& scratch) const {
   const Index cols = prompts ? dt_ : dx_;
   Eigen::Map<RowMatrix> result(out, count, len);
-  if (storage_ == SpecStorage::kF32) {
-    const auto block = (prompts ? zt_ : zx_).middleRows(pa, len);
+  // Columns [a, a + n) of the result, from those n points as float32 rows.
+  const auto multiply = [&](const float* points, Index a, Index n) {
+    const Eigen::Map<const RowMatrix> block(points, n, cols);
     if (count == 1) {  // one query: a matrix-vector product
-      Eigen::Map<Eigen::VectorXf>(out, len).noalias() = block * qs.row(q0).transpose();
+      Eigen::Map<Eigen::VectorXf>(out + a, n).noalias() = block * qs.row(q0).transpose();
     } else {  // a chunk of queries: one GEMM reads the block once for all of them
-      result.noalias() = qs.middleRows(q0, count) * block.transpose();
+      result.middleCols(a, n).noalias() = qs.middleRows(q0, count) * block.transpose();
     }
+  };
+  if (storage_ == SpecStorage::kF32) {
+    multiply((prompts ? zt_ : zx_).row(pa).data(), 0, len);
     return;
   }
-  // binary16: widened kHalfRows points at a time into a buffer that stays in cache.
+  // binary16: widened kHalfFloats numbers at a time into a buffer that stays in cache.
   const std::vector<std::uint16_t>& packed = prompts ? zt16_ : zx16_;
   const Index step = std::max<Index>(1, kHalfFloats / std::max<Index>(cols, 1));
   scratch.resize(static_cast<std::size_t>(std::min(step, len) * cols));
@@ -448,12 +452,7 @@ void SpecIndex::products(bool prompts, Index pa, Index len, const RowMatrix& qs,
     const Index n = std::min(step, len - a);
     halves_to_floats(packed.data() + static_cast<std::size_t>((pa + a) * cols), scratch.data(),
                      static_cast<std::size_t>(n * cols));
-    const Eigen::Map<const RowMatrix> block(scratch.data(), n, cols);
-    if (count == 1) {
-      Eigen::Map<Eigen::VectorXf>(out + a, n).noalias() = block * qs.row(q0).transpose();
-    } else {
-      result.middleCols(a, n).noalias() = qs.middleRows(q0, count) * block.transpose();
-    }
+    multiply(scratch.data(), a, n);
   }
 }
 
@@ -499,12 +498,18 @@ void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMat
   }
 }
 
+namespace {
+
+// One vector as a 1 x n batch (an empty one as 0 x 0: no pseudo-prompt).
+RowMatrix one_row(const Eigen::VectorXf& v) {
+  return v.size() ? RowMatrix(Eigen::Map<const RowMatrix>(v.data(), 1, v.size())) : RowMatrix(0, 0);
+}
+
+}  // namespace
+
 Eigen::VectorXd SpecIndex::score_all(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
                                      const ScoreOptions& options) const {
-  const RowMatrix xs = Eigen::Map<const RowMatrix>(x.data(), 1, x.size());
-  const RowMatrix ts =
-      t.size() ? RowMatrix(Eigen::Map<const RowMatrix>(t.data(), 1, t.size())) : RowMatrix(0, 0);
-  return score_all_batch(xs, ts, options).row(0).transpose();
+  return score_all_batch(Eigen::Map<const RowMatrix>(x.data(), 1, x.size()), one_row(t), options).row(0).transpose();
 }
 
 struct SpecIndex::Prepared {
@@ -572,7 +577,7 @@ namespace {
 class BoundedTopK {
  public:
   BoundedTopK(std::size_t k, bool ascending, const std::vector<std::string>& ids)
-      : k_(k), ascending_(ascending), ids_(&ids) {
+      : k_(k), better_{ascending, &ids} {
     heap_.reserve(k);
   }
 
@@ -597,7 +602,7 @@ class BoundedTopK {
     std::sort(sorted.begin(), sorted.end(), better_);
     std::vector<RankedModel> out;
     out.reserve(sorted.size());
-    for (const auto& e : sorted) out.push_back({(*ids_)[e.model], e.score});
+    for (const auto& e : sorted) out.push_back({(*better_.ids)[e.model], e.score});
     return out;
   }
 
@@ -618,9 +623,7 @@ class BoundedTopK {
   };
 
   std::size_t k_;
-  bool ascending_;
-  const std::vector<std::string>* ids_;
-  Better better_{ascending_, ids_};
+  Better better_;
   std::vector<Entry> heap_;
 };
 
@@ -628,10 +631,7 @@ class BoundedTopK {
 
 std::vector<RankedModel> SpecIndex::rank(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
                                          const ScoreOptions& options) const {
-  const RowMatrix xs = Eigen::Map<const RowMatrix>(x.data(), 1, x.size());
-  const RowMatrix ts =
-      t.size() ? RowMatrix(Eigen::Map<const RowMatrix>(t.data(), 1, t.size())) : RowMatrix(0, 0);
-  return rank_batch(xs, ts, options).front();
+  return rank_batch(Eigen::Map<const RowMatrix>(x.data(), 1, x.size()), one_row(t), options).front();
 }
 
 std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,

@@ -706,6 +706,19 @@ class ShardedTest : public SchedulerTest {
     for (const auto& [m, s] : models) r.push_back({{"model", m}, {"score", s}});
     return json{{"results", r}, {"models", models.size()}, {"scorer", "weighted"}, {"metric", metric}};
   }
+  // A query that reaches score where only shard 0 has a worker, which answers `ranked`.
+  // Returns its id; `alive` then names every worker, shard 0's included.
+  std::string only_shard_0_answers(const json& ranked) {
+    const std::string id = accept_query();
+    run_to_score({id});
+    ready("s0", "score", 8, "a", 0, 2);
+    sched->tick();
+    auto t0 = tasks_sent("s0");
+    EXPECT_EQ(t0.size(), 1u);
+    if (!t0.empty()) answer("s0", {ok(t0[0], ranked)}, 1);
+    alive.push_back("s0");
+    return id;
+  }
   std::vector<std::string> alive{"w-decode", "w-embed", "w-interrogate"};
 };
 
@@ -758,18 +771,10 @@ TEST_F(ShardedTest, ShardsThatRankedWithDifferentMetricVersionsAreRankedAgainNot
 
 TEST_F(ShardedTest, AQueryWhoseShardHasNoLiveWorkerFailsNamingItAfterTheWait) {
   start_sharded(false);
-  const std::string id = accept_query();
-  run_to_score({id});
-  ready("s0", "score", 8, "a", 0, 2);
-  sched->tick();
-  auto t0 = tasks_sent("s0");
-  ASSERT_EQ(t0.size(), 1u);
-  answer("s0", {ok(t0[0], ranking({{"a", 0.5}}))}, 1);
-  auto keep = alive;
-  keep.push_back("s0");
-  pass(milliseconds(1800), keep);
+  const std::string id = only_shard_0_answers(ranking({{"a", 0.5}}));
+  pass(milliseconds(1800), alive);
   EXPECT_TRUE(io.take<EndRequest>().empty()) << "failed before no_worker_wait_s";
-  pass(milliseconds(400), keep);
+  pass(milliseconds(400), alive);
   auto ends = save_ends();
   ASSERT_EQ(ends.count(id), 1u);
   const std::string error = ends[id]["error"];
@@ -779,15 +784,8 @@ TEST_F(ShardedTest, AQueryWhoseShardHasNoLiveWorkerFailsNamingItAfterTheWait) {
 
 TEST_F(ShardedTest, WithAllowPartialTheRankingGoesOnWithoutTheShardAndNamesIt) {
   start_sharded(true);
-  const std::string id = accept_query();
-  run_to_score({id});
-  ready("s0", "score", 8, "a", 0, 2);
-  sched->tick();
-  auto t0 = tasks_sent("s0");
-  answer("s0", {ok(t0[0], ranking({{"a", 0.5}, {"b", 0.7}}))}, 1);
-  auto keep = alive;
-  keep.push_back("s0");
-  pass(milliseconds(2200), keep);
+  const std::string id = only_shard_0_answers(ranking({{"a", 0.5}, {"b", 0.7}}));
+  pass(milliseconds(2200), alive);
   auto ends = save_ends();
   ASSERT_EQ(ends.count(id), 1u);
   EXPECT_EQ(ends[id]["state"], "finished");

@@ -166,7 +166,7 @@ class SpecIndex {
                    const RowMatrix& ts, const QueryTerms* terms, const ScoreOptions& options,
                    double* out, std::size_t out_stride, const BlockSink* sink = nullptr) const;
   /// What score_all_batch checks and prepares before the per-model pass: the queries in the
-  /// index's space and their terms. False when the scorer needs no per-model pass.
+  /// index's space, their terms and the multiply-adds of the per-model pass.
   struct Prepared;
   void prepare(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
                Prepared& p) const;
