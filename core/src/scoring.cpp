@@ -675,6 +675,64 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
   return out;
 }
 
+std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowMatrix& xs,
+                                                                      const RowMatrix& ts,
+                                                                      const ScoreOptions& options,
+                                                                      std::size_t candidates) const {
+  check_options(options);
+  if (options.scorer == Scorer::kMean || options.scorer == Scorer::kPopularity)
+    throw InputError(std::string("two-stage search: scorer ") + to_string(options.scorer) +
+                     " has no exact stage (use weighted, rkme or nearest)");
+  if (candidates == 0) throw InputError("two-stage search: candidates must be > 0");
+  const Index queries = xs.rows();
+  if (options.top_k <= 0 || candidates >= size() || size() == 0 || queries == 0)
+    return rank_batch(xs, ts, options);
+  Prepared p;
+  prepare(xs, ts, options, p);
+  const std::size_t k = std::min(candidates, static_cast<std::size_t>(options.top_k));
+  const bool asc = ascending(options.scorer);
+  std::vector<std::vector<RankedModel>> out(static_cast<std::size_t>(queries));
+  // Queries in parallel; each query's two stages run on one thread.
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  parallel_for(static_cast<std::size_t>(queries), default_threads(), [&](std::size_t q) {
+   try {
+    const auto qi = static_cast<Index>(q);
+    // Stage 1: cosine to every model's unit mean (the sign and scale of x do not change the order).
+    const Eigen::VectorXf cos = mean_unit_ * p.qx->row(qi).transpose();
+    std::vector<std::size_t> pick(size());
+    std::iota(pick.begin(), pick.end(), std::size_t{0});
+    const auto nearer = [&](std::size_t a, std::size_t b) {
+      const float ca = cos(static_cast<Index>(a)), cb = cos(static_cast<Index>(b));
+      return ca != cb ? ca > cb : a < b;
+    };
+    std::nth_element(pick.begin(), pick.begin() + static_cast<std::ptrdiff_t>(candidates - 1), pick.end(), nearer);
+    pick.resize(candidates);
+    std::sort(pick.begin(), pick.end());  // index order: neighbouring models share a block
+    // Stage 2: the exact score of the candidates, runs of consecutive models at a time.
+    const RowMatrix qx = p.qx->row(qi);
+    const RowMatrix qt = p.prompts->rows() > 0 ? RowMatrix(p.prompts->row(qi)) : RowMatrix(0, 0);
+    const QueryTerms& terms = p.terms[q];
+    BoundedTopK top(k, asc, model_ids_);
+    const BlockSink sink = [&](std::size_t ma, std::size_t mb, Index, Index, const double* scores) {
+      for (std::size_t m = ma; m < mb; ++m) top.offer(scores[m - ma], m);
+    };
+    for (std::size_t i = 0; i < pick.size();) {
+      std::size_t j = i + 1;
+      while (j < pick.size() && pick[j] == pick[j - 1] + 1) ++j;
+      score_range(pick[i], pick[j - 1] + 1, qx, qt, &terms, options, nullptr, 0, &sink);
+      i = j;
+    }
+    out[q] = top.ranked();
+   } catch (...) {
+    std::lock_guard lock(error_mutex);
+    if (!error) error = std::current_exception();
+   }
+  });
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
 std::vector<RankedModel> top_k(const Eigen::VectorXd& scores, const std::vector<std::string>& ids,
                                bool ascending, int k) {
   if (static_cast<std::size_t>(scores.size()) != ids.size())

@@ -411,6 +411,57 @@ TEST(Scoring, StreamedRankIsTopKOfEveryScore) {
   EXPECT_GT(ties, 100);
 }
 
+// Two-stage search is the exact top-k of the candidates its first stage picks: the C models
+// of highest cosine to their mean (the mean scorer's scores), whatever runs of consecutive
+// models they form; C at or above the hub's size is exact search; scorers without an exact
+// stage and C = 0 are refused.
+TEST(Scoring, TwoStageIsTheExactTopKOfTheNearestMeans) {
+  std::mt19937_64 rng(53);
+  std::vector<Spec> specs;
+  for (int m = 0; m < 300; ++m) {
+    const int r = 3 + m % 7;
+    specs.push_back(make_spec("m" + std::to_string(m), random_rows(r, 24, rng), random_rows(r, 8, rng),
+                              random_simplex(r, rng), 0.9, m));
+  }
+  const SpecIndex index(specs);
+  const RowMatrix xs = random_rows(9, 24, rng), ts = random_rows(9, 8, rng);
+  ScoreOptions mean;
+  mean.scorer = Scorer::kMean;
+  const RowMatrixD cosines = index.score_all_batch(xs, ts, mean);
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    o.top_k = 5;
+    const RowMatrixD exact = index.score_all_batch(xs, ts, o);
+    for (std::size_t c : {std::size_t{5}, std::size_t{17}, std::size_t{120}}) {
+      const auto two = index.rank_batch_two_stage(xs, ts, o, c);
+      ASSERT_EQ(two.size(), 9u);
+      for (Eigen::Index q = 0; q < xs.rows(); ++q) {
+        const auto near = top_k(cosines.row(q).transpose(), index.model_ids(), false, static_cast<int>(c));
+        std::vector<std::string> ids;
+        Eigen::VectorXd sub(static_cast<Eigen::Index>(near.size()));
+        for (const auto& n : near) {
+          const auto m = std::stoi(n.model.substr(1));
+          sub(static_cast<Eigen::Index>(ids.size())) = exact(q, m);
+          ids.push_back(n.model);
+        }
+        const auto want = top_k(sub, ids, ascending(scorer), 5);
+        ASSERT_EQ(two[q].size(), want.size()) << to_string(scorer) << " c=" << c;
+        for (std::size_t i = 0; i < want.size(); ++i) {
+          EXPECT_EQ(two[q][i].model, want[i].model) << to_string(scorer) << " c=" << c << " q=" << q;
+          EXPECT_NEAR(two[q][i].score, want[i].score, 1e-6 * (1 + std::abs(want[i].score)));
+        }
+      }
+    }
+    const auto all = index.rank_batch_two_stage(xs, ts, o, 300), full = index.rank_batch(xs, ts, o);
+    for (std::size_t q = 0; q < full.size(); ++q)
+      for (std::size_t i = 0; i < full[q].size(); ++i) EXPECT_EQ(all[q][i].model, full[q][i].model);
+  }
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, mean, 10), InputError);
+  ScoreOptions w;
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, 0), InputError);
+}
+
 // binary16 storage: about half the bytes, every score within binary16's rounding of the
 // float32 one, the same top-4 (on unit embeddings whose models are not near-ties), and one
 // query or a batch alike.

@@ -106,6 +106,15 @@ class SpecIndex {
   std::vector<std::vector<RankedModel>> rank_batch(const RowMatrix& xs, const RowMatrix& ts,
                                                    const ScoreOptions& options) const;
 
+  /// Two-stage search: for each query, the `candidates` models whose sample means are
+  /// nearest to it (cosine, the mean scorer's one pass over M x d), then options.scorer's
+  /// exact score on those models alone, streamed into the top-k. A per-model scorer only
+  /// (weighted, rkme, nearest); candidates >= size() (or top_k <= 0) is rank_batch itself.
+  /// Recall of the exact top-k depends on the hub: measure it (bench_score --search two-stage).
+  std::vector<std::vector<RankedModel>> rank_batch_two_stage(const RowMatrix& xs, const RowMatrix& ts,
+                                                             const ScoreOptions& options,
+                                                             std::size_t candidates) const;
+
   /// The metric the index scores with (null: the encoder's raw space).
   const std::shared_ptr<const Metric>& metric() const { return metric_; }
   /// Raw query embeddings (B x d) in the space the index scores in (B x k with a metric).
