@@ -692,18 +692,27 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowM
   const std::size_t k = std::min(candidates, static_cast<std::size_t>(options.top_k));
   const bool asc = ascending(options.scorer);
   std::vector<std::vector<RankedModel>> out(static_cast<std::size_t>(queries));
-  // Queries in parallel; each query's two stages run on one thread.
+  // Stage 1 for the whole batch: cosines to every model's unit mean (the sign and scale of x
+  // do not change the order), one product per block of models, blocks in parallel, so the
+  // means are read once per batch and a single query uses every core. B x M floats.
+  constexpr Index kMeanBlock = 4096;
+  const auto models = static_cast<Index>(size());
+  RowMatrix cos(queries, models);
+  const std::size_t blocks = static_cast<std::size_t>((models + kMeanBlock - 1) / kMeanBlock);
+  parallel_for(blocks, default_threads(), [&](std::size_t b) {
+    const Index m0 = static_cast<Index>(b) * kMeanBlock, n = std::min(kMeanBlock, models - m0);
+    cos.middleCols(m0, n).noalias() = *p.qx * mean_unit_.middleRows(m0, n).transpose();
+  });
+  // Stage 2: queries in parallel; each query's exact pass runs on one thread.
   std::exception_ptr error;
   std::mutex error_mutex;
   parallel_for(static_cast<std::size_t>(queries), default_threads(), [&](std::size_t q) {
    try {
     const auto qi = static_cast<Index>(q);
-    // Stage 1: cosine to every model's unit mean (the sign and scale of x do not change the order).
-    const Eigen::VectorXf cos = mean_unit_ * p.qx->row(qi).transpose();
     std::vector<std::size_t> pick(size());
     std::iota(pick.begin(), pick.end(), std::size_t{0});
     const auto nearer = [&](std::size_t a, std::size_t b) {
-      const float ca = cos(static_cast<Index>(a)), cb = cos(static_cast<Index>(b));
+      const float ca = cos(qi, static_cast<Index>(a)), cb = cos(qi, static_cast<Index>(b));
       return ca != cb ? ca > cb : a < b;
     };
     std::nth_element(pick.begin(), pick.begin() + static_cast<std::ptrdiff_t>(candidates - 1), pick.end(), nearer);
