@@ -51,6 +51,22 @@ std::string identity_text(const EncoderIdentity& e) {
 
 std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
 
+// parallel_for for a fn that may throw: every call runs, then the first exception (by index)
+// is rethrown on the caller's thread.
+template <class Fn>
+void parallel_for_rethrow(std::size_t n, int threads, const Fn& fn) {
+  std::vector<std::exception_ptr> errors(n);
+  parallel_for(n, threads, [&](std::size_t i) {
+    try {
+      fn(i);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  });
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
 // Runs fn(m_begin, m_end) over [0, M) split into contiguous ranges of about equal point counts,
 // one per thread, when the work is large enough to pay for the threads.
 template <class Fn>
@@ -72,16 +88,7 @@ void for_model_ranges(const std::vector<std::size_t>& offsets, double work, cons
         static_cast<std::size_t>(std::lower_bound(offsets.begin(), offsets.end() - 1, target) -
                                  offsets.begin()));
   }
-  std::vector<std::exception_ptr> errors(threads);
-  parallel_for(threads, static_cast<int>(threads), [&](std::size_t k) {
-    try {
-      fn(bounds[k], bounds[k + 1]);
-    } catch (...) {
-      errors[k] = std::current_exception();
-    }
-  });
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  parallel_for_rethrow(threads, static_cast<int>(threads), [&](std::size_t k) { fn(bounds[k], bounds[k + 1]); });
 }
 
 void check_options(const ScoreOptions& options) {
@@ -699,15 +706,13 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowM
   const auto models = static_cast<Index>(size());
   RowMatrix cos(queries, models);
   const std::size_t blocks = static_cast<std::size_t>((models + kMeanBlock - 1) / kMeanBlock);
-  parallel_for(blocks, default_threads(), [&](std::size_t b) {
+  parallel_for_rethrow(blocks, default_threads(), [&](std::size_t b) {
     const Index m0 = static_cast<Index>(b) * kMeanBlock, n = std::min(kMeanBlock, models - m0);
     cos.middleCols(m0, n).noalias() = *p.qx * mean_unit_.middleRows(m0, n).transpose();
   });
-  // Stage 2: queries in parallel; each query's exact pass runs on one thread.
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  parallel_for(static_cast<std::size_t>(queries), default_threads(), [&](std::size_t q) {
-   try {
+  // Stage 2: queries in parallel, each on one thread: its candidates, then their exact score,
+  // runs of consecutive models at a time.
+  parallel_for_rethrow(static_cast<std::size_t>(queries), default_threads(), [&](std::size_t q) {
     const auto qi = static_cast<Index>(q);
     std::vector<std::size_t> pick(size());
     std::iota(pick.begin(), pick.end(), std::size_t{0});
@@ -718,7 +723,6 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowM
     std::nth_element(pick.begin(), pick.begin() + static_cast<std::ptrdiff_t>(candidates - 1), pick.end(), nearer);
     pick.resize(candidates);
     std::sort(pick.begin(), pick.end());  // index order: neighbouring models share a block
-    // Stage 2: the exact score of the candidates, runs of consecutive models at a time.
     const RowMatrix qx = p.qx->row(qi);
     const RowMatrix qt = p.prompts->rows() > 0 ? RowMatrix(p.prompts->row(qi)) : RowMatrix(0, 0);
     const QueryTerms& terms = p.terms[q];
@@ -733,12 +737,7 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowM
       i = j;
     }
     out[q] = top.ranked();
-   } catch (...) {
-    std::lock_guard lock(error_mutex);
-    if (!error) error = std::current_exception();
-   }
   });
-  if (error) std::rethrow_exception(error);
   return out;
 }
 

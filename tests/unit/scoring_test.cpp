@@ -411,19 +411,24 @@ TEST(Scoring, StreamedRankIsTopKOfEveryScore) {
   EXPECT_GT(ties, 100);
 }
 
+// 300 random specs "m0".."m299", model m with r_min + m % r_span points of d (and dt) dims.
+std::vector<Spec> specs_m0_to_m299(int r_min, int r_span, int d, int dt, double gamma, std::mt19937_64& rng) {
+  std::vector<Spec> specs;
+  for (int m = 0; m < 300; ++m) {
+    const int r = r_min + m % r_span;
+    specs.push_back(make_spec("m" + std::to_string(m), random_rows(r, d, rng), random_rows(r, dt, rng),
+                              random_simplex(r, rng), gamma, m));
+  }
+  return specs;
+}
+
 // Two-stage search is the exact top-k of the candidates its first stage picks: the C models
 // of highest cosine to their mean (the mean scorer's scores), whatever runs of consecutive
 // models they form; C at or above the hub's size is exact search; scorers without an exact
 // stage and C = 0 are refused.
 TEST(Scoring, TwoStageIsTheExactTopKOfTheNearestMeans) {
   std::mt19937_64 rng(53);
-  std::vector<Spec> specs;
-  for (int m = 0; m < 300; ++m) {
-    const int r = 3 + m % 7;
-    specs.push_back(make_spec("m" + std::to_string(m), random_rows(r, 24, rng), random_rows(r, 8, rng),
-                              random_simplex(r, rng), 0.9, m));
-  }
-  const SpecIndex index(specs);
+  const SpecIndex index(specs_m0_to_m299(3, 7, 24, 8, 0.9, rng));
   const RowMatrix xs = random_rows(9, 24, rng), ts = random_rows(9, 8, rng);
   ScoreOptions mean;
   mean.scorer = Scorer::kMean;
@@ -467,12 +472,7 @@ TEST(Scoring, TwoStageIsTheExactTopKOfTheNearestMeans) {
 // query or a batch alike.
 TEST(Scoring, HalfStorageHalvesTheBytesAndKeepsTheRanking) {
   std::mt19937_64 rng(41);
-  std::vector<Spec> specs;
-  for (int m = 0; m < 300; ++m) {
-    const int r = 8 + m % 9;
-    specs.push_back(make_spec("m" + std::to_string(m), random_rows(r, 96, rng), random_rows(r, 32, rng),
-                              random_simplex(r, rng), 6.0, m));
-  }
+  const std::vector<Spec> specs = specs_m0_to_m299(8, 9, 96, 32, 6.0, rng);
   const SpecIndex f32(specs);
   const SpecIndex f16(specs, nullptr, SpecSpace::kRaw, SpecStorage::kF16);
   EXPECT_EQ(f16.storage(), SpecStorage::kF16);
