@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from plotting import pyplot
+
 
 def topk(path, kmax):
     hits = [0] * kmax
@@ -54,12 +56,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"models": args.models, "scorers": table}, f, indent=1)
     if args.png:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("accuracy.py: matplotlib not installed; no plot", file=sys.stderr)
+        plt = pyplot("accuracy.py")
+        if plt is None:
             return
         ks = list(range(1, args.kmax + 1))
         plt.figure(figsize=(5, 3.5))

@@ -9,8 +9,11 @@ line search (step x2 after a success, /2 on a failure); stop on relative improve
 tol or after max_iterations. Every line-search trial recomputes the kernels from z, as
 a direct transcription of the maths would.
 
+This is gmi's original optimiser (RkmeOptimizer::kGradient); the C++ default is now one
+L-BFGS step per iteration with tol 1e-3, so compare like with like:
+
 Usage (same data as the C++ benchmark):
-  build/bench/bench_fit --runs 3 --dump /tmp/fit.bin      # prints gamma
+  build/bench/bench_fit --runs 3 --optimizer gradient --tolerance 1e-5 --dump /tmp/fit.bin
   /usr/bin/python3 scripts/bench_fit_numpy.py --data /tmp/fit.bin --gamma <gamma>
 """
 import argparse

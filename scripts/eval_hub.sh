@@ -4,19 +4,25 @@
 # defaults (the hub-learned metric, learnt on the fly from the specs) and once per scorer
 # with --metric none (the encoder's raw space), and prints top-1..top-4 accuracy.
 #
-# usage: scripts/eval_hub.sh [--out DIR] [--gmi PATH] [--skip-hub] [make_hub.py options...]
+# --spec-args "..." passes options to every `gmi spec build` (e.g. "--optimizer gradient
+# --tolerance 1e-5", the fit before L-BFGS).
+#
+# usage: scripts/eval_hub.sh [--out DIR] [--gmi PATH] [--skip-hub] [--spec-args "..."]
+#        [make_hub.py options...]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/out/eval
 gmi=$root/build/tools/gmi
 skip_hub=0
+spec_args=""
 hub_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out=$2; shift 2 ;;
     --gmi) gmi=$2; shift 2 ;;
     --skip-hub) skip_hub=1; shift ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    --spec-args) spec_args=$2; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) hub_args+=("$1"); shift ;;
   esac
 done
@@ -34,7 +40,7 @@ count=$(echo "$models" | wc -l)
 start=$(date +%s%N)
 for m in $models; do
   "$gmi" spec build --model "$m" --manifest "$hub/models/$m/manifest.jsonl" \
-    --info "$hub/models/$m/model.json" --store "dir:$specs" >/dev/null
+    --info "$hub/models/$m/model.json" --store "dir:$specs" $spec_args >/dev/null
 done
 end=$(date +%s%N)
 echo "eval_hub: built $count specs in $(( (end - start) / 1000000 )) ms"

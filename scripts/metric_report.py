@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from plotting import pyplot
+
 
 def ranks(path):
     """(true model, 0-based rank of the true model or None) per answered query."""
@@ -66,12 +68,8 @@ def main():
         for name, r in report[group].items():
             label = ("k=" + name) if group == "k" else name
             print("%-34s %6.3f %6.3f %8d" % (label, r["top1"], r["top4"], r["queries"]))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("metric_report.py: matplotlib not installed; no plot", file=sys.stderr)
+    plt = pyplot("metric_report.py")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for key, style in (("top1", "o-"), ("top4", "s-")):

@@ -125,7 +125,7 @@ void add_encoder_options(CLI::App* cmd, CommonOptions& c) {
 // ------------------------------------------------------------------ spec build
 
 struct BuildArgs {
-  std::string model, manifest, info_file, card;
+  std::string model, manifest, info_file, card, optimizer = "lbfgs";
   double downloads = -1;
   gmi::SpecBuildOptions fit;  // the defaults every spec-building path shares
   bool json_out = false, unconstrained = false;
@@ -158,6 +158,8 @@ int run_spec_build(const CommonOptions& c, const BuildArgs& a) {
 
   gmi::SpecBuildOptions opt = a.fit;
   opt.rkme.constrained = !a.unconstrained;
+  opt.rkme.optimizer =
+      a.optimizer == "gradient" ? gmi::RkmeOptimizer::kGradient : gmi::RkmeOptimizer::kLbfgs;
   if (!a.info_file.empty()) {
     std::ifstream in(a.info_file);
     if (!in) throw gmi::IoError("cannot open model info " + a.info_file);
@@ -483,6 +485,14 @@ int main(int argc, char** argv) {
   build_cmd->add_option("--gamma", build.fit.rkme.gamma, "kernel width (0: the image encoder's default)");
   build_cmd->add_option("--lambda", build.fit.rkme.lambda, "weight of the prompt in the joint space (<0: default)");
   build_cmd->add_option("--max-iterations", build.fit.rkme.max_iterations, "RKME fit iterations cap")->capture_default_str();
+  build_cmd->add_option("--tolerance", build.fit.rkme.relative_tolerance,
+                        "stop the fit when MMD^2 improves by less than this fraction in an iteration")
+      ->capture_default_str();
+  build_cmd
+      ->add_option("--optimizer", build.optimizer,
+                   "lbfgs (one quasi-Newton step per iteration) | gradient (three gradient steps)")
+      ->check(CLI::IsMember({"lbfgs", "gradient"}))
+      ->capture_default_str();
   build_cmd->add_option("--min-samples", build.fit.min_samples, "fail when fewer samples are usable")->capture_default_str();
   build_cmd->add_flag("--unconstrained", build.unconstrained, "closed-form beta instead of the simplex QP");
   build_cmd->add_option("--info", build.info_file, "JSON file with \"downloads\" and \"card\" for the model");

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gmi/error.hpp"
+#include "gmi/parallel.hpp"
 #include "rkme_internal.hpp"
 
 namespace gmi {
@@ -33,6 +34,8 @@ constexpr int kQpIterations = 2000;
 constexpr double kQpTolerance = 1e-12;
 // Outer iterations between from-scratch recomputations of U Z^T and Z Z^T.
 constexpr int kRefreshEvery = 10;
+// Curvature pairs the L-BFGS descent keeps.
+constexpr int kLbfgsMemory = 8;
 
 VectorXd row_sqnorms(const MatrixD& a) { return a.rowwise().squaredNorm(); }
 
@@ -163,6 +166,192 @@ MatrixD joint(const RowMatrix& x, const RowMatrix& t, double lambda) {
   return u;
 }
 
+// The state both descents move: z (as s.w), beta and J, with what they read.
+struct Descent {
+  const SampleGram& gram;
+  const VectorXd& u_sq;
+  double gamma, self_term;
+  const RkmeOptions& options;
+  const RkmeProgress& progress;
+  Kernels& s;
+  VectorXd& beta;
+  double& j;
+};
+
+// beta re-solved for the current z; kept when it lowers J (see fit_rkme_impl's comment).
+void update_beta(Descent& f) {
+  VectorXd next = beta_step(f.s, f.beta, f.options);
+  const double jn = objective(f.self_term, f.s, next);
+  if (!f.options.constrained || jn <= f.j) {
+    f.beta = std::move(next);
+    f.j = jn;
+  }
+}
+
+// The dot products are updated in closed form along each step; recomputed from scratch every
+// kRefreshEvery iterations to shed rounding drift.
+void refresh(Descent& f) {
+  evaluate(f.gram, f.u_sq, f.gamma, f.s);
+  f.j = objective(f.self_term, f.s, f.beta);
+}
+
+// Backtracking (Armijo) along z - eta * dir (dir.v, dir.ug, dir.zg, dir.gg filled), beta fixed:
+// halves eta from its given value until J falls by kArmijo * eta * slope, where slope =
+// <dJ/dz, dir> > 0. On success moves f.s and f.j there and leaves the accepted eta in `eta`;
+// false when no step of kMaxHalvings decreases J (the rounding floor).
+bool line_search(Descent& f, const Direction& dir, double slope, double& eta, Kernels& trial) {
+  for (int h = 0; h < kMaxHalvings; ++h, eta *= 0.5) {
+    evaluate_step(f.s, dir, eta, f.u_sq, f.gamma, trial);
+    const double jt = objective(f.self_term, trial, f.beta);
+    if (jt <= f.j - kArmijo * eta * slope) {
+      trial.w = f.s.w - eta * dir.v;
+      std::swap(f.s, trial);
+      f.j = jt;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool converged(const RkmeOptions& options, double j_prev, double j) {
+  return j_prev - j < options.relative_tolerance * j_prev || j <= 0;
+}
+
+// RkmeOptimizer::kGradient: kGradientStepsPerIteration Armijo gradient steps on z per outer
+// iteration, then beta. Returns the iterations run.
+int descend_gradient(Descent& f) {
+  const SampleGram& gram = f.gram;
+  const double gamma = f.gamma;
+  const RkmeOptions& options = f.options;
+  Kernels& s = f.s;
+  VectorXd& beta = f.beta;
+  double& j = f.j;
+  Kernels trial;
+  int iterations = 0;
+  // Step size for z: persists across iterations, x2 after an accepted step, /2 on a rejection.
+  double eta = 1.0 / (4.0 * gamma * std::max(beta.cwiseAbs().maxCoeff(), 1e-12));
+  Direction dir;
+  for (int it = 1; it <= options.max_iterations; ++it) {
+    const double j_prev = j;
+    for (int step = 0; step < kGradientStepsPerIteration; ++step) {
+      // G = V U; the one product with the samples per step is U G^T = U U^T V^T.
+      dir.v = gradient_coefficients_at(s, beta, gamma);
+      dir.ug = gram.apply(dir.v.transpose());
+      dir.zg.noalias() = s.w * dir.ug;
+      dir.gg.noalias() = dir.v * dir.ug;
+      const double g2 = dir.gg.trace();  // ||G||^2
+      if (!(g2 > 0) || !std::isfinite(g2)) break;
+      double step_eta = eta;
+      if (!line_search(f, dir, g2, step_eta, trial)) break;  // at the rounding floor
+      eta = 2.0 * step_eta;
+    }
+    if (it % kRefreshEvery == 0) refresh(f);
+    update_beta(f);
+    iterations = it;
+    if (f.progress) f.progress(it, j);
+    if (converged(options, j_prev, j)) break;
+  }
+  return iterations;
+}
+
+// <A U, B U> (Frobenius) from A's coefficients (r x n) and B's U U^T B^T (n x r).
+double inner(const MatrixD& a, const MatrixD& b_ug) {
+  return (a.transpose().array() * b_ug.array()).sum();
+}
+
+// RkmeOptimizer::kLbfgs: one step per outer iteration along a limited-memory BFGS direction
+// for F(z) = min_beta J(beta, z), then beta re-solved at the new z. By the envelope theorem
+// dF/dz is dJ/dz at the re-solved beta, so the curvature pairs see one smooth function. Every
+// vector lives in the samples' row space (coefficients W, as z = W U) next to its U U^T W^T,
+// so inner products, the two-loop recursion and the line search's trials need no product
+// with U; the one product per iteration is the new gradient's. The first step (and any step
+// after the memory is dropped) is a gradient step with gmi's usual initial size.
+int descend_lbfgs(Descent& f) {
+  struct Pair {
+    MatrixD s_w, s_ug, y_w, y_ug;  // step and gradient change, coefficients and U U^T (.)^T
+    double rho;                     // 1 / <s, y>
+  };
+  std::vector<Pair> memory;  // oldest first
+  Kernels trial;
+  Direction dir;
+  MatrixD v = gradient_coefficients_at(f.s, f.beta, f.gamma);
+  MatrixD ug = f.gram.apply(v.transpose());
+  const double eta_gradient =
+      1.0 / (4.0 * f.gamma * std::max(f.beta.cwiseAbs().maxCoeff(), 1e-12));
+  int iterations = 0;
+  for (int it = 1; it <= f.options.max_iterations; ++it) {
+    const double j_prev = f.j;
+    // Two-loop recursion: dir = H G (the step is z - eta dir).
+    dir.v = v;
+    dir.ug = ug;
+    std::vector<double> alpha(memory.size());
+    for (std::size_t k = memory.size(); k-- > 0;) {
+      alpha[k] = memory[k].rho * inner(memory[k].s_w, dir.ug);
+      dir.v -= alpha[k] * memory[k].y_w;
+      dir.ug -= alpha[k] * memory[k].y_ug;
+    }
+    // H0 = a diag(1 / beta_j) per reduced point: the gradient and the curvature for z_j both
+    // scale with beta_j, so this undoes the worst of the conditioning; a from <s,y>/<y,H0 y>.
+    const VectorXd precondition =
+        (f.beta.array().max(1e-3 * f.beta.maxCoeff()).inverse() / static_cast<double>(f.beta.size()))
+            .matrix();
+    double eta = 1.0;
+    dir.v = precondition.asDiagonal() * dir.v;
+    dir.ug = dir.ug * precondition.asDiagonal();
+    if (memory.empty()) {
+      eta = eta_gradient;
+    } else {
+      const Pair& last = memory.back();
+      const double yhy = inner(precondition.asDiagonal() * last.y_w, last.y_ug);
+      const double scale = 1.0 / (last.rho * yhy);  // <s,y> / <y,H0 y>
+      dir.v *= scale;
+      dir.ug *= scale;
+    }
+    for (std::size_t k = 0; k < memory.size(); ++k) {
+      const double b = memory[k].rho * inner(memory[k].y_w, dir.ug);
+      dir.v += (alpha[k] - b) * memory[k].s_w;
+      dir.ug += (alpha[k] - b) * memory[k].s_ug;
+    }
+    double slope = inner(v, dir.ug);  // <G, H G>
+    const auto gradient_direction = [&] {
+      memory.clear();
+      dir.v = v;
+      dir.ug = ug;
+      slope = inner(v, ug);
+      eta = eta_gradient;
+    };
+    if (!(slope > 0) || !std::isfinite(slope)) gradient_direction();  // not a descent direction
+    if (!(slope > 0) || !std::isfinite(slope)) break;
+    dir.zg.noalias() = f.s.w * dir.ug;
+    dir.gg.noalias() = dir.v * dir.ug;
+    bool moved = line_search(f, dir, slope, eta, trial);
+    if (!moved && !memory.empty()) {  // a poor quasi-Newton direction: retry from the gradient
+      gradient_direction();
+      dir.zg.noalias() = f.s.w * dir.ug;
+      dir.gg.noalias() = dir.v * dir.ug;
+      moved = line_search(f, dir, slope, eta, trial);
+    }
+    if (!moved) break;  // at the rounding floor: no step decreases J
+    if (it % kRefreshEvery == 0) refresh(f);
+    update_beta(f);
+    MatrixD v_next = gradient_coefficients_at(f.s, f.beta, f.gamma);
+    MatrixD ug_next = f.gram.apply(v_next.transpose());
+    Pair p{-eta * dir.v, -eta * dir.ug, v_next - v, ug_next - ug, 0.0};
+    const double sy = inner(p.s_w, p.y_ug);
+    if (sy > 1e-12 * std::sqrt(inner(p.s_w, p.s_ug) * inner(p.y_w, p.y_ug))) {
+      p.rho = 1.0 / sy;
+      if (memory.size() == static_cast<std::size_t>(kLbfgsMemory)) memory.erase(memory.begin());
+      memory.push_back(std::move(p));
+    }
+    v = std::move(v_next);
+    ug = std::move(ug_next);
+    iterations = it;
+    if (f.progress) f.progress(it, f.j);
+    if (converged(f.options, j_prev, f.j)) break;
+  }
+  return iterations;
+}
+
 }  // namespace
 
 MatrixD squared_distances(const MatrixD& a, const VectorXd& a_sqnorm, const MatrixD& b,
@@ -186,20 +375,23 @@ double mean_self_kernel(const MatrixD& u, double gamma) {
   if (n == 0) return 0.0;
   const VectorXd sq = row_sqnorms(u);
   constexpr Index kBlock = 512;
-  double total = 0.0;
-  MatrixD g;
   // Rows [a, a+b) against rows [0, a+b): pairs with the earlier rows count twice (symmetry),
-  // the b x b diagonal block holds both orders already.
-  for (Index a = 0; a < n; a += kBlock) {
-    const Index b = std::min(kBlock, n - a);
-    g.resize(b, a + b);
+  // the b x b diagonal block holds both orders already. Blocks run in parallel (this is the
+  // fit's largest fixed cost at large n); their sums are added in block order, so the result
+  // does not depend on the number of threads.
+  const auto blocks = static_cast<std::size_t>((n + kBlock - 1) / kBlock);
+  std::vector<double> partial(blocks, 0.0);
+  parallel_for(blocks, n >= 2 * kBlock ? 0 : 1, [&](std::size_t k) {
+    const Index a = static_cast<Index>(k) * kBlock, b = std::min(kBlock, n - a);
+    MatrixD g(b, a + b);
     g.noalias() = u.middleRows(a, b) * u.topRows(a + b).transpose();
     g.array() = (-gamma * (((-2.0 * g.array()).colwise() + sq.segment(a, b).array()).rowwise() +
                            sq.head(a + b).transpose().array())
                               .max(0.0))
                     .exp();
-    total += 2.0 * g.leftCols(a).sum() + g.rightCols(b).sum();
-  }
+    partial[k] = 2.0 * g.leftCols(a).sum() + g.rightCols(b).sum();
+  });
+  const double total = std::accumulate(partial.begin(), partial.end(), 0.0);
   return total / (static_cast<double>(n) * static_cast<double>(n));
 }
 
@@ -430,56 +622,9 @@ ReducedSet fit_rkme_impl(const RowMatrix& x, const RowMatrix& t, const RkmeOptio
   double j = detail::objective(self_term, s, beta);
   out.initial_mmd2 = std::max(0.0, j);
 
-  // Step size for z: persists across iterations, x2 after an accepted step, /2 on a rejection.
-  double eta = 1.0 / (4.0 * gamma * std::max(beta.cwiseAbs().maxCoeff(), 1e-12));
-  detail::Direction dir;
-  for (int it = 1; it <= options.max_iterations; ++it) {
-    const double j_prev = j;
-    for (int step = 0; step < detail::kGradientStepsPerIteration; ++step) {
-      // G = V U; the one product with the samples per step is U G^T = U U^T V^T.
-      dir.v = detail::gradient_coefficients_at(s, beta, gamma);
-      dir.ug = gram.apply(dir.v.transpose());
-      dir.zg.noalias() = s.w * dir.ug;
-      dir.gg.noalias() = dir.v * dir.ug;
-      const double g2 = dir.gg.trace();  // ||G||^2
-      if (!(g2 > 0) || !std::isfinite(g2)) break;
-      const double eta_start = eta;
-      bool accepted = false;
-      for (int h = 0; h < detail::kMaxHalvings && !accepted; ++h) {
-        detail::evaluate_step(s, dir, eta, u_sq, gamma, trial);
-        const double jt = detail::objective(self_term, trial, beta);
-        if (jt <= j - detail::kArmijo * eta * g2) {
-          trial.w = s.w - eta * dir.v;
-          std::swap(s, trial);
-          j = jt;
-          eta *= 2.0;
-          accepted = true;
-        } else {
-          eta *= 0.5;
-        }
-      }
-      if (!accepted) {  // at the rounding floor: no step decreases J
-        eta = eta_start;
-        break;
-      }
-    }
-    if (it % detail::kRefreshEvery == 0) {
-      // The dot products were updated in closed form; recompute them to shed rounding drift.
-      detail::evaluate(gram, u_sq, gamma, s);
-      j = detail::objective(self_term, s, beta);
-    }
-    VectorXd next = detail::beta_step(s, beta, options);
-    const double jn = detail::objective(self_term, s, next);
-    // The constrained step warm-starts at the current beta; keep it if the QP did not improve.
-    // The closed form minimises J + ridge ||beta||^2, which is what decreases monotonically there.
-    if (!options.constrained || jn <= j) {
-      beta = std::move(next);
-      j = jn;
-    }
-    out.iterations = it;
-    if (progress) progress(it, j);
-    if (j_prev - j < options.relative_tolerance * j_prev || j <= 0) break;
-  }
+  detail::Descent descent{gram, u_sq, gamma, self_term, options, progress, s, beta, j};
+  out.iterations = options.optimizer == RkmeOptimizer::kLbfgs ? detail::descend_lbfgs(descent)
+                                                              : detail::descend_gradient(descent);
 
   const MatrixD z = s.w * u;
   out.zx = z.leftCols(d).cast<float>();

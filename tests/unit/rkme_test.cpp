@@ -151,26 +151,65 @@ TEST(Rkme, ResidualEqualsAnIndependentScalarComputation) {
 
 TEST(Rkme, ObjectiveNeverIncreasesAcrossIterations) {
   const Samples s = clustered(200, 16, 8, 5, 0.3, 3);
-  RkmeOptions o = options_for(s, 10);
-  o.relative_tolerance = 0;  // run every iteration
-  o.max_iterations = 40;
-  std::vector<double> history;
-  std::vector<int> iterations;
-  const ReducedSet rs = fit_rkme(s.x, s.t, o, [&](int it, double j) {
-    iterations.push_back(it);
-    history.push_back(j);
-  });
-  ASSERT_FALSE(history.empty());
-  EXPECT_EQ(static_cast<int>(history.size()), rs.iterations);
-  EXPECT_EQ(iterations.front(), 1);
-  EXPECT_LE(history.front(), rs.initial_mmd2);
-  for (std::size_t k = 1; k < history.size(); ++k) {
-    EXPECT_EQ(iterations[k], static_cast<int>(k) + 1);
-    // (up to rounding: every 10 iterations the dot products are recomputed from scratch)
-    EXPECT_LE(history[k], history[k - 1] * (1 + 1e-13)) << "iteration " << k + 1;
+  for (const RkmeOptimizer optimizer : {RkmeOptimizer::kLbfgs, RkmeOptimizer::kGradient}) {
+    SCOPED_TRACE(optimizer == RkmeOptimizer::kLbfgs ? "lbfgs" : "gradient");
+    RkmeOptions o = options_for(s, 10);
+    o.optimizer = optimizer;
+    o.relative_tolerance = 0;  // run every iteration
+    o.max_iterations = 40;
+    std::vector<double> history;
+    std::vector<int> iterations;
+    const ReducedSet rs = fit_rkme(s.x, s.t, o, [&](int it, double j) {
+      iterations.push_back(it);
+      history.push_back(j);
+    });
+    ASSERT_FALSE(history.empty());
+    EXPECT_EQ(static_cast<int>(history.size()), rs.iterations);
+    EXPECT_EQ(iterations.front(), 1);
+    EXPECT_LE(history.front(), rs.initial_mmd2);
+    for (std::size_t k = 1; k < history.size(); ++k) {
+      EXPECT_EQ(iterations[k], static_cast<int>(k) + 1);
+      // (up to rounding: every 10 iterations the dot products are recomputed from scratch)
+      EXPECT_LE(history[k], history[k - 1] * (1 + 1e-13)) << "iteration " << k + 1;
+    }
+    // What is reported is J of the stored (float) values: equal up to that rounding.
+    EXPECT_NEAR(rs.residual_mmd2, history.back(), 1e-6 * history.back() + 1e-12);
   }
-  // What is reported is J of the stored (float) values: equal up to that rounding.
-  EXPECT_NEAR(rs.residual_mmd2, history.back(), 1e-6 * history.back() + 1e-12);
+}
+
+// L-BFGS takes one product with the samples per iteration, the gradient descent three: in a
+// third of the gradient descent's products it must already fit better (and both must end at
+// the same optimum when run long).
+TEST(Rkme, LbfgsFitsBetterForTheSameProductsWithTheSamples) {
+  const Samples s = clustered(400, 32, 16, 12, 0.5, 31);
+  RkmeOptions o = options_for(s, 16);
+  o.relative_tolerance = 0;
+  o.optimizer = RkmeOptimizer::kGradient;
+  o.max_iterations = 20;  // 60 gradient steps
+  const ReducedSet gradient = fit_rkme(s.x, s.t, o);
+  o.optimizer = RkmeOptimizer::kLbfgs;
+  o.max_iterations = 20;  // 20 quasi-Newton steps
+  const ReducedSet lbfgs = fit_rkme(s.x, s.t, o);
+  EXPECT_LT(lbfgs.residual_mmd2, gradient.residual_mmd2);
+  o.max_iterations = 2000;
+  const ReducedSet long_lbfgs = fit_rkme(s.x, s.t, o);
+  o.optimizer = RkmeOptimizer::kGradient;
+  const ReducedSet long_gradient = fit_rkme(s.x, s.t, o);
+  EXPECT_LT(long_lbfgs.residual_mmd2, 1.01 * long_gradient.residual_mmd2);
+}
+
+// The default stopping rule ends the fit near its plateau: before the cap, within a few per
+// cent of what a long fit reaches.
+TEST(Rkme, DefaultRuleStopsNearThePlateau) {
+  const Samples s = clustered(400, 32, 16, 12, 0.5, 31);
+  RkmeOptions o = options_for(s, 16);
+  const ReducedSet fit = fit_rkme(s.x, s.t, o);
+  EXPECT_LT(fit.iterations, o.max_iterations);
+  o.relative_tolerance = 0;
+  o.max_iterations = 2000;
+  const ReducedSet converged = fit_rkme(s.x, s.t, o);
+  EXPECT_GT(converged.iterations, fit.iterations);
+  EXPECT_LT(fit.residual_mmd2, 1.05 * converged.residual_mmd2);
 }
 
 TEST(Rkme, WeightsSumToOneAndStayNonNegative) {
@@ -284,17 +323,22 @@ TEST(Rkme, StoredGramAndProductsThroughTheSamplesAgree) {
   EXPECT_NEAR(stored.mean_kernel(0.7), detail::mean_self_kernel(u, 0.7), 1e-13);
   EXPECT_NEAR(through.mean_kernel(0.7), detail::mean_self_kernel(u, 0.7), 1e-15);
 
-  RkmeOptions o = options_for(s, 6);
-  o.relative_tolerance = 0;
-  o.max_iterations = 25;
-  const ReducedSet a = detail::fit_rkme_impl(s.x, s.t, o, {}, detail::SampleGram::Mode::kStored);
-  const ReducedSet b =
-      detail::fit_rkme_impl(s.x, s.t, o, {}, detail::SampleGram::Mode::kThroughSamples);
-  EXPECT_NEAR(a.residual_mmd2, b.residual_mmd2, 1e-9 * b.residual_mmd2);
-  EXPECT_LT((a.zx - b.zx).lpNorm<Eigen::Infinity>(), 1e-4);
-  EXPECT_LT((a.beta - b.beta).lpNorm<Eigen::Infinity>(), 1e-4);
-  EXPECT_NEAR(a.residual_mmd2, scalar_mmd2(s.x, s.t, a.zx, a.zt, a.beta, o.gamma, o.lambda),
-              1e-9 * a.residual_mmd2);
+  for (const RkmeOptimizer optimizer : {RkmeOptimizer::kLbfgs, RkmeOptimizer::kGradient}) {
+    SCOPED_TRACE(optimizer == RkmeOptimizer::kLbfgs ? "lbfgs" : "gradient");
+    RkmeOptions o = options_for(s, 6);
+    o.optimizer = optimizer;
+    o.relative_tolerance = 0;
+    o.max_iterations = 25;
+    const ReducedSet a =
+        detail::fit_rkme_impl(s.x, s.t, o, {}, detail::SampleGram::Mode::kStored);
+    const ReducedSet b =
+        detail::fit_rkme_impl(s.x, s.t, o, {}, detail::SampleGram::Mode::kThroughSamples);
+    EXPECT_NEAR(a.residual_mmd2, b.residual_mmd2, 1e-9 * b.residual_mmd2);
+    EXPECT_LT((a.zx - b.zx).lpNorm<Eigen::Infinity>(), 1e-4);
+    EXPECT_LT((a.beta - b.beta).lpNorm<Eigen::Infinity>(), 1e-4);
+    EXPECT_NEAR(a.residual_mmd2, scalar_mmd2(s.x, s.t, a.zx, a.zt, a.beta, o.gamma, o.lambda),
+                1e-9 * a.residual_mmd2);
+  }
 }
 
 TEST(Rkme, KMeansCentresAreTheMeansOfSeparatedGroups) {
