@@ -178,7 +178,9 @@ struct Descent {
   double& j;
 };
 
-// beta re-solved for the current z; kept when it lowers J (see fit_rkme_impl's comment).
+// beta re-solved for the current z. The constrained step warm-starts at the current beta and
+// is kept only if the QP improved J; the closed form minimises J + ridge ||beta||^2, which is
+// what decreases monotonically there, so it is always taken.
 void update_beta(Descent& f) {
   VectorXd next = beta_step(f.s, f.beta, f.options);
   const double jn = objective(f.self_term, f.s, next);
@@ -290,10 +292,13 @@ int descend_lbfgs(Descent& f) {
       dir.v -= alpha[k] * memory[k].y_w;
       dir.ug -= alpha[k] * memory[k].y_ug;
     }
-    // H0 = a diag(1 / beta_j) per reduced point: the gradient and the curvature for z_j both
+    // H0 = a diag(1 / |beta_j|) per reduced point: the gradient and the curvature for z_j both
     // scale with beta_j, so this undoes the worst of the conditioning; a from <s,y>/<y,H0 y>.
+    // (|beta_j| floored at 1e-3 of the largest: a point of zero weight has zero gradient.)
+    const VectorXd abs_beta = f.beta.cwiseAbs();
     const VectorXd precondition =
-        (f.beta.array().max(1e-3 * f.beta.maxCoeff()).inverse() / static_cast<double>(f.beta.size()))
+        (abs_beta.array().max(1e-3 * abs_beta.maxCoeff()).inverse() /
+         static_cast<double>(abs_beta.size()))
             .matrix();
     double eta = 1.0;
     dir.v = precondition.asDiagonal() * dir.v;
@@ -567,14 +572,13 @@ using Eigen::VectorXd;
 
 namespace detail {
 
-// The fit: k-means++ / Lloyd centres; then each outer iteration takes
-// kGradientStepsPerIteration gradient steps on z (exact gradient, Armijo backtracking with a
-// step size that doubles after an accepted step and halves on a rejection, so J never
-// increases), then re-solves beta for the new z (simplex QP warm-started at the current beta,
-// or the ridge closed form); it stops when J improved by less than relative_tolerance * J over
-// the iteration, or after max_iterations. z is held as coefficients over the samples
-// (z = W U, see SampleGram), which makes each gradient step one n x n x r (or two n x D x r)
-// product and each line-search trial O(n r).
+// The fit: k-means++ / Lloyd centres; then each outer iteration moves z (descend_lbfgs: one
+// L-BFGS step; descend_gradient: kGradientStepsPerIteration gradient steps; both with Armijo
+// backtracking, so J never increases), then re-solves beta for the new z (simplex QP
+// warm-started at the current beta, or the ridge closed form); it stops when J improved by
+// less than relative_tolerance * J over the iteration, or after max_iterations. z is held as
+// coefficients over the samples (z = W U, see SampleGram), which makes each gradient one
+// n x n x r (or two n x D x r) product and each line-search trial O(n r).
 ReducedSet fit_rkme_impl(const RowMatrix& x, const RowMatrix& t, const RkmeOptions& options,
                          const RkmeProgress& progress, SampleGram::Mode mode) {
   const std::string where = "fit_rkme";
