@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     --r) rs=$2; shift 2 ;;
     --cap) cap=$2; shift 2 ;;
     --lambda) lambda=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "bench_fit_plateau: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
