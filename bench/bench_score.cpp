@@ -1,7 +1,8 @@
-// Scoring benchmark: exact scoring of M synthetic specs (packed SpecIndex), one query at a
-// time and in batches, with float32 or binary16 storage; with binary16, the float32 index is
-// built in the same run and the rankings compared (recall@1/@4 of its top-k). Compare with
-// scripts/bench_score_numpy.py (same sizes). --json prints one object for machines.
+// Scoring benchmark: exact or two-stage scoring of M synthetic specs (packed SpecIndex), one
+// query at a time and in batches, with float32 or binary16 storage, on a hub of random
+// directions or one that overlaps like real hubs (hub_synth.hpp); the rankings are compared
+// with float32 exact scoring of the same specs in the same run (recall@1/@4 on fresh queries).
+// Compare with scripts/bench_score_numpy.py (same sizes). --json prints one object for machines.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench_util.hpp"
+#include "hub_synth.hpp"
 #include "gmi/parallel.hpp"
 #include "gmi/rkme.hpp"
 #include "gmi/scoring.hpp"
@@ -89,12 +91,57 @@ int main(int argc, char** argv) {
   app.add_option("--storage", storage_name, "f32 | f16: how the index stores its points")
       ->check(CLI::IsMember({"f32", "f16"}));
   long candidates = 256;
+  gmi::SpecIndex::TwoStage two_stage;
   app.add_option("--search", search,
-                 "exact | two-stage (the --candidates models nearest by mean cosine, then exact on those)")
+                 "exact | two-stage (every model's score estimated from a summary of its spec, then "
+                 "exact on the --candidates best estimates)")
       ->check(CLI::IsMember({"exact", "two-stage"}));
   app.add_option("--candidates", candidates, "two-stage: models kept by the first stage")->check(CLI::PositiveNumber);
+  app.add_option("--dims", two_stage.dims,
+                 "two-stage: the summary compares group means in this many principal directions (0: all d)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--prompt-dims", two_stage.prompt_dims,
+                 "two-stage: and group prompts in this many (0: all dt)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--clusters", two_stage.clusters,
+                 "two-stage: groups of reduced points per model in the summary (kernel k-means)")
+      ->check(CLI::Range(1, 255))
+      ->capture_default_str();
   app.add_flag("--json", json, "print one JSON object (p50_ms, batch64_ms_per_query, recall_at_1, "
                                "recall_at_4, bytes_per_spec, ...) instead of the table");
+  std::string hub_kind = "random", base_dir;
+  int recall_queries = 1000;
+  gmi::bench::OverlapOptions ov;
+  app.add_option("--hub", hub_kind,
+                 "random: every model around its own random direction (easy: a wide margin); "
+                 "overlap: families of near-duplicates of a few base styles (hub_synth.hpp)")
+      ->check(CLI::IsMember({"random", "overlap"}));
+  app.add_option("--base", base_dir,
+                 "overlap hub: a directory spec store (e.g. out/eval/specs) whose specs are the base "
+                 "styles, projected to --d / --dt; default: 48 seeded styles sharing 16 content directions");
+  app.add_option("--zipf", ov.zipf, "overlap hub: popularity exponent of the base styles")->capture_default_str();
+  app.add_option("--family-size", ov.family_size, "overlap hub: mean models per family (geometric)")
+      ->capture_default_str();
+  app.add_option("--family-offset", ov.family_offset,
+                 "overlap hub: a family's shift from its style, x the median distance between base means")
+      ->capture_default_str();
+  app.add_option("--member-offset", ov.member_offset,
+                 "overlap hub: a member's shift within its family (near-duplicates), x the same distance")
+      ->capture_default_str();
+  app.add_option("--mix", ov.mix, "overlap hub: a family's fraction of points from a second style ~ U[0, mix)")
+      ->capture_default_str();
+  app.add_option("--fit-jitter", ov.fit_jitter,
+                 "overlap hub: jitter of a spec point, x the base's RMS within-model spread")
+      ->capture_default_str();
+  app.add_option("--content", ov.content,
+                 "overlap hub: a query's content variation, x one real within-model deviation")
+      ->capture_default_str();
+  app.add_option("--recall-queries", recall_queries,
+                 "fresh queries (never a spec point) on which recall against float32 exact is measured")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   const double points = static_cast<double>(models) * r;
@@ -113,14 +160,27 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  // Specs one at a time; SpecIndex consumes the vector, freeing each spec as it packs it.
+  // The hub: every spec and query a function of (seed, index), so any part can be made again.
+  std::optional<gmi::bench::OverlapHub> overlap;
+  if (hub_kind == "overlap") {
+    ov.seed = seed;
+    ov.r = r;
+    ov.d = d;
+    ov.dt = dt;
+    overlap.emplace(base_dir.empty() ? gmi::bench::seeded_base(ov.base_models, r, d, dt, seed ^ 0x5eed)
+                                     : gmi::bench::load_base(base_dir),
+                    ov, models);
+    if (!json)
+      std::printf("overlap hub: base %s (%zu models), %ld families, spacing %.3f, spread %.3f\n",
+                  overlap->base().source.c_str(), overlap->base().zx.size(), overlap->families(),
+                  overlap->spacing(), overlap->spread());
+  }
   const gmi::EncoderIdentity image{"bench-image", "1", d, gamma};
   const gmi::EncoderIdentity text{"bench-text", "1", dt, 1.0};
-  FastRng rng{seed};
-  auto start = Clock::now();
-  std::vector<gmi::Spec> specs;
-  specs.reserve(static_cast<std::size_t>(models));
-  for (long m = 0; m < models; ++m) {
+  const auto make_spec = [&](long m) {
+    if (overlap) return overlap->spec(m);
+    FastRng rng{seed * 0x100000001b3ull + static_cast<std::uint64_t>(m)};
+    rng.next();
     gmi::Spec s;
     s.model_id = "model-" + std::to_string(m);
     s.image_encoder = image;
@@ -135,20 +195,38 @@ int main(int argc, char** argv) {
     s.gram_x = gmi::gaussian_gram(s.zx, gamma);
     s.mean_x = s.zx.colwise().mean().transpose();
     s.downloads = static_cast<double>(rng.next() % 100000);
-    specs.push_back(std::move(s));
-  }
+    return s;
+  };
+  // Specs one at a time; SpecIndex consumes the vector, freeing each spec as it packs it.
+  auto start = Clock::now();
+  std::vector<gmi::Spec> specs;
+  specs.reserve(static_cast<std::size_t>(models));
+  for (long m = 0; m < models; ++m) specs.push_back(make_spec(m));
   const double build_s = std::chrono::duration<double>(Clock::now() - start).count();
   const double rss_specs = peak_rss_gb();
 
-  // Queries: near a random model's points (a realistic hit), with a pseudo-prompt near its zt.
+  // Queries of random models: on the overlap hub fresh samples of the model's outputs; on the
+  // random hub a point near one of its reduced points, with a pseudo-prompt near its zt.
+  // The first rows are timed; all of them (>= recall_queries) measure recall.
   const int max_batch = batches.empty() ? 1 : *std::max_element(batches.begin(), batches.end());
-  const int pool = std::max({queries, max_batch, 64});
+  const int pool = std::max({queries, max_batch, 64, recall_queries});
   gmi::RowMatrix xs(pool, d), ts(pool, dt);
+  std::vector<long> truth(static_cast<std::size_t>(pool));
+  FastRng qrng{seed ^ 0x9e3779b97f4a7c15ull};
   for (int q = 0; q < pool; ++q) {
-    const gmi::Spec& near = specs[static_cast<std::size_t>(rng.next() % static_cast<std::uint64_t>(models))];
-    const auto p = static_cast<Eigen::Index>(rng.next() % static_cast<std::uint64_t>(r));
-    for (int k = 0; k < d; ++k) xs(q, k) = near.zx(p, k) + 0.05f * rng.uniform();
-    for (int k = 0; k < dt; ++k) ts(q, k) = near.zt(p, k) + 0.05f * rng.uniform();
+    const long m = static_cast<long>(qrng.next() % static_cast<std::uint64_t>(models));
+    truth[static_cast<std::size_t>(q)] = m;
+    if (overlap) {
+      std::vector<float> x(static_cast<std::size_t>(d)), t(static_cast<std::size_t>(dt));
+      overlap->query(m, static_cast<std::uint64_t>(q), x.data(), t.data());
+      xs.row(q) = Eigen::Map<const Eigen::RowVectorXf>(x.data(), d);
+      ts.row(q) = Eigen::Map<const Eigen::RowVectorXf>(t.data(), dt);
+      continue;
+    }
+    const gmi::Spec& near = specs[static_cast<std::size_t>(m)];
+    const auto p = static_cast<Eigen::Index>(qrng.next() % static_cast<std::uint64_t>(r));
+    for (int k = 0; k < d; ++k) xs(q, k) = near.zx(p, k) + 0.05f * qrng.uniform();
+    for (int k = 0; k < dt; ++k) ts(q, k) = near.zt(p, k) + 0.05f * qrng.uniform();
     xs.row(q).normalize();
     ts.row(q).normalize();
   }
@@ -166,11 +244,27 @@ int main(int argc, char** argv) {
                 build_s, rss_specs, storage_name.c_str(), pack_s, peak_rss_gb(),
                 static_cast<double>(index.memory_bytes()) / static_cast<double>(models));
   nlohmann::json out{{"models", models}, {"r", r}, {"d", d}, {"dt", dt}, {"storage", storage_name},
+                     {"hub", hub_kind},
                      {"search", search}, {"threads", gmi::default_threads()},
                      {"candidates", search == "two-stage" ? nlohmann::json(candidates) : nlohmann::json(nullptr)},
+                     {"candidate_dims", search == "two-stage" ? nlohmann::json(two_stage.dims) : nlohmann::json(nullptr)},
+                     {"candidate_prompt_dims", search == "two-stage" ? nlohmann::json(two_stage.prompt_dims) : nlohmann::json(nullptr)},
+                     {"candidate_clusters", search == "two-stage" ? nlohmann::json(two_stage.clusters) : nlohmann::json(nullptr)},
                      {"bytes_per_spec", static_cast<double>(index.memory_bytes()) / static_cast<double>(models)},
                      {"pack_s", pack_s}};
 
+  if (search == "two-stage") {
+    start = Clock::now();
+    two_stage.candidates = static_cast<std::size_t>(candidates);
+    const std::size_t bytes = index.prepare_two_stage(two_stage);
+    const double prepare_s = std::chrono::duration<double>(Clock::now() - start).count();
+    out["candidate_index_s"] = prepare_s;
+    out["candidate_bytes_per_spec"] = static_cast<double>(bytes) / static_cast<double>(models);
+    if (!json)
+      std::printf("candidate summary (%d groups, %d + %d dims): %.2f s, %.0f bytes per spec\n",
+                  two_stage.clusters, two_stage.dims, two_stage.prompt_dims, prepare_s,
+                  static_cast<double>(bytes) / static_cast<double>(models));
+  }
   for (const std::string& name : scorers) {
     gmi::ScoreOptions options;
     options.scorer = gmi::parse_scorer(name);
@@ -178,7 +272,7 @@ int main(int argc, char** argv) {
     const bool uses_t = options.scorer == gmi::Scorer::kWeighted;
     // The search under test: exact, or two-stage on the same index.
     const auto ranks = [&](const gmi::RowMatrix& bx, const gmi::RowMatrix& bt, const gmi::ScoreOptions& o) {
-      return search == "two-stage" ? index.rank_batch_two_stage(bx, bt, o, static_cast<std::size_t>(candidates))
+      return search == "two-stage" ? index.rank_batch_two_stage(bx, bt, o, two_stage)
                                    : index.rank_batch(bx, bt, o);
     };
     const double bytes = points * (d + (uses_t ? dt : 0)) * (storage == gmi::SpecStorage::kF16 ? 2.0 : 4.0);  // zx (+ zt) per pass
@@ -220,8 +314,13 @@ int main(int argc, char** argv) {
     gmi::ScoreOptions four = options;
     four.top_k = 4;
     const auto mine = ranks(xs, ts, four), theirs = ref.rank_batch(xs, ts, four);
-    double at1 = 0, at4 = 0, same4 = 0, margin = 0;
+    double at1 = 0, at4 = 0, same4 = 0, margin = 0, true1 = 0, family1 = 0;
+    const auto model_index = [](const std::string& id) { return std::stol(id.substr(6)); };  // "model-<m>"
     for (std::size_t q = 0; q < mine.size(); ++q) {
+      // How hard the hub is: does exact scoring find the model (or its family) that drew the query?
+      const long top = model_index(theirs[q][0].model);
+      true1 += top == truth[q] ? 1 : 0;
+      family1 += overlap && overlap->family(top) == overlap->family(truth[q]) ? 1 : 0;
       at1 += mine[q][0].model == theirs[q][0].model ? 1 : 0;
       std::size_t found = 0;
       bool equal = true;
@@ -239,15 +338,26 @@ int main(int argc, char** argv) {
     js["top4_identical"] = same4 / n;
     js["mean_margin_rank1_rank2"] = margin / n;
     js["recall_queries"] = mine.size();
+    js["exact_top1_is_source_model"] = true1 / n;
+    if (overlap) js["exact_top1_in_source_family"] = family1 / n;
     if (!json)
       std::printf("%-8s vs float32 exact on %zu queries: recall@1 %.4f  recall@4 %.4f  identical top-4 %.4f  "
                   "(mean score margin rank 1 to 2: %.4g)\n",
                   name.c_str(), mine.size(), at1 / n, at4 / n, same4 / n, margin / n);
+    if (!json)
+      std::printf("%-8s exact top-1 is the query's source model for %.4f of queries%s\n", name.c_str(), true1 / n,
+                  overlap ? (", its family for " + std::to_string(family1 / n)).c_str() : "");
   }
   // The first scorer's figures at the top level too, for checks that drive one scorer.
   if (!scorers.empty()) {
     for (const auto& [k, v] : out["scorers"][scorers.front()].items()) out[k] = v;
   }
+  if (overlap)
+    out["overlap"] = {{"base", overlap->base().source}, {"base_models", overlap->base().zx.size()},
+                      {"families", overlap->families()}, {"zipf", ov.zipf}, {"family_size", ov.family_size},
+                      {"family_offset", ov.family_offset}, {"member_offset", ov.member_offset},
+                      {"mix", ov.mix}, {"fit_jitter", ov.fit_jitter}, {"content", ov.content},
+                      {"spacing", overlap->spacing()}, {"spread", overlap->spread()}};
   out["peak_rss_gb"] = peak_rss_gb();
   if (json) {
     std::printf("%s\n", out.dump().c_str());

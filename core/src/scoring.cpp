@@ -7,6 +7,7 @@
 #include <limits>
 #include <mutex>
 #include <numeric>
+#include <random>
 #include <string>
 #include <unordered_set>
 #include <utility>
@@ -15,6 +16,7 @@
 #include "gmi/half.hpp"
 #include "gmi/parallel.hpp"
 #include "gmi/rkme.hpp"
+#include "scoring_internal.hpp"
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -24,6 +26,9 @@ namespace gmi {
 namespace {
 
 using Eigen::Index;
+using scoring_detail::BoundedTopK;
+using scoring_detail::check_options;
+using scoring_detail::parallel_for_rethrow;
 
 // Reduced points per block of the per-model pass: the block's dot products stay in L1/L2.
 constexpr std::size_t kBlockPoints = 4096;
@@ -51,22 +56,6 @@ std::string identity_text(const EncoderIdentity& e) {
 
 std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
 
-// parallel_for for a fn that may throw: every call runs, then the first exception (by index)
-// is rethrown on the caller's thread.
-template <class Fn>
-void parallel_for_rethrow(std::size_t n, int threads, const Fn& fn) {
-  std::vector<std::exception_ptr> errors(n);
-  parallel_for(n, threads, [&](std::size_t i) {
-    try {
-      fn(i);
-    } catch (...) {
-      errors[i] = std::current_exception();
-    }
-  });
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
-
 // Runs fn(m_begin, m_end) over [0, M) split into contiguous ranges of about equal point counts,
 // one per thread, when the work is large enough to pay for the threads.
 template <class Fn>
@@ -91,11 +80,6 @@ void for_model_ranges(const std::vector<std::size_t>& offsets, double work, cons
   parallel_for_rethrow(threads, static_cast<int>(threads), [&](std::size_t k) { fn(bounds[k], bounds[k + 1]); });
 }
 
-void check_options(const ScoreOptions& options) {
-  if (options.scorer == Scorer::kWeighted && (!(options.tau > 0) || std::isnan(options.tau)))
-    throw InputError("score: options.tau must be positive (got " + std::to_string(options.tau) +
-                     ")");
-}
 
 }  // namespace
 
@@ -161,13 +145,6 @@ std::size_t SpecIndex::memory_bytes() const {
 
 bool ascending(Scorer s) { return s == Scorer::kWeighted || s == Scorer::kRkme; }
 
-struct SpecIndex::QueryTerms {
-  float x_sqnorm = 0;
-  double inv_x_norm = 0;  // 0 for a zero query
-  float inv_t_norm = 0;
-  bool weighted = false;  // a usable pseudo-prompt: otherwise the weighted scorer uses beta
-};
-
 Spec to_metric_space(Spec s, const Metric& metric) {
   check_metric_encoder(metric, s.image_encoder);
   if (s.zx.cols() != metric.dim_in())
@@ -182,7 +159,7 @@ Spec to_metric_space(Spec s, const Metric& metric) {
 
 SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric, SpecSpace space,
                      SpecStorage storage)
-    : storage_(storage), metric_(std::move(metric)) {
+    : metric_(std::move(metric)), storage_(storage) {
   if (space == SpecSpace::kMapped && !metric_)
     throw InputError("SpecIndex: specs said to be mapped, but no metric given");
   const std::size_t models = specs.size();
@@ -463,6 +440,17 @@ void SpecIndex::products(bool prompts, Index pa, Index len, const RowMatrix& qs,
   }
 }
 
+void SpecIndex::load_points(bool prompts, Index p, Index n, float* out) const {
+  const Index cols = prompts ? dt_ : dx_;
+  const auto count = static_cast<std::size_t>(n * cols);
+  if (storage_ == SpecStorage::kF32) {
+    const float* from = (prompts ? zt_ : zx_).data() + p * cols;
+    std::copy(from, from + count, out);
+  } else {
+    halves_to_floats((prompts ? zt16_ : zx16_).data() + static_cast<std::size_t>(p * cols), out, count);
+  }
+}
+
 void SpecIndex::score_range(std::size_t m_begin, std::size_t m_end, const RowMatrix& xs,
                             const RowMatrix& ts, const QueryTerms* terms,
                             const ScoreOptions& options, double* out, std::size_t out_stride,
@@ -519,15 +507,6 @@ Eigen::VectorXd SpecIndex::score_all(const Eigen::VectorXf& x, const Eigen::Vect
   return score_all_batch(Eigen::Map<const RowMatrix>(x.data(), 1, x.size()), one_row(t), options).row(0).transpose();
 }
 
-struct SpecIndex::Prepared {
-  RowMatrix mapped;  // the queries in the metric's space (an index with a metric)
-  const RowMatrix* qx = nullptr;
-  RowMatrix no_prompts;
-  const RowMatrix* prompts = nullptr;
-  std::vector<QueryTerms> terms;
-  double work = 0;  // multiply-adds of the per-model pass
-};
-
 void SpecIndex::prepare(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
                         Prepared& p) const {
   const Index queries = xs.rows();
@@ -577,65 +556,6 @@ RowMatrixD SpecIndex::score_all_batch(const RowMatrix& xs, const RowMatrix& ts,
   return out;
 }
 
-namespace {
-
-// The best k of the scores offered, in top_k's order (NaN last, then by score, then by
-// model id): a heap whose front is the worst kept, so most offers cost one comparison.
-class BoundedTopK {
- public:
-  BoundedTopK(std::size_t k, bool ascending, const std::vector<std::string>& ids)
-      : k_(k), better_{ascending, &ids} {
-    heap_.reserve(k);
-  }
-
-  void offer(double score, std::size_t model) {
-    const Entry e{score, model};
-    if (heap_.size() < k_) {
-      heap_.push_back(e);
-      std::push_heap(heap_.begin(), heap_.end(), better_);
-    } else if (k_ > 0 && better_(e, heap_.front())) {
-      std::pop_heap(heap_.begin(), heap_.end(), better_);
-      heap_.back() = e;
-      std::push_heap(heap_.begin(), heap_.end(), better_);
-    }
-  }
-
-  void merge(const BoundedTopK& other) {
-    for (const auto& e : other.heap_) offer(e.score, e.model);
-  }
-
-  std::vector<RankedModel> ranked() const {
-    std::vector<Entry> sorted = heap_;
-    std::sort(sorted.begin(), sorted.end(), better_);
-    std::vector<RankedModel> out;
-    out.reserve(sorted.size());
-    for (const auto& e : sorted) out.push_back({(*better_.ids)[e.model], e.score});
-    return out;
-  }
-
- private:
-  struct Entry {
-    double score;
-    std::size_t model;
-  };
-  struct Better {
-    bool ascending;
-    const std::vector<std::string>* ids;
-    bool operator()(const Entry& a, const Entry& b) const {
-      const bool na = std::isnan(a.score), nb = std::isnan(b.score);
-      if (na != nb) return nb;
-      if (!na && a.score != b.score) return ascending ? a.score < b.score : a.score > b.score;
-      return (*ids)[a.model] < (*ids)[b.model];
-    }
-  };
-
-  std::size_t k_;
-  Better better_;
-  std::vector<Entry> heap_;
-};
-
-}  // namespace
-
 std::vector<RankedModel> SpecIndex::rank(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
                                          const ScoreOptions& options) const {
   return rank_batch(Eigen::Map<const RowMatrix>(x.data(), 1, x.size()), one_row(t), options).front();
@@ -679,65 +599,6 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
   std::vector<std::vector<RankedModel>> out;
   out.reserve(best.size());
   for (const auto& b : best) out.push_back(b.ranked());
-  return out;
-}
-
-std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowMatrix& xs,
-                                                                      const RowMatrix& ts,
-                                                                      const ScoreOptions& options,
-                                                                      std::size_t candidates) const {
-  check_options(options);
-  if (options.scorer == Scorer::kMean || options.scorer == Scorer::kPopularity)
-    throw InputError(std::string("two-stage search: scorer ") + to_string(options.scorer) +
-                     " has no exact stage (use weighted, rkme or nearest)");
-  if (candidates == 0) throw InputError("two-stage search: candidates must be > 0");
-  const Index queries = xs.rows();
-  if (options.top_k <= 0 || candidates >= size() || size() == 0 || queries == 0)
-    return rank_batch(xs, ts, options);
-  Prepared p;
-  prepare(xs, ts, options, p);
-  const std::size_t k = std::min(candidates, static_cast<std::size_t>(options.top_k));
-  const bool asc = ascending(options.scorer);
-  std::vector<std::vector<RankedModel>> out(static_cast<std::size_t>(queries));
-  // Stage 1 for the whole batch: cosines to every model's unit mean (the sign and scale of x
-  // do not change the order), one product per block of models, blocks in parallel, so the
-  // means are read once per batch and a single query uses every core. B x M floats.
-  constexpr Index kMeanBlock = 4096;
-  const auto models = static_cast<Index>(size());
-  RowMatrix cos(queries, models);
-  const std::size_t blocks = static_cast<std::size_t>((models + kMeanBlock - 1) / kMeanBlock);
-  parallel_for_rethrow(blocks, default_threads(), [&](std::size_t b) {
-    const Index m0 = static_cast<Index>(b) * kMeanBlock, n = std::min(kMeanBlock, models - m0);
-    cos.middleCols(m0, n).noalias() = *p.qx * mean_unit_.middleRows(m0, n).transpose();
-  });
-  // Stage 2: queries in parallel, each on one thread: its candidates, then their exact score,
-  // runs of consecutive models at a time.
-  parallel_for_rethrow(static_cast<std::size_t>(queries), default_threads(), [&](std::size_t q) {
-    const auto qi = static_cast<Index>(q);
-    std::vector<std::size_t> pick(size());
-    std::iota(pick.begin(), pick.end(), std::size_t{0});
-    const auto nearer = [&](std::size_t a, std::size_t b) {
-      const float ca = cos(qi, static_cast<Index>(a)), cb = cos(qi, static_cast<Index>(b));
-      return ca != cb ? ca > cb : a < b;
-    };
-    std::nth_element(pick.begin(), pick.begin() + static_cast<std::ptrdiff_t>(candidates - 1), pick.end(), nearer);
-    pick.resize(candidates);
-    std::sort(pick.begin(), pick.end());  // index order: neighbouring models share a block
-    const RowMatrix qx = p.qx->row(qi);
-    const RowMatrix qt = p.prompts->rows() > 0 ? RowMatrix(p.prompts->row(qi)) : RowMatrix(0, 0);
-    const QueryTerms& terms = p.terms[q];
-    BoundedTopK top(k, asc, model_ids_);
-    const BlockSink sink = [&](std::size_t ma, std::size_t mb, Index, Index, const double* scores) {
-      for (std::size_t m = ma; m < mb; ++m) top.offer(scores[m - ma], m);
-    };
-    for (std::size_t i = 0; i < pick.size();) {
-      std::size_t j = i + 1;
-      while (j < pick.size() && pick[j] == pick[j - 1] + 1) ++j;
-      score_range(pick[i], pick[j - 1] + 1, qx, qt, &terms, options, nullptr, 0, &sink);
-      i = j;
-    }
-    out[q] = top.ranked();
-  });
   return out;
 }
 

@@ -49,6 +49,13 @@ RowMatrix random_rows(int rows, int cols, std::mt19937_64& rng) {
   return m;
 }
 
+// rows x cols with orthonormal rows.
+RowMatrix orthonormal_rows(int rows, int cols, std::mt19937_64& rng) {
+  const Eigen::MatrixXf g = random_rows(cols, rows, rng);
+  const Eigen::HouseholderQR<Eigen::MatrixXf> qr(g);
+  return (qr.householderQ() * Eigen::MatrixXf::Identity(cols, rows)).transpose();
+}
+
 Eigen::VectorXf random_simplex(int r, std::mt19937_64& rng) {
   std::uniform_real_distribution<float> u(0.05f, 1.0f);
   Eigen::VectorXf b(r);
@@ -423,26 +430,27 @@ std::vector<Spec> specs_m0_to_m299(int r_min, int r_span, int d, int dt, double 
 }
 
 // Two-stage search is the exact top-k of the candidates its first stage picks: the C models
-// of highest cosine to their mean (the mean scorer's scores), whatever runs of consecutive
-// models they form; C at or above the hub's size is exact search; scorers without an exact
-// stage and C = 0 are refused.
-TEST(Scoring, TwoStageIsTheExactTopKOfTheNearestMeans) {
+// of best estimate (candidate_scores), whatever runs of consecutive models they form; C at or
+// above the hub's size is exact search; scorers without an exact stage, C = 0 and summaries
+// of impossible shapes are refused.
+TEST(Scoring, TwoStageIsTheExactTopKOfItsBestEstimates) {
   std::mt19937_64 rng(53);
   const SpecIndex index(specs_m0_to_m299(3, 7, 24, 8, 0.9, rng));
   const RowMatrix xs = random_rows(9, 24, rng), ts = random_rows(9, 8, rng);
-  ScoreOptions mean;
-  mean.scorer = Scorer::kMean;
-  const RowMatrixD cosines = index.score_all_batch(xs, ts, mean);
   for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest}) {
     ScoreOptions o;
     o.scorer = scorer;
     o.top_k = 5;
     const RowMatrixD exact = index.score_all_batch(xs, ts, o);
+    SpecIndex::TwoStage search;
+    search.clusters = 2;
+    const RowMatrixD estimates = index.candidate_scores(xs, ts, o, search);
     for (std::size_t c : {std::size_t{5}, std::size_t{17}, std::size_t{120}}) {
-      const auto two = index.rank_batch_two_stage(xs, ts, o, c);
+      search.candidates = c;
+      const auto two = index.rank_batch_two_stage(xs, ts, o, search);
       ASSERT_EQ(two.size(), 9u);
       for (Eigen::Index q = 0; q < xs.rows(); ++q) {
-        const auto near = top_k(cosines.row(q).transpose(), index.model_ids(), false, static_cast<int>(c));
+        const auto near = top_k(estimates.row(q).transpose(), index.model_ids(), true, static_cast<int>(c));
         std::vector<std::string> ids;
         Eigen::VectorXd sub(static_cast<Eigen::Index>(near.size()));
         for (const auto& n : near) {
@@ -458,13 +466,77 @@ TEST(Scoring, TwoStageIsTheExactTopKOfTheNearestMeans) {
         }
       }
     }
-    const auto all = index.rank_batch_two_stage(xs, ts, o, 300), full = index.rank_batch(xs, ts, o);
+    search.candidates = 300;
+    const auto all = index.rank_batch_two_stage(xs, ts, o, search), full = index.rank_batch(xs, ts, o);
     for (std::size_t q = 0; q < full.size(); ++q)
       for (std::size_t i = 0; i < full[q].size(); ++i) EXPECT_EQ(all[q][i].model, full[q][i].model);
   }
-  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, mean, 10), InputError);
+  ScoreOptions mean;
+  mean.scorer = Scorer::kMean;
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, mean, {}), InputError);
+  EXPECT_THROW(index.candidate_scores(xs, ts, mean, {}), InputError);
   ScoreOptions w;
-  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, 0), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {0, 64, 32, 4}), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, -1, 32, 4}), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 64, -1, 4}), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 64, 32, 0}), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 64, 32, 256}), InputError);
+}
+
+// With a group per reduced point and every dimension kept, the first stage's estimate is the
+// exact score of every scorer (the nearest scorer's negated); with fewer groups it is not.
+TEST(Scoring, AGroupPerPointEstimatesTheExactScore) {
+  std::mt19937_64 rng(59);
+  const SpecIndex index(specs_m0_to_m299(3, 7, 24, 8, 0.9, rng));
+  const RowMatrix xs = random_rows(6, 24, rng), ts = random_rows(6, 8, rng);
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    const RowMatrixD exact = index.score_all_batch(xs, ts, o);
+    const RowMatrixD each = index.candidate_scores(xs, ts, o, {256, 0, 0, 9});
+    const RowMatrixD two = index.candidate_scores(xs, ts, o, {256, 0, 0, 2});
+    const double sign = scorer == Scorer::kNearest ? -1.0 : 1.0;
+    double worst = 0, two_off = 0;
+    for (Eigen::Index q = 0; q < xs.rows(); ++q)
+      for (Eigen::Index m = 0; m < exact.cols(); ++m) {
+        worst = std::max(worst, std::abs(sign * each(q, m) - exact(q, m)));
+        two_off = std::max(two_off, std::abs(sign * two(q, m) - exact(q, m)));
+      }
+    EXPECT_LT(worst, 2e-5) << to_string(scorer);
+    EXPECT_GT(two_off, 1e-3) << to_string(scorer);
+  }
+}
+
+// The summary compares group means (and prompts) in their leading principal directions. When
+// every reduced point lies in a 6-dimensional subspace, 6 directions lose nothing (the same
+// estimates as in all d); 2 directions do lose something, so they are really used. The bytes
+// are those of the bases and the per-group arrays.
+TEST(Scoring, TheSummaryInItsPrincipalDirectionsLosesNothingWhenTheyHoldThePoints) {
+  std::mt19937_64 rng(61);
+  const RowMatrix basis = orthonormal_rows(6, 24, rng);
+  std::vector<Spec> specs;
+  for (int m = 0; m < 300; ++m)
+    specs.push_back(make_spec("m" + std::to_string(m), random_rows(5, 6, rng) * basis, random_rows(5, 8, rng),
+                              random_simplex(5, rng), 0.9, m));
+  const SpecIndex index(std::move(specs));
+  const RowMatrix xs = random_rows(12, 24, rng), ts = random_rows(12, 8, rng);
+  ScoreOptions o;
+  const std::size_t groups = 3, slots = 300 * groups;
+  EXPECT_EQ(index.prepare_two_stage({17, 6, 0, 3}),
+            (6 * 24 + slots * 6 + slots * 8 + 2 * slots + slots * groups) * sizeof(float));
+  EXPECT_EQ(index.prepare_two_stage({17, 24, 8, 3}), (slots * 24 + slots * 8 + 2 * slots + slots * groups) * sizeof(float));
+  const RowMatrixD full = index.candidate_scores(xs, ts, o, {17, 0, 0, 3});
+  const RowMatrixD six = index.candidate_scores(xs, ts, o, {17, 6, 0, 3});
+  const RowMatrixD two = index.candidate_scores(xs, ts, o, {17, 2, 0, 3});
+  EXPECT_LT((six - full).cwiseAbs().maxCoeff(), 1e-5);
+  EXPECT_GT((two - full).cwiseAbs().maxCoeff(), 1e-3);
+  // The same for prompts: 8 of 8 directions is all of them, 2 are not.
+  const RowMatrixD p2 = index.candidate_scores(xs, ts, o, {17, 0, 2, 3});
+  EXPECT_GT((p2 - full).cwiseAbs().maxCoeff(), 1e-4);
+  const auto a = index.rank_batch_two_stage(xs, ts, o, {17, 6, 0, 3});
+  const auto b = index.rank_batch_two_stage(xs, ts, o, {17, 0, 0, 3});
+  for (std::size_t q = 0; q < a.size(); ++q)
+    for (std::size_t i = 0; i < a[q].size(); ++i) EXPECT_EQ(a[q][i].model, b[q][i].model);
 }
 
 // binary16 storage: about half the bytes, every score within binary16's rounding of the

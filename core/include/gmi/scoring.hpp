@@ -3,8 +3,11 @@
 /// contiguous matrices: a query is one GEMV over all reduced points plus elementwise
 /// passes; a batch of queries is one GEMM. See shared METHOD.md, "Identification".
 /// Thread-safety: a built SpecIndex is immutable; rank*/score* are const and reentrant.
+#include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -106,14 +109,34 @@ class SpecIndex {
   std::vector<std::vector<RankedModel>> rank_batch(const RowMatrix& xs, const RowMatrix& ts,
                                                    const ScoreOptions& options) const;
 
-  /// Two-stage search: for each query, the `candidates` models whose sample means are
-  /// nearest to it (cosine, the mean scorer's one pass over M x d), then options.scorer's
-  /// exact score on those models alone, streamed into the top-k. A per-model scorer only
-  /// (weighted, rkme, nearest); candidates >= size() (or top_k <= 0) is rank_batch itself.
-  /// Recall of the exact top-k depends on the hub: measure it (bench_score --search two-stage).
+  /// Two-stage search. Stage 1 estimates every model's score from a compact summary of its
+  /// spec: its reduced points grouped into `clusters` groups (beta-weighted kernel k-means on
+  /// the spec's own Gram matrix), each group kept as its beta mass, its weighted mean point
+  /// (and the spread of its points about it), its mean unit prompt, and the groups' block
+  /// Gram; the estimate is the scorer's own formula with the groups as points (exact when
+  /// clusters >= r and dims = prompt_dims = 0). Mean points and prompts are compared in their
+  /// `dims` / `prompt_dims` leading principal directions (uncentred, learnt from a sample of
+  /// at most 4096 models on first use and kept; 0: all dimensions). Stage 2 is
+  /// options.scorer's exact score on each query's `candidates` best estimates, streamed into
+  /// the top-k. A per-model scorer only (weighted, rkme, nearest); candidates >= size() (or
+  /// top_k <= 0) is rank_batch itself. Recall of the exact top-k depends on the hub: measure
+  /// it (bench_score --search two-stage --hub overlap).
+  struct TwoStage {
+    std::size_t candidates = 256;
+    int dims = 64;
+    int prompt_dims = 32;
+    int clusters = 4;  ///< 1 ... 255
+  };
   std::vector<std::vector<RankedModel>> rank_batch_two_stage(const RowMatrix& xs, const RowMatrix& ts,
                                                              const ScoreOptions& options,
-                                                             std::size_t candidates) const;
+                                                             const TwoStage& search) const;
+  /// Stage 1 alone: B x M estimated scores (lower is better for every scorer: the nearest
+  /// scorer's estimate is negated), for measuring the first stage.
+  RowMatrixD candidate_scores(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
+                              const TwoStage& search) const;
+  /// Builds the first stage's summary for `search` now (else the first query does); returns
+  /// the bytes it takes. Safe to call from several threads.
+  std::size_t prepare_two_stage(const TwoStage& search) const;
 
   /// The metric the index scores with (null: the encoder's raw space).
   const std::shared_ptr<const Metric>& metric() const { return metric_; }
@@ -151,6 +174,16 @@ class SpecIndex {
   RowMatrix mean_unit_;                // M x d, L2-normalised sample means
   Eigen::VectorXd downloads_;          // M
 
+  // The first stage's summaries, per (dims, prompt_dims, clusters), built on first use and
+  // shared by copies of the index.
+  struct Summary;  // two_stage.cpp
+  struct SummaryCache {
+    std::mutex mutex;
+    std::map<std::array<int, 3>, std::shared_ptr<const Summary>> by_shape;
+  };
+  std::shared_ptr<SummaryCache> summaries_ = std::make_shared<SummaryCache>();
+  std::shared_ptr<const Summary> summary(const TwoStage& search) const;
+
   struct QueryTerms;  // one query's norms, as the per-model pass needs them
   void check_query(const float* x, Eigen::Index x_size, const float* t, Eigen::Index t_size,
                    bool weighted, QueryTerms& terms) const;
@@ -179,6 +212,14 @@ class SpecIndex {
   struct Prepared;
   void prepare(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
                Prepared& p) const;
+  /// Stage 1 on models [m_begin, m_end) for queries already in the summary's bases (qx: B x
+  /// dims, qt: B x prompt_dims, unit, or no rows): sink(q, ma, mb, estimates) per block.
+  using EstimateSink = std::function<void(Eigen::Index q, std::size_t m_begin, std::size_t m_end, const float* estimates)>;
+  void estimate_range(const Summary& summary, const RowMatrix& qx, const RowMatrix& qt,
+                      const QueryTerms* terms, const ScoreOptions& options, std::size_t m_begin,
+                      std::size_t m_end, const EstimateSink& sink) const;
+  /// Rows [p, p + n) of zx (or zt: `prompts`) as float32, whatever the storage, into out (n x cols).
+  void load_points(bool prompts, Eigen::Index p, Eigen::Index n, float* out) const;
 };
 
 /// Top-k of `scores` (ascending or descending), ties broken by model id.
