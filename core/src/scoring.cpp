@@ -7,7 +7,6 @@
 #include <limits>
 #include <mutex>
 #include <numeric>
-#include <random>
 #include <string>
 #include <unordered_set>
 #include <utility>

@@ -21,7 +21,6 @@
 #include <cstdint>
 #include <limits>
 #include <mutex>
-#include <numeric>
 #include <random>
 #include <string>
 #include <utility>
