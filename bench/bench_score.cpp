@@ -72,7 +72,7 @@ int main(int argc, char** argv) {
   CLI::App app{"SpecIndex scoring benchmark on synthetic specs"};
   long models = 1000;
   int r = 32, d = 512, dt = 256, queries = 20, repeats = 3;
-  double tau = 0.1, gamma = 1.0;
+  double tau = gmi::ScoreOptions{}.tau, gamma = 1.0;
   std::vector<int> batches{16, 64};
   std::vector<std::string> scorers{"weighted", "rkme"};
   std::uint64_t seed = 7;
@@ -86,7 +86,8 @@ int main(int argc, char** argv) {
   app.add_option("--batches", batches, "batch sizes");
   app.add_option("--repeats", repeats, "batches timed per batch size and scorer");
   app.add_option("--scorers", scorers, "scorers to time");
-  app.add_option("--tau", tau, "prompt-weight temperature");
+  app.add_option("--tau", tau, "prompt-weight temperature (default: the scorer's, as the services use)")
+      ->capture_default_str();
   app.add_option("--seed", seed, "data seed");
   app.add_option("--storage", storage_name, "f32 | f16: how the index stores its points")
       ->check(CLI::IsMember({"f32", "f16"}));
@@ -108,6 +109,18 @@ int main(int argc, char** argv) {
   app.add_option("--clusters", two_stage.clusters,
                  "two-stage: groups of reduced points per model in the summary (kernel k-means)")
       ->check(CLI::Range(1, 255))
+      ->capture_default_str();
+  app.add_option("--lists", two_stage.lists,
+                 "two-stage: inverted-file cells over the summary's group means (0: none, every summary read)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--probe", two_stage.probe, "two-stage: cells a query visits (with --lists)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--residual-dims", two_stage.residual_dims,
+                 "two-stage: each point's offset from its group's mean kept in this many principal directions "
+                 "(0: groups only)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_flag("--json", json, "print one JSON object (p50_ms, batch64_ms_per_query, recall_at_1, "
                                "recall_at_4, bytes_per_spec, ...) instead of the table");
@@ -250,6 +263,10 @@ int main(int argc, char** argv) {
                      {"candidate_dims", search == "two-stage" ? nlohmann::json(two_stage.dims) : nlohmann::json(nullptr)},
                      {"candidate_prompt_dims", search == "two-stage" ? nlohmann::json(two_stage.prompt_dims) : nlohmann::json(nullptr)},
                      {"candidate_clusters", search == "two-stage" ? nlohmann::json(two_stage.clusters) : nlohmann::json(nullptr)},
+                     {"candidate_residual_dims", search == "two-stage" ? nlohmann::json(two_stage.residual_dims) : nlohmann::json(nullptr)},
+                     {"candidate_lists", search == "two-stage" ? nlohmann::json(two_stage.lists) : nlohmann::json(nullptr)},
+                     {"candidate_probe", search == "two-stage" && two_stage.lists > 0 ? nlohmann::json(two_stage.probe) : nlohmann::json(nullptr)},
+                     {"tau", tau},
                      {"bytes_per_spec", static_cast<double>(index.memory_bytes()) / static_cast<double>(models)},
                      {"pack_s", pack_s}};
 

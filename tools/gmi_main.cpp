@@ -231,6 +231,9 @@ struct IdentifyArgs {
   bool json_out = false;
   std::string metric = "auto";
   gmi::MetricOptions metric_options;
+  std::string search = "auto";
+  std::size_t two_stage_from = gmi::IdentifyOptions{}.two_stage_from;
+  gmi::SpecIndex::TwoStage two_stage{256, 0, 32, 4, 1024, 128, 32};  // as config/gmi.yaml's score.*
 };
 
 void add_metric_options(CLI::App* cmd, gmi::MetricOptions& o) {
@@ -292,6 +295,9 @@ std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const I
   opt.score.top_k = a.top;
   if (a.tau > 0) opt.score.tau = a.tau;
   opt.interrogator = a.interrogator;
+  opt.search = gmi::parse_search(a.search);
+  opt.two_stage_from = a.two_stage_from;
+  opt.two_stage = a.two_stage;
   gmi::interrogator_input(a.interrogator);  // InputError naming the known ones
   std::shared_ptr<const gmi::TextEncoder> te = gmi::make_text_encoder(c.text_encoder, c.encoders());
   if (a.interrogator == "prompt-bank") {
@@ -541,6 +547,22 @@ int main(int argc, char** argv) {
                            "auto (the store's metric, else one learnt from the loaded specs) | none | stored | learn")
       ->envname("GMI_METRIC")->capture_default_str();
   add_metric_options(identify_cmd, ident.metric_options);
+  identify_cmd->add_option("--search", ident.search,
+                           "exact | two-stage | auto (exact below --two-stage-from models)")
+      ->envname("GMI_SCORE_SEARCH")->capture_default_str();
+  identify_cmd->add_option("--two-stage-from", ident.two_stage_from, "auto: the hub size from which two-stage is used")
+      ->envname("GMI_SCORE_TWO_STAGE_FROM")->capture_default_str();
+  identify_cmd->add_option("--candidates", ident.two_stage.candidates, "two-stage: models per query scored exactly")
+      ->envname("GMI_SCORE_CANDIDATES")->capture_default_str();
+  identify_cmd->add_option("--clusters", ident.two_stage.clusters, "two-stage: groups each spec is summarised by")
+      ->envname("GMI_SCORE_CLUSTERS")->capture_default_str();
+  identify_cmd->add_option("--residual-dims", ident.two_stage.residual_dims,
+                           "two-stage: directions of each point's offset from its group's mean (0: groups only)")
+      ->envname("GMI_SCORE_RESIDUAL_DIMS")->capture_default_str();
+  identify_cmd->add_option("--lists", ident.two_stage.lists, "two-stage: inverted-file cells (0: none)")
+      ->envname("GMI_SCORE_LISTS")->capture_default_str();
+  identify_cmd->add_option("--probe", ident.two_stage.probe, "two-stage: cells a query visits")
+      ->envname("GMI_SCORE_PROBE")->capture_default_str();
   add_common(identify_cmd, common);
   add_encoder_options(identify_cmd, common);
 

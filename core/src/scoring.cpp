@@ -114,6 +114,24 @@ SpecStorage parse_storage(std::string_view name) {
   throw InputError("unknown spec storage '" + std::string(name) + "' (expected f32 or f16)");
 }
 
+const char* to_string(SearchMode s) {
+  switch (s) {
+    case SearchMode::kExact: return "exact";
+    case SearchMode::kTwoStage: return "two-stage";
+    case SearchMode::kAuto: break;
+  }
+  return "auto";
+}
+
+SearchMode parse_search(std::string_view name) {
+  if (name == "auto") return SearchMode::kAuto;
+  if (name == "exact") return SearchMode::kExact;
+  if (name == "two-stage") return SearchMode::kTwoStage;
+  throw InputError("unknown search '" + std::string(name) + "' (expected auto, exact or two-stage)");
+}
+
+bool has_exact_stage(Scorer s) { return s == Scorer::kWeighted || s == Scorer::kRkme || s == Scorer::kNearest; }
+
 const RowMatrix& SpecIndex::all_zx() const {
   if (storage_ != SpecStorage::kF32)
     throw InputError("this spec index stores its points as " + std::string(to_string(storage_)) +

@@ -923,14 +923,14 @@ TEST_F(PipelineTest, PoisonImageIsDeadLetteredWhileItsBatchMatesFinish) {
   EXPECT_NE(c.broker_metrics().find("gmi_dead_letters_total{stage=\"decode\"} 1"), std::string::npos);
 }
 
-// Shard 1 also holds its points as binary16 (score.storage): the merged ranking is still
-// the one `gmi identify` computes in float32.
+// Shard 1 also holds its points as binary16 (score.storage) and searches two-stage
+// (score.search): the merged ranking is still the one `gmi identify` computes exactly in float32.
 TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
   START_CLUSTER(c, true, {"GMI_SCORE_SHARDS=2"});
   c.start_broker();
   for (const char* s : {"decode", "embed", "interrogate", "spec"}) c.start_worker(s);
   c.start_worker("score", {"GMI_SCORE_SHARD=0"});
-  auto& half = c.start_worker("score", {"GMI_SCORE_SHARD=1", "GMI_SCORE_STORAGE=f16"});
+  auto& half = c.start_worker("score", {"GMI_SCORE_SHARD=1", "GMI_SCORE_STORAGE=f16", "GMI_SCORE_SEARCH=two-stage"});
   upload_hub(c);
   hub().write(c.dir() / "hub");
   for (int q = 0; q < Hub::kModels; ++q) {
@@ -944,6 +944,7 @@ TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
     EXPECT_EQ(job["result"]["models"], Hub::kModels);
   }
   EXPECT_NE(half.log().find("storage=f16"), std::string::npos) << half.log();
+  EXPECT_NE(half.log().find("search=two-stage"), std::string::npos) << half.log();
 }
 
 // A process() that hangs: the worker's watchdog makes it suspect (its heartbeats say so and

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -429,6 +430,29 @@ std::vector<Spec> specs_m0_to_m299(int r_min, int r_span, int d, int dt, double 
   return specs;
 }
 
+// Checks that `two` (a two-stage answer, top 5) is the exact top-5 of the c models of best
+// estimate in `estimates` (B x M, as candidate_scores gives them).
+void expect_exact_top5_of_best(const SpecIndex& index, const RowMatrixD& exact, const RowMatrixD& estimates,
+                               std::size_t c, Scorer scorer, const std::vector<std::vector<RankedModel>>& two) {
+  ASSERT_EQ(two.size(), static_cast<std::size_t>(exact.rows()));
+  for (Eigen::Index q = 0; q < exact.rows(); ++q) {
+    const auto near = top_k(estimates.row(q).transpose(), index.model_ids(), true, static_cast<int>(c));
+    std::vector<std::string> ids;
+    Eigen::VectorXd sub(static_cast<Eigen::Index>(near.size()));
+    for (const auto& n : near) {
+      const auto m = std::stoi(n.model.substr(1));
+      sub(static_cast<Eigen::Index>(ids.size())) = exact(q, m);
+      ids.push_back(n.model);
+    }
+    const auto want = top_k(sub, ids, ascending(scorer), 5);
+    ASSERT_EQ(two[q].size(), want.size()) << to_string(scorer) << " c=" << c;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(two[q][i].model, want[i].model) << to_string(scorer) << " c=" << c << " q=" << q;
+      EXPECT_NEAR(two[q][i].score, want[i].score, 1e-6 * (1 + std::abs(want[i].score)));
+    }
+  }
+}
+
 // Two-stage search is the exact top-k of the candidates its first stage picks: the C models
 // of best estimate (candidate_scores), whatever runs of consecutive models they form; C at or
 // above the hub's size is exact search; scorers without an exact stage, C = 0 and summaries
@@ -447,24 +471,7 @@ TEST(Scoring, TwoStageIsTheExactTopKOfItsBestEstimates) {
     const RowMatrixD estimates = index.candidate_scores(xs, ts, o, search);
     for (std::size_t c : {std::size_t{5}, std::size_t{17}, std::size_t{120}}) {
       search.candidates = c;
-      const auto two = index.rank_batch_two_stage(xs, ts, o, search);
-      ASSERT_EQ(two.size(), 9u);
-      for (Eigen::Index q = 0; q < xs.rows(); ++q) {
-        const auto near = top_k(estimates.row(q).transpose(), index.model_ids(), true, static_cast<int>(c));
-        std::vector<std::string> ids;
-        Eigen::VectorXd sub(static_cast<Eigen::Index>(near.size()));
-        for (const auto& n : near) {
-          const auto m = std::stoi(n.model.substr(1));
-          sub(static_cast<Eigen::Index>(ids.size())) = exact(q, m);
-          ids.push_back(n.model);
-        }
-        const auto want = top_k(sub, ids, ascending(scorer), 5);
-        ASSERT_EQ(two[q].size(), want.size()) << to_string(scorer) << " c=" << c;
-        for (std::size_t i = 0; i < want.size(); ++i) {
-          EXPECT_EQ(two[q][i].model, want[i].model) << to_string(scorer) << " c=" << c << " q=" << q;
-          EXPECT_NEAR(two[q][i].score, want[i].score, 1e-6 * (1 + std::abs(want[i].score)));
-        }
-      }
+      expect_exact_top5_of_best(index, exact, estimates, c, scorer, index.rank_batch_two_stage(xs, ts, o, search));
     }
     search.candidates = 300;
     const auto all = index.rank_batch_two_stage(xs, ts, o, search), full = index.rank_batch(xs, ts, o);
@@ -481,10 +488,59 @@ TEST(Scoring, TwoStageIsTheExactTopKOfItsBestEstimates) {
   EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 64, -1, 4}), InputError);
   EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 64, 32, 0}), InputError);
   EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 64, 32, 256}), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 0, 0, 4, -1, 1}), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 0, 0, 4, 8, 0}), InputError);
+  EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 0, 0, 4, 8, 9}), InputError);
+}
+
+// The inverted file: a query's estimates are the full scan's for the models its probed cells
+// list and +inf for the others; probing every cell lists every model; a probe whose cells
+// list fewer models than the candidates visits more cells; a query at one of a model's
+// points (a group per point) finds that model in its nearest cell; and the two-stage answer
+// is the exact top-k of the best listed estimates.
+TEST(Scoring, TheInvertedFileEstimatesOnlyTheModelsItsProbedCellsList) {
+  std::mt19937_64 rng(67);
+  const std::vector<Spec> specs = specs_m0_to_m299(3, 7, 24, 8, 0.9, rng);
+  const SpecIndex index(specs);
+  const RowMatrix xs = random_rows(9, 24, rng), ts = random_rows(9, 8, rng);
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    o.top_k = 5;
+    const RowMatrixD full = index.candidate_scores(xs, ts, o, {17, 0, 0, 2});
+    const RowMatrixD two_cells = index.candidate_scores(xs, ts, o, {17, 0, 0, 2, 16, 2});
+    const RowMatrixD every_cell = index.candidate_scores(xs, ts, o, {17, 0, 0, 2, 16, 16});
+    const RowMatrixD wide = index.candidate_scores(xs, ts, o, {200, 0, 0, 2, 16, 1});
+    for (Eigen::Index q = 0; q < xs.rows(); ++q) {
+      int listed = 0, listed_wide = 0;
+      for (Eigen::Index m = 0; m < full.cols(); ++m) {
+        if (std::isfinite(two_cells(q, m))) {
+          ++listed;
+          EXPECT_NEAR(two_cells(q, m), full(q, m), 1e-4);
+        } else {
+          EXPECT_EQ(two_cells(q, m), std::numeric_limits<double>::infinity());
+        }
+        ASSERT_TRUE(std::isfinite(every_cell(q, m)));
+        EXPECT_NEAR(every_cell(q, m), full(q, m), 1e-4);
+        listed_wide += std::isfinite(wide(q, m)) ? 1 : 0;
+      }
+      EXPECT_GE(listed, 17) << to_string(scorer) << " q=" << q;
+      EXPECT_LT(listed, 250) << to_string(scorer) << " q=" << q;
+      EXPECT_GE(listed_wide, 200) << to_string(scorer) << " q=" << q;
+    }
+    const RowMatrixD exact = index.score_all_batch(xs, ts, o);
+    expect_exact_top5_of_best(index, exact, two_cells, 17, scorer,
+                              index.rank_batch_two_stage(xs, ts, o, {17, 0, 0, 2, 16, 2}));
+  }
+  RowMatrix at_points(30, 24), prompts = random_rows(30, 8, rng);
+  for (int q = 0; q < 30; ++q) at_points.row(q) = specs[static_cast<std::size_t>(q * 10)].zx.row(q % 3);
+  const RowMatrixD own = index.candidate_scores(at_points, prompts, {}, {1, 0, 0, 9, 40, 1});
+  for (int q = 0; q < 30; ++q) EXPECT_TRUE(std::isfinite(own(q, q * 10))) << "query " << q;
 }
 
 // With a group per reduced point and every dimension kept, the first stage's estimate is the
-// exact score of every scorer (the nearest scorer's negated); with fewer groups it is not.
+// exact score of every scorer (the nearest scorer's negated); with fewer groups it is not,
+// unless each point's residual from its group's mean is kept in every direction.
 TEST(Scoring, AGroupPerPointEstimatesTheExactScore) {
   std::mt19937_64 rng(59);
   const SpecIndex index(specs_m0_to_m299(3, 7, 24, 8, 0.9, rng));
@@ -493,17 +549,25 @@ TEST(Scoring, AGroupPerPointEstimatesTheExactScore) {
     ScoreOptions o;
     o.scorer = scorer;
     const RowMatrixD exact = index.score_all_batch(xs, ts, o);
-    const RowMatrixD each = index.candidate_scores(xs, ts, o, {256, 0, 0, 9});
-    const RowMatrixD two = index.candidate_scores(xs, ts, o, {256, 0, 0, 2});
+    const RowMatrixD each = index.candidate_scores(xs, ts, o, {256, 0, 0, 9, 0, 32, 0});
+    const RowMatrixD two = index.candidate_scores(xs, ts, o, {256, 0, 0, 2, 0, 32, 0});
+    // Two groups, and every point's offset from its group's mean in all 24 directions: exact
+    // again; in 2 directions, not.
+    const RowMatrixD residuals = index.candidate_scores(xs, ts, o, {256, 0, 0, 2, 0, 32, 24});
+    const RowMatrixD few = index.candidate_scores(xs, ts, o, {256, 0, 0, 2, 0, 32, 2});
     const double sign = scorer == Scorer::kNearest ? -1.0 : 1.0;
-    double worst = 0, two_off = 0;
+    double worst = 0, two_off = 0, residual_worst = 0, few_off = 0;
     for (Eigen::Index q = 0; q < xs.rows(); ++q)
       for (Eigen::Index m = 0; m < exact.cols(); ++m) {
         worst = std::max(worst, std::abs(sign * each(q, m) - exact(q, m)));
         two_off = std::max(two_off, std::abs(sign * two(q, m) - exact(q, m)));
+        residual_worst = std::max(residual_worst, std::abs(sign * residuals(q, m) - exact(q, m)));
+        few_off = std::max(few_off, std::abs(sign * few(q, m) - exact(q, m)));
       }
     EXPECT_LT(worst, 2e-5) << to_string(scorer);
     EXPECT_GT(two_off, 1e-3) << to_string(scorer);
+    EXPECT_LT(residual_worst, 2e-5) << to_string(scorer);
+    EXPECT_GT(few_off, 1e-3) << to_string(scorer);
   }
 }
 
@@ -522,9 +586,15 @@ TEST(Scoring, TheSummaryInItsPrincipalDirectionsLosesNothingWhenTheyHoldThePoint
   const RowMatrix xs = random_rows(12, 24, rng), ts = random_rows(12, 8, rng);
   ScoreOptions o;
   const std::size_t groups = 3, slots = 300 * groups;
-  EXPECT_EQ(index.prepare_two_stage({17, 6, 0, 3}),
+  EXPECT_EQ(index.prepare_two_stage({17, 6, 0, 3, 0, 32, 0}),
             (6 * 24 + slots * 6 + slots * 8 + 2 * slots + slots * groups) * sizeof(float));
-  EXPECT_EQ(index.prepare_two_stage({17, 24, 8, 3}), (slots * 24 + slots * 8 + 2 * slots + slots * groups) * sizeof(float));
+  EXPECT_EQ(index.prepare_two_stage({17, 24, 8, 3, 0, 32, 0}),
+            (slots * 24 + slots * 8 + 2 * slots + slots * groups) * sizeof(float));
+  // Residuals add a basis, and per point its group (a byte), offset and prompt.
+  const std::size_t points = 300 * 5;
+  EXPECT_EQ(index.prepare_two_stage({17, 24, 8, 3, 0, 32, 4}),
+            (slots * 24 + slots * 8 + 2 * slots + slots * groups + 4 * 24 + points * 4 + points * 8) * sizeof(float) +
+                points);
   const RowMatrixD full = index.candidate_scores(xs, ts, o, {17, 0, 0, 3});
   const RowMatrixD six = index.candidate_scores(xs, ts, o, {17, 6, 0, 3});
   const RowMatrixD two = index.candidate_scores(xs, ts, o, {17, 2, 0, 3});
@@ -598,6 +668,51 @@ TEST(Scoring, AHalfStorageHubBuildsNoHubLearnedInterrogator) {
   ScoreOptions so;
   so.top_k = 3;
   EXPECT_EQ(id.rank(xs, ts, so).at(1).results.size(), 3u);
+}
+
+// The identifier's search: exact below two_stage_from models, two-stage from there (or when
+// asked for); stage 2 sees only the candidates (2 of them: a top-2 whatever top_k, each with
+// its exact score), and a scorer without an exact stage stays exact.
+TEST(Scoring, TheIdentifierSearchesTwoStageFromItsThreshold) {
+  const std::vector<Spec> specs = random_specs(40, 6, 3, 23);
+  std::mt19937_64 rng(24);
+  const RowMatrix xs = random_rows(3, 6, rng), ts = random_rows(3, 3, rng);
+  IdentifyOptions o;
+  o.build_interrogator = false;
+  o.two_stage.candidates = 2;
+  o.two_stage_from = 41;
+  ScoreOptions so;
+  so.top_k = 5;
+  const auto make = [&] { return Identifier(specs, specs[0].image_encoder, specs[0].text_encoder, nullptr, o); };
+  const Identifier small = make();
+  EXPECT_FALSE(small.two_stage());
+  EXPECT_EQ(small.rank(xs, ts, so).at(0).results.size(), 5u);
+  o.two_stage_from = 40;
+  const Identifier big = make();
+  EXPECT_TRUE(big.two_stage());
+  const RowMatrixD exact = big.index().score_all_batch(xs, ts, so);
+  const auto two = big.rank(xs, ts, so);
+  for (Eigen::Index q = 0; q < xs.rows(); ++q) {
+    ASSERT_EQ(two[static_cast<std::size_t>(q)].results.size(), 2u);
+    for (const auto& r : two[static_cast<std::size_t>(q)].results) {
+      const auto m = std::find(big.index().model_ids().begin(), big.index().model_ids().end(), r.model) -
+                     big.index().model_ids().begin();
+      EXPECT_NEAR(r.score, exact(q, m), 1e-6 * (1 + std::abs(exact(q, m))));
+    }
+  }
+  ScoreOptions mean = so;
+  mean.scorer = Scorer::kMean;
+  EXPECT_EQ(big.rank(xs, ts, mean).at(0).results.size(), 5u);
+  o.search = SearchMode::kExact;
+  o.two_stage_from = 1;
+  EXPECT_FALSE(make().two_stage());
+  o.search = SearchMode::kTwoStage;
+  o.two_stage_from = 1000;
+  EXPECT_TRUE(make().two_stage());
+  EXPECT_EQ(parse_search("two-stage"), SearchMode::kTwoStage);
+  EXPECT_EQ(parse_search(to_string(SearchMode::kExact)), SearchMode::kExact);
+  EXPECT_EQ(parse_search("auto"), SearchMode::kAuto);
+  EXPECT_THROW(parse_search("fast"), InputError);
 }
 
 TEST(TopK, BreaksTiesByModelIdAndHandlesK) {

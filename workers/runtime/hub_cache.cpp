@@ -206,6 +206,7 @@ void HubCache::loop() {
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         gauge.Set(static_cast<double>(state.specs.size()));
         const auto& index = next->index();
+        const bool two_stage = next->two_stage();
         {
           std::lock_guard lock(mutex_);
           current_ = std::move(next);
@@ -218,6 +219,7 @@ void HubCache::loop() {
                                       {"generation", generation},
                                       {"metric", state.metric ? state.metric->label() : "none"},
                                       {"storage", to_string(index.storage())},
+                                      {"search", two_stage ? "two-stage" : "exact"},
                                       {"index_bytes", index.memory_bytes()},
                                       {"seconds", seconds}});
       }
@@ -251,6 +253,19 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
     // and may hold its points as binary16.
     o.identify.build_interrogator = false;
     o.identify.storage = parse_storage(config.get_string("score.storage"));
+    o.identify.search = parse_search(config.get_string("score.search"));
+    o.identify.two_stage_from = static_cast<std::size_t>(config.get_int("score.two_stage_from"));
+    SpecIndex::TwoStage& t = o.identify.two_stage;
+    t.candidates = static_cast<std::size_t>(config.get_int("score.candidates"));
+    t.clusters = static_cast<int>(config.get_int("score.clusters"));
+    t.dims = static_cast<int>(config.get_int("score.dims"));
+    t.prompt_dims = static_cast<int>(config.get_int("score.prompt_dims"));
+    t.residual_dims = static_cast<int>(config.get_int("score.residual_dims"));
+    t.lists = static_cast<int>(config.get_int("score.lists"));
+    t.probe = static_cast<int>(config.get_int("score.probe"));
+    if (t.lists > 0 && t.probe > t.lists)
+      throw InputError("score.probe (" + std::to_string(t.probe) + ") must not exceed score.lists (" +
+                       std::to_string(t.lists) + ")");
   }
   const std::string use = config.get_string("metric.use");
   if (use != "auto" && use != "none")

@@ -80,6 +80,12 @@ struct IdentifyOptions {
   bool build_interrogator = true;
   /// How the index holds its points; a hub-learned interrogator needs kF32.
   SpecStorage storage = SpecStorage::kF32;
+  /// How the hub is searched: auto is exact below two_stage_from models, two-stage from
+  /// there (its summary built when the hub loads); scorers without an exact stage (mean,
+  /// popularity) are always exact.
+  SearchMode search = SearchMode::kAuto;
+  std::size_t two_stage_from = 20000;
+  SpecIndex::TwoStage two_stage;
 };
 
 /// One query's answer.
@@ -103,6 +109,8 @@ class Identifier {
   /// The metric in use, null for the raw space.
   const std::shared_ptr<const Metric>& metric() const { return index_.metric(); }
   const IdentifyOptions& options() const { return options_; }
+  /// True when the two-stage search ranks this hub (for the scorers it serves).
+  bool two_stage() const { return two_stage_; }
 
   /// Ranks models for each row of `xs` (image embeddings). `prompts[i]`, when given and
   /// non-empty, is used as query i's pseudo-prompt instead of the interrogator's.
@@ -123,6 +131,7 @@ class Identifier {
   std::shared_ptr<const TextEncoder> prompt_encoder_;
   IdentifyOptions options_;
   SpecIndex index_;
+  bool two_stage_ = false;
   std::shared_ptr<const Interrogator> interrogator_;  ///< null: queries must bring prompts
 };
 

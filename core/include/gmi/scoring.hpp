@@ -61,6 +61,16 @@ const char* to_string(SpecStorage s);
 /// "f32" | "f16"; throws InputError otherwise.
 SpecStorage parse_storage(std::string_view name);
 
+/// How a hub is searched: every model scored exactly, or the two-stage search
+/// (SpecIndex::TwoStage); auto is exact below a size threshold and two-stage from it.
+enum class SearchMode { kAuto, kExact, kTwoStage };
+const char* to_string(SearchMode s);
+/// "auto" | "exact" | "two-stage"; throws InputError otherwise.
+SearchMode parse_search(std::string_view name);
+/// True for the scorers the two-stage search serves (a per-model score it can estimate:
+/// weighted, rkme, nearest); the others are always exact.
+bool has_exact_stage(Scorer s);
+
 /// A spec in a metric's space: zx and mean_x mapped (k columns), gamma the metric's, the
 /// Gram matrix recomputed there. The encoder identity stays the raw one.
 /// Throws EncoderMismatchError for a metric of another image encoder.
@@ -109,29 +119,33 @@ class SpecIndex {
   std::vector<std::vector<RankedModel>> rank_batch(const RowMatrix& xs, const RowMatrix& ts,
                                                    const ScoreOptions& options) const;
 
-  /// Two-stage search. Stage 1 estimates every model's score from a compact summary of its
-  /// spec: its reduced points grouped into `clusters` groups (beta-weighted kernel k-means on
-  /// the spec's own Gram matrix), each group kept as its beta mass, its weighted mean point
-  /// (and the spread of its points about it), its mean unit prompt, and the groups' block
-  /// Gram; the estimate is the scorer's own formula with the groups as points (exact when
-  /// clusters >= r and dims = prompt_dims = 0). Mean points and prompts are compared in their
-  /// `dims` / `prompt_dims` leading principal directions (uncentred, learnt from a sample of
-  /// at most 4096 models on first use and kept; 0: all dimensions). Stage 2 is
-  /// options.scorer's exact score on each query's `candidates` best estimates, streamed into
-  /// the top-k. A per-model scorer only (weighted, rkme, nearest); candidates >= size() (or
-  /// top_k <= 0) is rank_batch itself. Recall of the exact top-k depends on the hub: measure
-  /// it (bench_score --search two-stage --hub overlap).
+  /// Two-stage search. Stage 1 estimates models' scores from a compact summary of each spec:
+  /// its reduced points grouped into `clusters` groups (beta-weighted kernel k-means on the
+  /// spec's own Gram matrix), each group kept as its beta mass, its weighted mean point (and
+  /// the spread of its points about it), its mean unit prompt, and the groups' block Gram.
+  /// With residual_dims > 0 (the default) each point is also kept as its offset from its
+  /// group's mean in `residual_dims` leading principal directions of such offsets, and its
+  /// unit prompt in `prompt_dims` directions: the estimate is then the scorer's own formula
+  /// over the points (z_j . x = c_g . x + offset_j . x, the model's exact Gram), exact when
+  /// residual_dims reaches d and prompt_dims is 0. With residual_dims = 0 the groups stand for
+  /// their points (exact when clusters >= r and dims = prompt_dims = 0). Group means are
+  /// compared in `dims` leading principal directions (0: all). Bases are uncentred, learnt
+  /// from a sample of at most 2048 models on first use and kept.
   struct TwoStage {
     std::size_t candidates = 256;
-    int dims = 64;
+    int dims = 0;
     int prompt_dims = 32;
     int clusters = 4;  ///< 1 ... 255
+    int lists = 0;     ///< inverted-file cells (0: none, every model estimated)
+    int probe = 32;    ///< cells a query visits (lists > 0), 1 ... lists
+    int residual_dims = 32;  ///< per-point residuals kept in this many directions (0: groups only)
   };
   std::vector<std::vector<RankedModel>> rank_batch_two_stage(const RowMatrix& xs, const RowMatrix& ts,
                                                              const ScoreOptions& options,
                                                              const TwoStage& search) const;
   /// Stage 1 alone: B x M estimated scores (lower is better for every scorer: the nearest
-  /// scorer's estimate is negated), for measuring the first stage.
+  /// scorer's estimate is negated; +inf for a model outside the probed cells), for measuring
+  /// the first stage.
   RowMatrixD candidate_scores(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
                               const TwoStage& search) const;
   /// Builds the first stage's summary for `search` now (else the first query does); returns
@@ -174,12 +188,12 @@ class SpecIndex {
   RowMatrix mean_unit_;                // M x d, L2-normalised sample means
   Eigen::VectorXd downloads_;          // M
 
-  // The first stage's summaries, per (dims, prompt_dims, clusters), built on first use and
-  // shared by copies of the index.
+  // The first stage's summaries, per (dims, prompt_dims, clusters, lists, residual_dims), built on first use
+  // and shared by copies of the index.
   struct Summary;  // two_stage.cpp
   struct SummaryCache {
     std::mutex mutex;
-    std::map<std::array<int, 3>, std::shared_ptr<const Summary>> by_shape;
+    std::map<std::array<int, 5>, std::shared_ptr<const Summary>> by_shape;
   };
   std::shared_ptr<SummaryCache> summaries_ = std::make_shared<SummaryCache>();
   std::shared_ptr<const Summary> summary(const TwoStage& search) const;
@@ -215,9 +229,18 @@ class SpecIndex {
   /// Stage 1 on models [m_begin, m_end) for queries already in the summary's bases (qx: B x
   /// dims, qt: B x prompt_dims, unit, or no rows): sink(q, ma, mb, estimates) per block.
   using EstimateSink = std::function<void(Eigen::Index q, std::size_t m_begin, std::size_t m_end, const float* estimates)>;
-  void estimate_range(const Summary& summary, const RowMatrix& qx, const RowMatrix& qt,
+  void estimate_range(const Summary& summary, const RowMatrix& qx, const RowMatrix& qt, const RowMatrix& qr,
                       const QueryTerms* terms, const ScoreOptions& options, std::size_t m_begin,
                       std::size_t m_end, const EstimateSink& sink) const;
+  /// Stage 1 on the listed models (ascending) for one query in the summary's bases (qt null
+  /// without a pseudo-prompt): their estimates into out, in that order.
+  void estimate_listed(const Summary& summary, const float* qx, const float* qt, const float* qr,
+                       const QueryTerms& terms, const ScoreOptions& options, const std::uint32_t* models,
+                       std::size_t count, float* out) const;
+  /// The models listed in the `probe` inverted-file cells nearest to query q (in the summary's
+  /// basis), and in further cells while fewer than `least` are listed; ascending, each once.
+  std::vector<std::uint32_t> probed_models(const Summary& summary, const RowMatrix& qx, Eigen::Index q,
+                                           int probe, std::size_t least) const;
   /// Rows [p, p + n) of zx (or zt: `prompts`) as float32, whatever the storage, into out (n x cols).
   void load_points(bool prompts, Eigen::Index p, Eigen::Index n, float* out) const;
 };
