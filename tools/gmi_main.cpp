@@ -310,7 +310,9 @@ std::unique_ptr<gmi::Identifier> load_identifier(const CommonOptions& c, const I
     opt.interrogator_instance =
         gmi::make_prompt_bank_interrogator(te->encode(gmi::read_prompt_bank(a.prompt_bank)), a.bank_top_k, a.bank_tau);
   }
-  return std::make_unique<gmi::Identifier>(std::move(specs), image_encoder, te->identity(), te, opt, metric);
+  auto identifier = std::make_unique<gmi::Identifier>(std::move(specs), image_encoder, te->identity(), te, opt, metric);
+  identifier->prepare_search();  // two-stage (a large hub, or --search two-stage): its summary now
+  return identifier;
 }
 
 int run_identify(const CommonOptions& c, const IdentifyArgs& a) {

@@ -120,8 +120,6 @@ Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, E
   if (index_.size() > 0) index_.check_compatible(image_encoder_, text_encoder_);
   two_stage_ = options_.search == SearchMode::kTwoStage ||
                (options_.search == SearchMode::kAuto && index_.size() >= options_.two_stage_from);
-  // The summary is built now, not by the first query (which would wait for it).
-  if (two_stage_ && index_.size() > 0) index_.prepare_two_stage(options_.two_stage);
   if (!options_.build_interrogator) {
     // Queries bring their pseudo-prompts (pseudo_prompts() then needs prompts given).
   } else if (options_.interrogator_instance) {
@@ -134,6 +132,10 @@ Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, E
   } else {
     interrogator_input(options_.interrogator);  // InputError for an unknown name
   }
+}
+
+void Identifier::prepare_search() const {
+  if (two_stage_ && index_.size() > 0) index_.prepare_two_stage(options_.two_stage);
 }
 
 RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
@@ -165,7 +167,8 @@ std::vector<Identification> Identifier::rank(const RowMatrix& xs, const RowMatri
                                              const ScoreOptions& options) const {
   std::vector<Identification> out(static_cast<size_t>(xs.rows()));
   if (xs.rows() == 0 || index_.size() == 0) return out;
-  auto ranked = two_stage_ && has_exact_stage(options.scorer)
+  // Two-stage only once its summary is built: a query never waits for the build.
+  auto ranked = two_stage_ && has_exact_stage(options.scorer) && index_.two_stage_ready(options_.two_stage)
                     ? index_.rank_batch_two_stage(xs, ts, options, options_.two_stage)
                     : index_.rank_batch(xs, ts, options);
   for (size_t i = 0; i < out.size(); ++i) out[i].results = std::move(ranked[i]);

@@ -277,13 +277,10 @@ std::shared_ptr<const SpecIndex::Summary> SpecIndex::summary(const TwoStage& sea
   if (size() > std::numeric_limits<std::uint32_t>::max())
     throw InputError("two-stage search: more than 2^32 models in one index");
   const Index d = dx_, dt = dt_;
-  // No fewer dimensions than there are: all of them.
-  const int dims = search.dims >= d ? 0 : search.dims;
-  const int pdims = search.prompt_dims >= dt ? 0 : search.prompt_dims;
-  const int groups = search.clusters;
-  const int rdims = static_cast<int>(std::min<Index>(search.residual_dims, d));
+  const auto shape = summary_shape(search);
+  const int dims = shape[0], pdims = shape[1], groups = shape[2], rdims = shape[4];
   std::lock_guard lock(summaries_->mutex);
-  auto& slot = summaries_->by_shape[{dims, pdims, groups, search.lists, rdims}];
+  auto& slot = summaries_->by_shape[shape];
   if (slot) return slot;
 
   const auto models = size();
@@ -445,6 +442,19 @@ std::shared_ptr<const SpecIndex::Summary> SpecIndex::summary(const TwoStage& sea
 }
 
 std::size_t SpecIndex::prepare_two_stage(const TwoStage& search) const { return summary(search)->bytes(); }
+
+std::array<int, 5> SpecIndex::summary_shape(const TwoStage& search) const {
+  // No fewer dimensions than there are: all of them.
+  return {search.dims >= dx_ ? 0 : search.dims, search.prompt_dims >= dt_ ? 0 : search.prompt_dims, search.clusters,
+          search.lists, static_cast<int>(std::min<Index>(search.residual_dims, dx_))};
+}
+
+bool SpecIndex::two_stage_ready(const TwoStage& search) const {
+  std::unique_lock lock(summaries_->mutex, std::try_to_lock);  // held while a summary builds
+  if (!lock.owns_lock()) return false;
+  const auto it = summaries_->by_shape.find(summary_shape(search));
+  return it != summaries_->by_shape.end() && it->second != nullptr;
+}
 
 namespace {
 

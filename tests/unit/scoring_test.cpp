@@ -671,7 +671,7 @@ TEST(Scoring, AHalfStorageHubBuildsNoHubLearnedInterrogator) {
 }
 
 // The identifier's search: exact below two_stage_from models, two-stage from there (or when
-// asked for); stage 2 sees only the candidates (2 of them: a top-2 whatever top_k, each with
+// asked for) once prepare_search() has built the summary; stage 2 sees only the candidates (2 of them: a top-2 whatever top_k, each with
 // its exact score), and a scorer without an exact stage stays exact.
 TEST(Scoring, TheIdentifierSearchesTwoStageFromItsThreshold) {
   const std::vector<Spec> specs = random_specs(40, 6, 3, 23);
@@ -690,6 +690,9 @@ TEST(Scoring, TheIdentifierSearchesTwoStageFromItsThreshold) {
   o.two_stage_from = 40;
   const Identifier big = make();
   EXPECT_TRUE(big.two_stage());
+  // Exact until its summary is built.
+  EXPECT_EQ(big.rank(xs, ts, so).at(0).results.size(), 5u);
+  big.prepare_search();
   const RowMatrixD exact = big.index().score_all_batch(xs, ts, so);
   const auto two = big.rank(xs, ts, so);
   for (Eigen::Index q = 0; q < xs.rows(); ++q) {

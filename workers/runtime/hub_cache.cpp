@@ -207,6 +207,7 @@ void HubCache::loop() {
         gauge.Set(static_cast<double>(state.specs.size()));
         const auto& index = next->index();
         const bool two_stage = next->two_stage();
+        const std::shared_ptr<const Identifier> serving = next;
         {
           std::lock_guard lock(mutex_);
           current_ = std::move(next);
@@ -222,6 +223,15 @@ void HubCache::loop() {
                                       {"search", two_stage ? "two-stage" : "exact"},
                                       {"index_bytes", index.memory_bytes()},
                                       {"seconds", seconds}});
+        // The new snapshot already serves (exactly); the two-stage summary follows.
+        if (two_stage) {
+          const auto t0 = std::chrono::steady_clock::now();
+          serving->prepare_search();
+          log::info("two-stage summary built",
+                    {{"stage", options_.stage}, {"shard", options_.shard}, {"generation", generation},
+                     {"bytes", index.prepare_two_stage(options_.identify.two_stage)},
+                     {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
+        }
       }
     } catch (const std::exception& e) {
       // Keep serving the last snapshot; the store reconnects on the next round.

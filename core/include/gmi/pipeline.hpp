@@ -81,8 +81,8 @@ struct IdentifyOptions {
   /// How the index holds its points; a hub-learned interrogator needs kF32.
   SpecStorage storage = SpecStorage::kF32;
   /// How the hub is searched: auto is exact below two_stage_from models, two-stage from
-  /// there (its summary built when the hub loads); scorers without an exact stage (mean,
-  /// popularity) are always exact.
+  /// there once its summary is built (prepare_search()); until then, and for scorers without
+  /// an exact stage (mean, popularity), exact.
   SearchMode search = SearchMode::kAuto;
   std::size_t two_stage_from = 20000;
   SpecIndex::TwoStage two_stage;
@@ -109,8 +109,12 @@ class Identifier {
   /// The metric in use, null for the raw space.
   const std::shared_ptr<const Metric>& metric() const { return index_.metric(); }
   const IdentifyOptions& options() const { return options_; }
-  /// True when the two-stage search ranks this hub (for the scorers it serves).
+  /// True when the two-stage search ranks this hub (for the scorers it serves) once
+  /// prepare_search() has built its summary.
   bool two_stage() const { return two_stage_; }
+  /// Builds the two-stage summary (a no-op for an exact hub). Queries meanwhile rank
+  /// exactly: a new snapshot can serve at once and switch when its summary is ready.
+  void prepare_search() const;
 
   /// Ranks models for each row of `xs` (image embeddings). `prompts[i]`, when given and
   /// non-empty, is used as query i's pseudo-prompt instead of the interrogator's.

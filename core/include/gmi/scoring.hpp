@@ -151,6 +151,8 @@ class SpecIndex {
   /// Builds the first stage's summary for `search` now (else the first query does); returns
   /// the bytes it takes. Safe to call from several threads.
   std::size_t prepare_two_stage(const TwoStage& search) const;
+  /// True when the summary for `search` is built (never waits for a build under way).
+  bool two_stage_ready(const TwoStage& search) const;
 
   /// The metric the index scores with (null: the encoder's raw space).
   const std::shared_ptr<const Metric>& metric() const { return metric_; }
@@ -197,6 +199,8 @@ class SpecIndex {
   };
   std::shared_ptr<SummaryCache> summaries_ = std::make_shared<SummaryCache>();
   std::shared_ptr<const Summary> summary(const TwoStage& search) const;
+  /// The cache key of `search`'s summary (its dimensions clamped to the index's).
+  std::array<int, 5> summary_shape(const TwoStage& search) const;
 
   struct QueryTerms;  // one query's norms, as the per-model pass needs them
   void check_query(const float* x, Eigen::Index x_size, const float* t, Eigen::Index t_size,
