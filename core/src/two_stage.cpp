@@ -12,9 +12,18 @@
 //   weighted:  w_g = softmax(log B_g + (u_g . t / ||t|| - 1) / tau),
 //              1 - 2 sum_g w_g k_g + sum_gh w_g w_h G_gh
 //   nearest:   -max_g k_g
-// With C >= r every point is its own group and the estimate is the exact score. The dot
-// products c_g . x and u_g . t are taken in the leading principal directions of the groups'
-// means and prompts (of a sample of models), the norms ||c_g||^2 in full.
+// With C >= r every point is its own group and the estimate is the exact score.
+//
+// With residuals (residual_dims R > 0) the groups do not stand for their points: each point
+// z_j keeps its offset from its group's mean, z_j - c_g, in the R leading principal directions
+// of such offsets (of a sample of models), and its unit prompt in prompt_dims directions, so
+//   z_j . x ~ c_g . x + (B (z_j - c_g)) . (B x)          (||z_j||^2 exact)
+// and the estimate is the scorer's own formula over the points with the model's exact Gram:
+// what a near-duplicate differs in is mostly within its groups, which R directions hold.
+//
+// The dot products c_g . x and u_g . t are taken in the leading principal directions of the
+// groups' means and prompts (of a sample of models; with residuals, of the points' prompts),
+// the norms ||c_g||^2 in full.
 //
 // The inverted file (lists > 0): k-means cells over the group mean points (in the same basis),
 // trained on a strided sample of groups, every group then filed in its nearest cell; a cell
