@@ -134,8 +134,8 @@ Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, E
   }
 }
 
-void Identifier::prepare_search() const {
-  if (two_stage_ && index_.size() > 0) index_.prepare_two_stage(options_.two_stage);
+std::size_t Identifier::prepare_search() const {
+  return two_stage_ && index_.size() > 0 ? index_.prepare_two_stage(options_.two_stage) : 0;
 }
 
 RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,

@@ -226,10 +226,10 @@ void HubCache::loop() {
         // The new snapshot already serves (exactly); the two-stage summary follows.
         if (two_stage) {
           const auto t0 = std::chrono::steady_clock::now();
-          serving->prepare_search();
+          const std::size_t bytes = serving->prepare_search();
           log::info("two-stage summary built",
                     {{"stage", options_.stage}, {"shard", options_.shard}, {"generation", generation},
-                     {"bytes", index.prepare_two_stage(options_.identify.two_stage)},
+                     {"bytes", bytes},
                      {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
         }
       }

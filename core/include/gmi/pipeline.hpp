@@ -112,9 +112,10 @@ class Identifier {
   /// True when the two-stage search ranks this hub (for the scorers it serves) once
   /// prepare_search() has built its summary.
   bool two_stage() const { return two_stage_; }
-  /// Builds the two-stage summary (a no-op for an exact hub). Queries meanwhile rank
-  /// exactly: a new snapshot can serve at once and switch when its summary is ready.
-  void prepare_search() const;
+  /// Builds the two-stage summary and returns its bytes (0, doing nothing, for an exact hub).
+  /// Queries meanwhile rank exactly: a new snapshot can serve at once and switch when its
+  /// summary is ready.
+  std::size_t prepare_search() const;
 
   /// Ranks models for each row of `xs` (image embeddings). `prompts[i]`, when given and
   /// non-empty, is used as query i's pseudo-prompt instead of the interrogator's.
