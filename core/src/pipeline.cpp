@@ -112,14 +112,28 @@ Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, E
       text_encoder_(std::move(text_encoder)),
       prompt_encoder_(std::move(prompt_encoder)),
       options_(std::move(options)),
-      index_(std::move(specs), std::move(metric), space, options_.storage) {
+      hub_(std::make_shared<const SpecIndex>(std::move(specs), std::move(metric), space, options_.storage)) {
+  finish_construction();
+}
+
+Identifier::Identifier(SegmentedIndex hub, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
+                       std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options)
+    : image_encoder_(std::move(image_encoder)),
+      text_encoder_(std::move(text_encoder)),
+      prompt_encoder_(std::move(prompt_encoder)),
+      options_(std::move(options)),
+      hub_(std::move(hub)) {
+  finish_construction();
+}
+
+void Identifier::finish_construction() {
   if (prompt_encoder_ && !(prompt_encoder_->identity() == text_encoder_)) {
     throw EncoderMismatchError("the prompt encoder is " + prompt_encoder_->identity().str() + ", not " +
                                text_encoder_.str());
   }
-  if (index_.size() > 0) index_.check_compatible(image_encoder_, text_encoder_);
+  if (hub_.size() > 0) hub_.check_compatible(image_encoder_, text_encoder_);
   two_stage_ = options_.search == SearchMode::kTwoStage ||
-               (options_.search == SearchMode::kAuto && index_.size() >= options_.two_stage_from);
+               (options_.search == SearchMode::kAuto && hub_.size() >= options_.two_stage_from);
   if (!options_.build_interrogator) {
     // Queries bring their pseudo-prompts (pseudo_prompts() then needs prompts given).
   } else if (options_.interrogator_instance) {
@@ -128,19 +142,19 @@ Identifier::Identifier(std::vector<Spec> specs, EncoderIdentity image_encoder, E
     if (options_.storage != SpecStorage::kF32)
       throw InputError("the " + options_.interrogator + " interrogator learns from float32 points; this hub is held as " +
                        to_string(options_.storage));
-    interrogator_ = make_interrogator(options_.interrogator, index_);
+    interrogator_ = make_interrogator(options_.interrogator, hub_.single());
   } else {
     interrogator_input(options_.interrogator);  // InputError for an unknown name
   }
 }
 
 std::size_t Identifier::prepare_search() const {
-  return two_stage_ && index_.size() > 0 ? index_.prepare_two_stage(options_.two_stage) : 0;
+  return two_stage_ && hub_.size() > 0 ? hub_.prepare(SegmentSearch{true, options_.two_stage}) : 0;
 }
 
 RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
                                      const std::vector<std::string>& prompts) const {
-  if (options_.score.scorer != Scorer::kWeighted || index_.size() == 0 || xs.rows() == 0) {
+  if (options_.score.scorer != Scorer::kWeighted || hub_.size() == 0 || xs.rows() == 0) {
     return RowMatrix::Zero(xs.rows(), text_encoder_.dim);
   }
   std::vector<std::string> given;
@@ -166,11 +180,9 @@ RowMatrix Identifier::pseudo_prompts(const RowMatrix& xs,
 std::vector<Identification> Identifier::rank(const RowMatrix& xs, const RowMatrix& ts,
                                              const ScoreOptions& options) const {
   std::vector<Identification> out(static_cast<size_t>(xs.rows()));
-  if (xs.rows() == 0 || index_.size() == 0) return out;
-  // Two-stage only once its summary is built: a query never waits for the build.
-  auto ranked = two_stage_ && has_exact_stage(options.scorer) && index_.two_stage_ready(options_.two_stage)
-                    ? index_.rank_batch_two_stage(xs, ts, options, options_.two_stage)
-                    : index_.rank_batch(xs, ts, options);
+  if (xs.rows() == 0 || hub_.size() == 0) return out;
+  // Two-stage only on segments whose summary is built: a query never waits for the build.
+  auto ranked = hub_.rank_batch(xs, ts, options, SegmentSearch{two_stage_, options_.two_stage});
   for (size_t i = 0; i < out.size(); ++i) out[i].results = std::move(ranked[i]);
   return out;
 }

@@ -174,6 +174,40 @@ Spec to_metric_space(Spec s, const Metric& metric) {
   return s;
 }
 
+namespace {
+
+// What SpecIndex needs of one spec given in a space of d_in image columns.
+void check_packable_shape(const Spec& s, Eigen::Index d_in, Eigen::Index dt) {
+  const Index r = s.beta.size();
+  auto bad = [&](const std::string& what) {
+    return SpecFormatError("spec " + in_quotes(s.model_id) + ": " + what);
+  };
+  if (r < 1) throw bad("no reduced points");
+  if (s.zx.rows() != r || s.zx.cols() != d_in)
+    throw bad("zx is " + std::to_string(s.zx.rows()) + "x" + std::to_string(s.zx.cols()) +
+              ", expected " + std::to_string(r) + "x" + std::to_string(d_in));
+  if (s.zt.rows() != r || s.zt.cols() != dt)
+    throw bad("zt is " + std::to_string(s.zt.rows()) + "x" + std::to_string(s.zt.cols()) +
+              ", expected " + std::to_string(r) + "x" + std::to_string(dt));
+  if (s.gram_x.rows() != r || s.gram_x.cols() != r) throw bad("gram_x is not r x r");
+  if (s.mean_x.size() != d_in && s.mean_x.size() != 0) throw bad("mean_x is not of size d");
+  if (!s.beta.allFinite() || (s.beta.array() < 0).any())
+    throw bad("beta must be finite and non-negative");
+  if (!(s.gamma > 0) || !std::isfinite(s.gamma)) throw bad("gamma must be positive");
+  if (!std::isfinite(s.downloads)) throw bad("downloads must be finite");
+  if (!s.zx.allFinite() || !s.zt.allFinite() || !s.gram_x.allFinite() || !s.mean_x.allFinite())
+    throw SpecFormatError("spec " + in_quotes(s.model_id) + ": non-finite values");
+}
+
+}  // namespace
+
+void check_packable(const Spec& spec, const Metric* metric, SpecSpace space) {
+  if (space == SpecSpace::kMapped && !metric) throw InputError("SpecIndex: specs said to be mapped, but no metric given");
+  if (metric) check_metric_encoder(*metric, spec.image_encoder);
+  const Eigen::Index d_in = space == SpecSpace::kMapped ? metric->dim_out() : spec.image_encoder.dim;
+  check_packable_shape(spec, d_in, spec.text_encoder.dim);
+}
+
 SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric, SpecSpace space,
                      SpecStorage storage)
     : metric_(std::move(metric)), storage_(storage) {
@@ -210,23 +244,8 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
                                    " (from spec " + in_quotes(specs.front().model_id) + ")");
       if (!ids.insert(s.model_id).second)
         throw InputError("SpecIndex: model id " + in_quotes(s.model_id) + " appears twice");
+      check_packable_shape(s, d_in, dt);
       const Index r = s.beta.size();
-      auto bad = [&](const std::string& what) {
-        return SpecFormatError("spec " + in_quotes(s.model_id) + ": " + what);
-      };
-      if (r < 1) throw bad("no reduced points");
-      if (s.zx.rows() != r || s.zx.cols() != d_in)
-        throw bad("zx is " + std::to_string(s.zx.rows()) + "x" + std::to_string(s.zx.cols()) +
-                  ", expected " + std::to_string(r) + "x" + std::to_string(d_in));
-      if (s.zt.rows() != r || s.zt.cols() != dt)
-        throw bad("zt is " + std::to_string(s.zt.rows()) + "x" + std::to_string(s.zt.cols()) +
-                  ", expected " + std::to_string(r) + "x" + std::to_string(dt));
-      if (s.gram_x.rows() != r || s.gram_x.cols() != r) throw bad("gram_x is not r x r");
-      if (s.mean_x.size() != d_in && s.mean_x.size() != 0) throw bad("mean_x is not of size d");
-      if (!s.beta.allFinite() || (s.beta.array() < 0).any())
-        throw bad("beta must be finite and non-negative");
-      if (!(s.gamma > 0) || !std::isfinite(s.gamma)) throw bad("gamma must be positive");
-      if (!std::isfinite(s.downloads)) throw bad("downloads must be finite");
       offsets_[m + 1] = offsets_[m] + static_cast<std::size_t>(r);
       gram_offsets_[m] = gram_total;
       gram_total += static_cast<std::size_t>(r * r);
@@ -263,8 +282,6 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
     const auto p = static_cast<Index>(offsets_[m]);
     const Index r = s.beta.size();
     const auto mi = static_cast<Index>(m);
-    if (!s.zx.allFinite() || !s.zt.allFinite() || !s.gram_x.allFinite() || !s.mean_x.allFinite())
-      throw SpecFormatError("spec " + in_quotes(s.model_id) + ": non-finite values");
     if (metric_ && space == SpecSpace::kRaw) s = to_metric_space(std::move(s), *metric_);
     if (half) {
       // The norms are those of the rounded points, so that each kernel is of one point.
@@ -300,6 +317,102 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
       freed = 0;
     }
   }
+}
+
+SpecIndex SpecIndex::merge(const std::vector<Part>& parts) {
+  SpecIndex out;
+  const SpecIndex* first = nullptr;
+  std::size_t models = 0, points = 0, gram_total = 0;
+  for (const Part& part : parts) {
+    if (!part.index) throw InputError("SpecIndex::merge: a part has no index");
+    const SpecIndex& ix = *part.index;
+    if (part.exclude && part.exclude->size() != ix.size())
+      throw InputError("SpecIndex::merge: an exclusion mask has " + std::to_string(part.exclude->size()) +
+                       " flags for " + std::to_string(ix.size()) + " models");
+    if (ix.size() == 0) continue;
+    if (!first) {
+      first = &ix;
+    } else if (!(ix.image_encoder_ == first->image_encoder_) || !(ix.text_encoder_ == first->text_encoder_) ||
+               ix.metric_ != first->metric_ || ix.storage_ != first->storage_) {
+      throw InputError("SpecIndex::merge: the parts differ in encoders, metric or storage");
+    }
+    for (std::size_t m = 0; m < ix.size(); ++m) {
+      if (part.exclude && (*part.exclude)[m]) continue;
+      ++models;
+      const std::size_t r = ix.offsets_[m + 1] - ix.offsets_[m];
+      points += r;
+      gram_total += r * r;
+    }
+  }
+  out.offsets_.assign(1, 0);
+  if (!first) return out;
+  out.image_encoder_ = first->image_encoder_;
+  out.text_encoder_ = first->text_encoder_;
+  out.metric_ = first->metric_;
+  out.storage_ = first->storage_;
+  out.dx_ = first->dx_;
+  out.dt_ = first->dt_;
+  const Index dx = out.dx_, dt = out.dt_;
+  const bool half = out.storage_ == SpecStorage::kF16;
+  const auto P = static_cast<Index>(points);
+  const auto M = static_cast<Index>(models);
+  if (half) {
+    out.zx16_.resize(points * static_cast<std::size_t>(dx));
+    out.zt16_.resize(points * static_cast<std::size_t>(dt));
+  } else {
+    out.zx_.resize(P, dx);
+    out.zt_.resize(P, dt);
+  }
+  out.zx_sqnorm_.resize(P);
+  out.zt_inv_norm_.resize(P);
+  out.beta_.resize(P);
+  out.log_beta_.resize(P);
+  out.grams_.resize(gram_total);
+  out.gram_offsets_.resize(models);
+  out.offsets_.resize(models + 1);
+  out.beta_k_beta_.resize(M);
+  out.gamma_.resize(M);
+  out.mean_unit_.resize(M, dx);
+  out.downloads_.resize(M);
+  out.model_ids_.reserve(models);
+  std::unordered_set<std::string_view> ids;
+  ids.reserve(models);
+  std::size_t m_out = 0, p_out = 0, g_out = 0;
+  for (const Part& part : parts) {
+    const SpecIndex& ix = *part.index;
+    for (std::size_t m = 0; m < ix.size(); ++m) {
+      if (part.exclude && (*part.exclude)[m]) continue;
+      if (!ids.insert(ix.model_ids_[m]).second)
+        throw InputError("SpecIndex::merge: model id " + in_quotes(ix.model_ids_[m]) + " is kept twice");
+      const std::size_t p0 = ix.offsets_[m], r = ix.offsets_[m + 1] - p0;
+      const auto pi = static_cast<Index>(p0), po = static_cast<Index>(p_out), ri = static_cast<Index>(r);
+      if (half) {
+        std::copy_n(ix.zx16_.data() + p0 * static_cast<std::size_t>(dx), r * static_cast<std::size_t>(dx),
+                    out.zx16_.data() + p_out * static_cast<std::size_t>(dx));
+        std::copy_n(ix.zt16_.data() + p0 * static_cast<std::size_t>(dt), r * static_cast<std::size_t>(dt),
+                    out.zt16_.data() + p_out * static_cast<std::size_t>(dt));
+      } else {
+        out.zx_.middleRows(po, ri) = ix.zx_.middleRows(pi, ri);
+        out.zt_.middleRows(po, ri) = ix.zt_.middleRows(pi, ri);
+      }
+      out.zx_sqnorm_.segment(po, ri) = ix.zx_sqnorm_.segment(pi, ri);
+      out.zt_inv_norm_.segment(po, ri) = ix.zt_inv_norm_.segment(pi, ri);
+      out.beta_.segment(po, ri) = ix.beta_.segment(pi, ri);
+      out.log_beta_.segment(po, ri) = ix.log_beta_.segment(pi, ri);
+      std::copy_n(ix.grams_.data() + ix.gram_offsets_[m], r * r, out.grams_.data() + g_out);
+      out.gram_offsets_[m_out] = g_out;
+      const auto mi = static_cast<Index>(m), mo = static_cast<Index>(m_out);
+      out.beta_k_beta_(mo) = ix.beta_k_beta_(mi);
+      out.gamma_(mo) = ix.gamma_(mi);
+      out.mean_unit_.row(mo) = ix.mean_unit_.row(mi);
+      out.downloads_(mo) = ix.downloads_(mi);
+      out.model_ids_.push_back(ix.model_ids_[m]);
+      p_out += r;
+      g_out += r * r;
+      out.offsets_[++m_out] = p_out;
+    }
+  }
+  return out;
 }
 
 void SpecIndex::check_compatible(const EncoderIdentity& image, const EncoderIdentity& text) const {
@@ -580,7 +693,11 @@ std::vector<RankedModel> SpecIndex::rank(const Eigen::VectorXf& x, const Eigen::
 
 std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
                                                             const RowMatrix& ts,
-                                                            const ScoreOptions& options) const {
+                                                            const ScoreOptions& options,
+                                                            const std::vector<bool>* exclude) const {
+  if (exclude && exclude->size() != size())
+    throw InputError("rank: the exclusion mask has " + std::to_string(exclude->size()) + " flags for " +
+                     std::to_string(size()) + " models");
   check_options(options);
   const Index queries = xs.rows();
   const bool asc = ascending(options.scorer);
@@ -591,7 +708,7 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
     std::vector<std::vector<RankedModel>> out;
     out.reserve(static_cast<std::size_t>(queries));
     for (Index q = 0; q < queries; ++q)
-      out.push_back(top_k(scores.row(q).transpose(), model_ids_, asc, options.top_k));
+      out.push_back(top_k(scores.row(q).transpose(), model_ids_, asc, options.top_k, exclude));
     return out;
   }
   Prepared p;
@@ -606,7 +723,8 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
       for (Index q = 0; q < count; ++q) {
         BoundedTopK& top = local[static_cast<std::size_t>(q0 + q)];
         const double* row = scores + static_cast<std::size_t>(q) * width;
-        for (std::size_t m = ma; m < mb; ++m) top.offer(row[m - ma], m);
+        for (std::size_t m = ma; m < mb; ++m)
+          if (!exclude || !(*exclude)[m]) top.offer(row[m - ma], m);
       }
     };
     score_range(m_begin, m_end, *p.qx, *p.prompts, p.terms.data(), options, nullptr, 0, &sink);
@@ -619,15 +737,27 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch(const RowMatrix& xs,
   return out;
 }
 
+bool ranks_ahead(const RankedModel& a, const RankedModel& b, bool ascending) {
+  const bool na = std::isnan(a.score), nb = std::isnan(b.score);
+  if (na != nb) return nb;
+  if (!na && a.score != b.score) return ascending ? a.score < b.score : a.score > b.score;
+  return a.model < b.model;
+}
+
 std::vector<RankedModel> top_k(const Eigen::VectorXd& scores, const std::vector<std::string>& ids,
-                               bool ascending, int k) {
+                               bool ascending, int k, const std::vector<bool>* exclude) {
   if (static_cast<std::size_t>(scores.size()) != ids.size())
     throw InputError("top_k: " + std::to_string(scores.size()) + " scores for " +
                      std::to_string(ids.size()) + " model ids");
-  const std::size_t n = ids.size();
+  if (exclude && exclude->size() != ids.size())
+    throw InputError("top_k: " + std::to_string(exclude->size()) + " exclusion flags for " +
+                     std::to_string(ids.size()) + " model ids");
+  std::vector<std::size_t> order;
+  order.reserve(ids.size());
+  for (std::size_t m = 0; m < ids.size(); ++m)
+    if (!exclude || !(*exclude)[m]) order.push_back(m);
+  const std::size_t n = order.size();
   const std::size_t keep = k <= 0 ? n : std::min(n, static_cast<std::size_t>(k));
-  std::vector<std::size_t> order(n);
-  std::iota(order.begin(), order.end(), std::size_t{0});
   // NaN never ranks ahead of a number.
   auto better = [&](std::size_t a, std::size_t b) {
     const double sa = scores(static_cast<Index>(a)), sb = scores(static_cast<Index>(b));

@@ -761,13 +761,18 @@ RowMatrixD SpecIndex::candidate_scores(const RowMatrix& xs, const RowMatrix& ts,
 std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowMatrix& xs,
                                                                       const RowMatrix& ts,
                                                                       const ScoreOptions& options,
-                                                                      const TwoStage& search) const {
+                                                                      const TwoStage& search,
+                                                                      const std::vector<bool>* exclude) const {
   check_two_stage(options, search.candidates);
   const std::size_t candidates = search.candidates;
   const Index queries = xs.rows();
   const std::shared_ptr<const Summary> s = summary(search);  // (checks the shape, whatever follows)
   if (options.top_k <= 0 || candidates >= size() || size() == 0 || queries == 0)
-    return rank_batch(xs, ts, options);
+    return rank_batch(xs, ts, options, exclude);
+  if (exclude && exclude->size() != size())
+    throw InputError("rank: the exclusion mask has " + std::to_string(exclude->size()) + " flags for " +
+                     std::to_string(size()) + " models");
+  const auto live = [exclude](std::size_t m) { return !exclude || !(*exclude)[m]; };
   Prepared p;
   prepare(xs, ts, options, p);
   const StageOneQueries q1 = in_bases(*s, p);
@@ -793,7 +798,8 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowM
       estimate_listed(*s, q1.qx.row(qr).data(), q1.qt.rows() > 0 ? q1.qt.row(qr).data() : nullptr,
                       q1.qr.rows() > 0 ? q1.qr.row(qr).data() : nullptr, p.terms[qi], options, mine.data() + lo,
                       hi - lo, e.data());
-      for (std::size_t i = lo; i < hi; ++i) lists[item].offer(e[i - lo], mine[i]);
+      for (std::size_t i = lo; i < hi; ++i)
+        if (live(mine[i])) lists[item].offer(e[i - lo], mine[i]);
     });
     parallel_for_rethrow(batch, static_cast<int>(threads), [&](std::size_t qi) {
       for (std::size_t part = 1; part < parts; ++part) lists[qi * parts].merge(lists[qi * parts + part]);
@@ -810,7 +816,8 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowM
       estimate_range(*s, q1.qx, q1.qt, q1.qr, p.terms.data(), options, size() * part / ranges,
                      size() * (part + 1) / ranges, [&](Index q, std::size_t ma, std::size_t mb, const float* e) {
                        Shortlist& list = mine[static_cast<std::size_t>(q)];
-                       for (std::size_t m = ma; m < mb; ++m) list.offer(e[m - ma], m);
+                       for (std::size_t m = ma; m < mb; ++m)
+                         if (live(m)) list.offer(e[m - ma], m);
                      });
     });
     parallel_for_rethrow(batch, static_cast<int>(threads), [&](std::size_t q) {

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "gmi/metric.hpp"
+#include "gmi/ops.hpp"
 #include "gmi/spec_store.hpp"
 #include "spec_fixtures.hpp"
 #include "test_support.hpp"
@@ -99,6 +100,116 @@ TEST(HubCache, MetricUseNoneIgnoresTheStoredMetric) {
   auto current = wait_for(cache, [](const Identifier& id) { return id.index().size() == 5; });
   ASSERT_NE(current, nullptr);
   EXPECT_EQ(current->metric(), nullptr);
+}
+
+// The live specs of a store, ranked by one index, against a snapshot's ranking.
+void expect_ranks_as_the_store(const Identifier& hub, SpecStore& store) {
+  std::vector<Spec> specs;
+  for (const auto& id : store.list()) specs.push_back(*store.get(id));
+  ASSERT_EQ(hub.size(), specs.size());
+  const SpecIndex reference(specs);
+  RowMatrix xs(3, specs.front().image_encoder.dim);
+  for (Eigen::Index q = 0; q < 3; ++q) xs.row(q) = specs[static_cast<std::size_t>(q)].zx.row(0);
+  RowMatrix ts(3, specs.front().text_encoder.dim);
+  for (Eigen::Index q = 0; q < 3; ++q) ts.row(q) = specs[static_cast<std::size_t>(q)].zt.row(0);
+  ScoreOptions so;
+  so.top_k = 4;
+  const auto want = reference.rank_batch(xs, ts, so);
+  const auto got = hub.rank(xs, ts, so);
+  for (std::size_t q = 0; q < want.size(); ++q) {
+    ASSERT_EQ(got[q].results.size(), want[q].size());
+    for (std::size_t j = 0; j < want[q].size(); ++j) {
+      EXPECT_EQ(got[q].results[j].model, want[q][j].model);
+      EXPECT_NEAR(got[q].results[j].score, want[q][j].score, 1e-6);
+    }
+  }
+}
+
+HubCacheOptions segmented_options(const std::string& uri) {
+  HubCacheOptions o;
+  o.store_uri = uri;
+  o.refresh_ms = 20;
+  o.stage = "segments-test";
+  o.identify.build_interrogator = false;
+  o.segmented = true;
+  o.load_chunk = 3;
+  o.segments.tail_max = 2;
+  return o;
+}
+
+TEST(HubCache, ASegmentedShardTakesUploadsAndRemovalsWithoutRepackingItsSegments) {
+  testing::RedisServer redis;  // its change log is what lets a refresh fetch only what changed
+  if (!redis.started()) GTEST_SKIP() << "no redis-server";
+  const std::string uri = redis.uri();
+  auto store = open_spec_store(uri);
+  for (int m = 0; m < 7; ++m) store->put(testing::make_random_spec("model-" + std::to_string(m), 40 + m, 5));
+  HubCacheOptions o = segmented_options(uri);
+  o.segments.merge_factor = 100;  // no compaction: the segments stay as loaded
+  o.segments.dead_fraction = 1.0;
+  const Spec any = testing::make_random_spec("x", 1, 5);
+  HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
+  auto loaded = wait_for(cache, [](const Identifier& id) { return id.size() == 7; });
+  ASSERT_NE(loaded, nullptr);
+  const auto& first = loaded->hub().segments();
+  ASSERT_EQ(loaded->hub().sealed_segments(), 3u) << "a full load packs load_chunk specs per segment";
+  expect_ranks_as_the_store(*loaded, *store);
+  auto same_segments = [&](const Identifier& id) {
+    for (const Segment& s : first) {
+      bool found = false;
+      for (const Segment& t : id.hub().segments()) found = found || t.index == s.index;
+      if (!found) return false;
+    }
+    return true;
+  };
+
+  store->put(testing::make_random_spec("model-new", 90, 5));  // an upload
+  auto up = wait_for(cache, [](const Identifier& id) { return id.size() == 8; });
+  ASSERT_NE(up, nullptr);
+  EXPECT_TRUE(same_segments(*up)) << "an upload touches the tail only";
+  EXPECT_EQ(up->hub().tail_size(), 1u);
+  expect_ranks_as_the_store(*up, *store);
+
+  store->put(testing::make_random_spec("model-1", 91, 5));  // a new version of a loaded model
+  auto replaced = wait_for(cache, [](const Identifier& id) { return id.hub().dead() == 1; });
+  ASSERT_NE(replaced, nullptr);
+  EXPECT_TRUE(same_segments(*replaced));
+  expect_ranks_as_the_store(*replaced, *store);
+
+  ASSERT_TRUE(store->remove("model-4"));
+  auto removed = wait_for(cache, [](const Identifier& id) { return id.size() == 7 && id.hub().dead() == 2; });
+  ASSERT_NE(removed, nullptr);
+  EXPECT_TRUE(same_segments(*removed));
+  expect_ranks_as_the_store(*removed, *store);
+}
+
+TEST(HubCache, ASegmentedShardCompactsInTheBackgroundAndCountsIt) {
+  testing::TempDir dir;
+  const std::string uri = "dir:" + dir.path().string();
+  auto store = open_spec_store(uri);
+  for (int m = 0; m < 7; ++m) store->put(testing::make_random_spec("model-" + std::to_string(m), 60 + m, 5));
+  HubCacheOptions o = segmented_options(uri);
+  o.segments.merge_factor = 2;
+  o.segments.dead_fraction = 0.4;
+  const Spec any = testing::make_random_spec("x", 1, 5);
+  HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
+  // Loaded as 3 + 3 + 1; the two smallest of the band merge.
+  auto merged = wait_for(cache, [](const Identifier& id) { return id.size() == 7 && id.hub().sealed_segments() == 2; });
+  ASSERT_NE(merged, nullptr);
+  expect_ranks_as_the_store(*merged, *store);
+  // Two of a segment's models removed: past dead_fraction, it is rewritten without them.
+  const auto& ids = merged->hub().segments().front().index->model_ids();
+  ASSERT_GE(ids.size(), 3u);
+  ASSERT_TRUE(store->remove(ids[0]));
+  ASSERT_TRUE(store->remove(ids[1]));
+  auto rewritten = wait_for(cache, [](const Identifier& id) { return id.size() == 5 && id.hub().dead() == 0; });
+  ASSERT_NE(rewritten, nullptr);
+  expect_ranks_as_the_store(*rewritten, *store);
+  const std::string metrics = Metrics::instance().serialize();
+  EXPECT_NE(metrics.find("gmi_compactions_total{outcome=\"installed\",shard=\"0\",stage=\"segments-test\"}"),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("gmi_segment_models{shard=\"0\",stage=\"segments-test\",state=\"live\"} 5"),
+            std::string::npos);
 }
 
 }  // namespace

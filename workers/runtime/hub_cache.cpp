@@ -35,6 +35,7 @@ HubCache::HubCache(HubCacheOptions options, EncoderIdentity image_encoder, Encod
   }
   if (options_.refresh_ms < 10) throw InputError("score.refresh_ms must be >= 10");
   thread_ = std::thread([this] { loop(); });
+  if (options_.segmented) compactor_ = std::thread([this] { compact_loop(); });
 }
 
 HubCache::~HubCache() {
@@ -43,7 +44,9 @@ HubCache::~HubCache() {
     quit_ = true;
   }
   cv_.notify_all();
+  compact_cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  if (compactor_.joinable()) compactor_.join();
 }
 
 std::shared_ptr<const Identifier> HubCache::current() const {
@@ -98,48 +101,155 @@ struct ShardState {
   std::shared_ptr<const Metric> metric;
 };
 
-// Fetches one spec into `state` (or drops it), mapped into the state's metric space; skips
-// what cannot be served, with a warning.
-void fetch(SpecStore& store, const std::string& id, ShardState& state, const EncoderIdentity& image,
-           const EncoderIdentity& text) {
+// Fetches one spec, mapped into `metric`'s space (when there is one); nullopt when the store
+// has none, or it cannot be served (skipped with a warning: damaged, other encoders, unmappable).
+std::optional<Spec> fetch_one(SpecStore& store, const std::string& id, const Metric* metric,
+                              const EncoderIdentity& image, const EncoderIdentity& text) {
   std::optional<Spec> spec;
   try {
     spec = store.get(id);
   } catch (const SpecFormatError& e) {
     log::warn("skipping a damaged spec", {{"model", id}, {"error", e.what()}});
-    state.specs.erase(id);
-    return;
+    return std::nullopt;
   }
-  if (!spec) {
-    state.specs.erase(id);
-    return;
-  }
+  if (!spec) return std::nullopt;
   if (!(spec->image_encoder == image) || !(spec->text_encoder == text)) {
     log::warn("skipping a spec made by other encoders",
               {{"model", id}, {"spec_image_encoder", spec->image_encoder.str()},
                {"serving_image_encoder", image.str()}});
+    return std::nullopt;
+  }
+  if (!metric) return spec;
+  try {
+    return to_metric_space(std::move(*spec), *metric);
+  } catch (const InputError& e) {
+    log::warn("skipping a spec the metric cannot map", {{"model", id}, {"error", e.what()}});
+    return std::nullopt;
+  }
+}
+
+// Fetches one spec into `state` (or drops it from there).
+void fetch(SpecStore& store, const std::string& id, ShardState& state, const EncoderIdentity& image,
+           const EncoderIdentity& text) {
+  if (auto spec = fetch_one(store, id, state.metric.get(), image, text))
+    state.specs[id] = std::move(*spec);
+  else
     state.specs.erase(id);
-    return;
+}
+
+// Into a segment builder (a segmented shard): upserted, or removed when the store has none
+// that can be served.
+void fetch(SpecStore& store, const std::string& id, SegmentBuilder& builder, const Metric* metric,
+           const EncoderIdentity& image, const EncoderIdentity& text) {
+  auto spec = fetch_one(store, id, metric, image, text);
+  if (!spec) return builder.remove(id);
+  try {
+    builder.upsert(std::move(*spec));
+  } catch (const InputError& e) {  // SpecFormatError, EncoderMismatchError
+    log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
+    builder.remove(id);
   }
-  if (state.metric) {
-    try {
-      state.specs[id] = to_metric_space(std::move(*spec), *state.metric);
-    } catch (const InputError& e) {
-      log::warn("skipping a spec the metric cannot map", {{"model", id}, {"error", e.what()}});
-      state.specs.erase(id);
-    }
-    return;
-  }
-  state.specs[id] = std::move(*spec);
 }
 
 }  // namespace
 
+std::shared_ptr<const Identifier> HubCache::publish(SegmentedIndex hub, std::uint64_t generation) {
+  auto next = std::make_shared<const Identifier>(std::move(hub), image_encoder_, text_encoder_, prompt_encoder_,
+                                                 options_.identify);
+  {
+    std::lock_guard lock(mutex_);
+    current_ = next;
+    current_generation_ = std::max(current_generation_, generation);
+    not_ready_.clear();
+  }
+  refreshed_.notify_all();
+  auto& m = Metrics::instance();
+  const std::map<std::string, std::string> labels{{"stage", options_.stage}, {"shard", std::to_string(options_.shard)}};
+  const SegmentedIndex& h = next->hub();
+  m.specs_loaded.Add({{"stage", options_.stage}, {"shard", std::to_string(options_.shard)}})
+      .Set(static_cast<double>(h.size()));
+  m.index_bytes.Add(labels).Set(static_cast<double>(h.memory_bytes()));
+  m.segments.Add(labels).Set(static_cast<double>(h.sealed_segments()));
+  auto state = [&](const char* name) {
+    auto l = labels;
+    l["state"] = name;
+    return l;
+  };
+  m.segment_models.Add(state("live")).Set(static_cast<double>(h.size() - h.tail_size()));
+  m.segment_models.Add(state("tail")).Set(static_cast<double>(h.tail_size()));
+  m.segment_models.Add(state("dead")).Set(static_cast<double>(h.dead()));
+  return next;
+}
+
+void HubCache::compact_loop() {
+  for (;;) {
+    SegmentBuilder::Compaction plan;
+    std::size_t hub_size = 0;
+    {
+      std::unique_lock lock(mutex_);
+      compact_cv_.wait(lock, [&] { return quit_ || (compacting_ && !compacting_->done); });
+      if (quit_) return;
+      plan = compacting_->plan;
+      hub_size = current_ ? current_->size() : 0;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    std::shared_ptr<const SpecIndex> result;
+    std::string error;
+    try {
+      result = std::make_shared<const SpecIndex>(SegmentBuilder::run(plan));
+      // Its two-stage summary too, so that the segment searches in two stages once installed.
+      const IdentifyOptions& io = options_.identify;
+      const bool staged = io.search == SearchMode::kTwoStage ||
+                          (io.search == SearchMode::kAuto && hub_size >= io.two_stage_from);
+      if (staged && result->size() > io.two_stage.candidates)
+        result->prepare_two_stage(io.two_stage);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    std::lock_guard lock(mutex_);
+    compacting_->result = std::move(result);
+    compacting_->error = std::move(error);
+    compacting_->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    compacting_->done = true;
+    refresh_now_ = true;  // the refresh thread installs it
+    cv_.notify_all();
+  }
+}
+
 void HubCache::loop() {
   ShardState state;
+  std::unique_ptr<SegmentBuilder> builder;  // segmented: the shard's segments (instead of state.specs)
+  std::uint64_t epoch = 0;                  // of `builder`: a full reload starts a new one
   std::unique_ptr<SpecStore> store;
-  auto& gauge = Metrics::instance().specs_loaded.Add(
-      {{"stage", options_.stage}, {"shard", std::to_string(options_.shard)}});
+  const std::string shard = std::to_string(options_.shard);
+  const SpecStorage storage = options_.identify.storage;
+  auto new_builder = [&] {
+    return std::make_unique<SegmentBuilder>(state.metric, state.metric ? SpecSpace::kMapped : SpecSpace::kRaw,
+                                            storage, options_.segments);
+  };
+  auto announce = [&](const std::shared_ptr<const Identifier>& serving, std::uint64_t generation, std::size_t fetched,
+                      double seconds) {
+    const SegmentedIndex& hub = serving->hub();
+    log::info("specs refreshed", {{"stage", options_.stage}, {"shard", options_.shard},
+                                  {"models", hub.size()}, {"fetched", fetched},
+                                  {"generation", generation},
+                                  {"metric", state.metric ? state.metric->label() : "none"},
+                                  {"storage", to_string(storage)},
+                                  {"search", serving->two_stage() ? "two-stage" : "exact"},
+                                  {"segments", hub.sealed_segments()}, {"tail", hub.tail_size()},
+                                  {"dead", hub.dead()}, {"index_bytes", hub.memory_bytes()},
+                                  {"seconds", seconds}});
+    // The new snapshot already serves (exactly, where a segment has no summary yet); the
+    // summaries of new segments follow.
+    if (serving->two_stage()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const std::size_t bytes = serving->prepare_search();
+      log::info("two-stage summary built",
+                {{"stage", options_.stage}, {"shard", options_.shard}, {"generation", generation},
+                 {"bytes", bytes},
+                 {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
+    }
+  };
   for (;;) {
     {
       std::unique_lock lock(mutex_);
@@ -172,7 +282,43 @@ void HubCache::loop() {
         const auto start = std::chrono::steady_clock::now();
         SpecChanges changes = store->changes_since(state.cursor);
         std::size_t fetched = 0;
-        if (!state.loaded || !changes.complete || metric_moved) {
+        const bool full = !state.loaded || !changes.complete || metric_moved;
+        if (full && options_.segmented) {
+          // Into a new builder, swapped in only once every spec is in; packed a chunk at a
+          // time, so that no more than one chunk of specs is held unpacked.
+          auto reload = new_builder();
+          std::vector<Spec> chunk;
+          auto pack = [&] {
+            if (chunk.empty()) return;
+            reload->add_segment(std::make_shared<const SpecIndex>(
+                std::move(chunk), state.metric, state.metric ? SpecSpace::kMapped : SpecSpace::kRaw, storage));
+            chunk.clear();
+          };
+          for (const auto& id : store->list()) {
+            if (!in_shard(id, options_.shard, options_.shards)) continue;
+            ++fetched;
+            auto spec = fetch_one(*store, id, state.metric.get(), image_encoder_, text_encoder_);
+            if (!spec) continue;
+            try {
+              check_packable(*spec, state.metric.get(), state.metric ? SpecSpace::kMapped : SpecSpace::kRaw);
+            } catch (const InputError& e) {
+              log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
+              continue;
+            }
+            chunk.push_back(std::move(*spec));
+            if (chunk.size() >= options_.load_chunk) pack();
+          }
+          pack();
+          builder = std::move(reload);
+          ++epoch;
+        } else if (options_.segmented) {
+          std::set<std::string> seen;
+          for (const auto& id : changes.models) {
+            if (!seen.insert(id).second || !in_shard(id, options_.shard, options_.shards)) continue;
+            fetch(*store, id, *builder, state.metric.get(), image_encoder_, text_encoder_);
+            ++fetched;
+          }
+        } else if (full) {
           // Into a fresh map, swapped in only once every spec is in: a reload that fails
           // half-way (Redis times out) must not leave a half-empty map for the next
           // incremental refresh to build a snapshot from.
@@ -196,41 +342,58 @@ void HubCache::loop() {
         state.generation = generation;
         state.metric_version = metric_version;
         state.loaded = true;
-        std::vector<Spec> specs;
-        specs.reserve(state.specs.size());
-        for (const auto& [id, s] : state.specs) specs.push_back(s);
-        auto next = std::make_shared<const Identifier>(std::move(specs), image_encoder_, text_encoder_,
-                                                       prompt_encoder_, options_.identify, state.metric,
-                                                       state.metric ? SpecSpace::kMapped : SpecSpace::kRaw);
-        const double seconds =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        gauge.Set(static_cast<double>(state.specs.size()));
-        const auto& index = next->index();
-        const bool two_stage = next->two_stage();
-        const std::shared_ptr<const Identifier> serving = next;
+        SegmentedIndex hub;
+        if (options_.segmented) {
+          hub = builder->snapshot();
+        } else {
+          std::vector<Spec> specs;
+          specs.reserve(state.specs.size());
+          for (const auto& [id, s] : state.specs) specs.push_back(s);
+          hub = SegmentedIndex(std::make_shared<const SpecIndex>(
+              std::move(specs), state.metric, state.metric ? SpecSpace::kMapped : SpecSpace::kRaw, storage));
+        }
+        const auto serving = publish(std::move(hub), generation);
+        announce(serving, generation, fetched,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      if (options_.segmented && builder) {
+        // A finished compaction is installed (or dropped, when its builder was replaced);
+        // then the next one due, if any, is handed to the compaction thread.
+        std::optional<Compacting> finished;
         {
           std::lock_guard lock(mutex_);
-          current_ = std::move(next);
-          current_generation_ = generation;
-          not_ready_.clear();
+          if (compacting_ && compacting_->done) {
+            finished = std::move(compacting_);
+            compacting_.reset();
+          }
         }
-        refreshed_.notify_all();
-        log::info("specs refreshed", {{"stage", options_.stage}, {"shard", options_.shard},
-                                      {"models", state.specs.size()}, {"fetched", fetched},
-                                      {"generation", generation},
-                                      {"metric", state.metric ? state.metric->label() : "none"},
-                                      {"storage", to_string(index.storage())},
-                                      {"search", two_stage ? "two-stage" : "exact"},
-                                      {"index_bytes", index.memory_bytes()},
-                                      {"seconds", seconds}});
-        // The new snapshot already serves (exactly); the two-stage summary follows.
-        if (two_stage) {
-          const auto t0 = std::chrono::steady_clock::now();
-          const std::size_t bytes = serving->prepare_search();
-          log::info("two-stage summary built",
-                    {{"stage", options_.stage}, {"shard", options_.shard}, {"generation", generation},
-                     {"bytes", bytes},
-                     {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
+        auto& m = Metrics::instance();
+        if (finished) {
+          const char* outcome = "failed";
+          if (!finished->result) {
+            log::error("segment compaction failed", {{"stage", options_.stage}, {"shard", options_.shard},
+                                                     {"error", finished->error}});
+          } else if (finished->epoch == epoch && builder->install(finished->plan, finished->result)) {
+            outcome = "installed";
+            m.compaction_seconds.Add({{"stage", options_.stage}, {"shard", shard}}, Metrics::latency_buckets())
+                .Observe(finished->seconds);
+            const auto serving = publish(builder->snapshot(), state.generation);
+            log::info("segments compacted", {{"stage", options_.stage}, {"shard", options_.shard},
+                                             {"inputs", finished->plan.inputs.size()},
+                                             {"models", finished->result->size()},
+                                             {"segments", serving->hub().sealed_segments()},
+                                             {"seconds", finished->seconds}});
+          } else {
+            outcome = "superseded";
+          }
+          m.compactions_total.Add({{"stage", options_.stage}, {"shard", shard}, {"outcome", outcome}}).Increment();
+        }
+        std::lock_guard lock(mutex_);
+        if (!compacting_) {
+          if (auto plan = builder->plan()) {
+            compacting_ = Compacting{std::move(*plan), epoch, nullptr, {}, 0, false};
+            compact_cv_.notify_all();
+          }
         }
       }
     } catch (const std::exception& e) {
@@ -262,6 +425,10 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
     // A score worker ranks with the pseudo-prompts its tasks bring: it builds no interrogator,
     // and may hold its points as binary16.
     o.identify.build_interrogator = false;
+    o.segmented = true;
+    o.segments.tail_max = static_cast<std::size_t>(config.get_int("score.tail_max"));
+    o.segments.merge_factor = static_cast<int>(config.get_int("score.merge_factor"));
+    o.segments.dead_fraction = config.get_double("score.dead_fraction");
     o.identify.storage = parse_storage(config.get_string("score.storage"));
     o.identify.search = parse_search(config.get_string("score.search"));
     o.identify.two_stage_from = static_cast<std::size_t>(config.get_int("score.two_stage_from"));

@@ -41,7 +41,7 @@ class ScoreStage final : public Stage {
       for (auto& r : out) r = StageResult::failure("score: " + stale, true);
       return out;
     }
-    const auto& index = hub->index();
+    const SegmentedIndex& index = hub->hub();
     // Group by (scorer, top): each group is one batched ranking.
     std::map<std::pair<int, int>, std::vector<std::size_t>> groups;
     std::vector<RowMatrix> xs(batch.size()), ts(batch.size());

@@ -16,6 +16,7 @@
 #include "gmi/metric.hpp"
 #include "gmi/rkme.hpp"
 #include "gmi/scoring.hpp"
+#include "gmi/segments.hpp"
 #include "gmi/spec.hpp"
 
 namespace gmi {
@@ -105,9 +106,19 @@ class Identifier {
              std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options,
              std::shared_ptr<const Metric> metric = nullptr, SpecSpace space = SpecSpace::kRaw);
 
-  const SpecIndex& index() const { return index_; }
+  /// A hub held as segments (a score worker's shard, kept by a SegmentBuilder): no
+  /// hub-learned interrogator unless it is one segment. The encoders are the serving ones
+  /// (the hub may be empty); EncoderMismatchError when the hub's are others.
+  Identifier(SegmentedIndex hub, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
+             std::shared_ptr<const TextEncoder> prompt_encoder, IdentifyOptions options);
+
+  /// The hub as one packed index (InputError when it is held in several segments).
+  const SpecIndex& index() const { return hub_.single(); }
+  const SegmentedIndex& hub() const { return hub_; }
+  /// Live models.
+  std::size_t size() const { return hub_.size(); }
   /// The metric in use, null for the raw space.
-  const std::shared_ptr<const Metric>& metric() const { return index_.metric(); }
+  const std::shared_ptr<const Metric>& metric() const { return hub_.metric(); }
   const IdentifyOptions& options() const { return options_; }
   /// True when the two-stage search ranks this hub (for the scorers it serves) once
   /// prepare_search() has built its summary.
@@ -135,8 +146,9 @@ class Identifier {
   EncoderIdentity text_encoder_;
   std::shared_ptr<const TextEncoder> prompt_encoder_;
   IdentifyOptions options_;
-  SpecIndex index_;
+  SegmentedIndex hub_;
   bool two_stage_ = false;
+  void finish_construction();
   std::shared_ptr<const Interrogator> interrogator_;  ///< null: queries must bring prompts
 };
 

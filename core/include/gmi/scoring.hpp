@@ -76,6 +76,11 @@ bool has_exact_stage(Scorer s);
 /// Throws EncoderMismatchError for a metric of another image encoder.
 Spec to_metric_space(Spec spec, const Metric& metric);
 
+/// Throws what SpecIndex's constructor would for this spec alone (shapes against its
+/// encoders, or the metric's k columns when `space` is kMapped; non-finite values), so that a
+/// caller packing many can leave a bad one out first.
+void check_packable(const Spec& spec, const Metric* metric, SpecSpace space);
+
 /// All specs of one hub, packed. Specs must share encoder identities (else
 /// EncoderMismatchError naming the offending model). r may differ between models.
 /// With a metric, everything is packed in the metric's mapped space (k dims): reduced
@@ -87,6 +92,17 @@ class SpecIndex {
   /// Throws EncoderMismatchError when `metric` was learnt for another image encoder.
   explicit SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metric = nullptr,
                      SpecSpace space = SpecSpace::kRaw, SpecStorage storage = SpecStorage::kF32);
+
+  /// The models of several indexes packed into one (a segment compaction): the parts in
+  /// order, each part's models flagged in its `exclude` (null: none) left out. Arrays are
+  /// copied as packed, never unpacked or re-rounded, so every kept model scores exactly as
+  /// it did. The parts must share encoders, metric and storage, and a model id may be kept
+  /// once only (InputError otherwise).
+  struct Part {
+    const SpecIndex* index = nullptr;
+    const std::vector<bool>* exclude = nullptr;
+  };
+  static SpecIndex merge(const std::vector<Part>& parts);
 
   std::size_t size() const { return model_ids_.size(); }
   std::size_t points() const { return offsets_.empty() ? 0 : offsets_.back(); }
@@ -116,8 +132,10 @@ class SpecIndex {
   /// top_k <= 0 (every model) scores all first.
   std::vector<RankedModel> rank(const Eigen::VectorXf& x, const Eigen::VectorXf& t,
                                 const ScoreOptions& options) const;
+  /// `exclude` (size() flags, or null): models never ranked (a segment's tombstones).
   std::vector<std::vector<RankedModel>> rank_batch(const RowMatrix& xs, const RowMatrix& ts,
-                                                   const ScoreOptions& options) const;
+                                                   const ScoreOptions& options,
+                                                   const std::vector<bool>* exclude = nullptr) const;
 
   /// Two-stage search. Stage 1 estimates models' scores from a compact summary of each spec:
   /// its reduced points grouped into `clusters` groups (beta-weighted kernel k-means on the
@@ -142,7 +160,8 @@ class SpecIndex {
   };
   std::vector<std::vector<RankedModel>> rank_batch_two_stage(const RowMatrix& xs, const RowMatrix& ts,
                                                              const ScoreOptions& options,
-                                                             const TwoStage& search) const;
+                                                             const TwoStage& search,
+                                                             const std::vector<bool>* exclude = nullptr) const;
   /// Stage 1 alone: B x M estimated scores (lower is better for every scorer: the nearest
   /// scorer's estimate is negated; +inf for a model outside the probed cells), for measuring
   /// the first stage.
@@ -249,8 +268,12 @@ class SpecIndex {
   void load_points(bool prompts, Eigen::Index p, Eigen::Index n, float* out) const;
 };
 
-/// Top-k of `scores` (ascending or descending), ties broken by model id.
+/// Top-k of `scores` (ascending or descending), ties broken by model id; models flagged in
+/// `exclude` (when given) left out.
 std::vector<RankedModel> top_k(const Eigen::VectorXd& scores,
-                               const std::vector<std::string>& ids, bool ascending, int k);
+                               const std::vector<std::string>& ids, bool ascending, int k,
+                               const std::vector<bool>* exclude = nullptr);
+/// True when `a` ranks ahead of `b` in top_k's order (NaN last, then by score, then by id).
+bool ranks_ahead(const RankedModel& a, const RankedModel& b, bool ascending);
 
 }  // namespace gmi

@@ -320,6 +320,17 @@ const std::vector<ConfigKey>& Config::schema() {
        ConfigType::integer(0, 1 << 24)},
       {"score.probe", "128", "two-stage: cells a query visits (with score.lists)",
        ConfigType::integer(1, 1 << 24)},
+      {"score.tail_max", "1024",
+       "models an upload or removal touches: the shard's mutable tail, sealed into an immutable "
+       "segment at this size",
+       ConfigType::integer(1, 1 << 24)},
+      {"score.merge_factor", "8",
+       "segments of one size band (powers of merge_factor times tail_max) merged into one in the "
+       "background once there are this many",
+       ConfigType::integer(2, 1024)},
+      {"score.dead_fraction", "0.2",
+       "a segment with more of its models replaced or removed than this is rewritten in the background",
+       ConfigType::number(0.001, 1.0)},
       {"score.max_batch", "64", "most queries a score worker scores at once",
        ConfigType::integer(1, 65536)},
       {"score.max_wait_ms", "0",

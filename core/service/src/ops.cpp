@@ -65,6 +65,14 @@ Metrics::Metrics()
       pending_bytes(gauge("gmi_pending_bytes",
                           "Payload bytes the broker's unfinished jobs hold (broker.max_pending_bytes).")),
       specs_loaded(gauge("gmi_specs_loaded", "Specs held in memory by score workers.")),
+      segments(gauge("gmi_segments", "Sealed (immutable) segments a score worker holds its shard in.")),
+      segment_models(gauge("gmi_segment_models",
+                           "Models in a score worker's segments, by state: live (sealed), tail "
+                           "(the mutable tail), dead (tombstones awaiting compaction).")),
+      index_bytes(gauge("gmi_index_bytes", "Bytes of a score worker's packed specs (all segments).")),
+      compactions_total(counter("gmi_compactions_total",
+                                "Segment compactions, by outcome (installed, superseded, failed).")),
+      compaction_seconds(histogram("gmi_compaction_seconds", "Time one segment compaction took.")),
       registry_(process_registry()) {}
 
 Metrics& Metrics::instance() {

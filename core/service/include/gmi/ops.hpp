@@ -42,6 +42,11 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& workers_suspect;       ///< gmi_workers_suspect{stage}
   prometheus::Family<prometheus::Gauge>& pending_bytes;         ///< gmi_pending_bytes
   prometheus::Family<prometheus::Gauge>& specs_loaded;          ///< gmi_specs_loaded{stage}
+  prometheus::Family<prometheus::Gauge>& segments;              ///< gmi_segments{stage,shard}
+  prometheus::Family<prometheus::Gauge>& segment_models;        ///< gmi_segment_models{stage,shard,state}
+  prometheus::Family<prometheus::Gauge>& index_bytes;           ///< gmi_index_bytes{stage,shard}
+  prometheus::Family<prometheus::Counter>& compactions_total;   ///< gmi_compactions_total{stage,shard,outcome}
+  prometheus::Family<prometheus::Histogram>& compaction_seconds;  ///< gmi_compaction_seconds{stage,shard}
 
   /// Buckets for latency histograms: 100 us .. 60 s, roughly x2.5 apart.
   static prometheus::Histogram::BucketBoundaries latency_buckets();

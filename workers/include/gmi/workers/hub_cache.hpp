@@ -14,10 +14,12 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "gmi/pipeline.hpp"
+#include "gmi/segments.hpp"
 #include "gmi/spec_store.hpp"
 
 namespace gmi {
@@ -34,6 +36,13 @@ struct HubCacheOptions {
   IdentifyOptions identify;
   std::string stage = "score";  ///< for logs and the gmi_specs_loaded gauge
   bool use_metric = true;       ///< metric.use: auto (the store's, when it has one) or none
+  /// Hold the shard as segments (a score worker): an upload or removal touches the tail and
+  /// a tombstone only, compaction runs on a background thread, and the cache holds one copy
+  /// of the specs (packed). Otherwise (an interrogator that learns from the whole hub) every
+  /// refresh repacks the hub from the specs it keeps.
+  bool segmented = false;
+  SegmentPolicy segments;
+  std::size_t load_chunk = 16384;  ///< a full load packs this many specs per segment
 };
 
 /// True when model `id` belongs to `shard` of `shards` (FNV-1a of the id, modulo shards).
@@ -60,6 +69,9 @@ class HubCache {
 
  private:
   void loop();
+  void compact_loop();
+  // Builds and publishes a snapshot of `hub` (the store at `generation`); returns it.
+  std::shared_ptr<const Identifier> publish(SegmentedIndex hub, std::uint64_t generation);
 
   HubCacheOptions options_;
   EncoderIdentity image_encoder_;
@@ -75,7 +87,20 @@ class HubCache {
   std::mutex probe_mutex_;
   std::string not_ready_ = "loading specs";
   bool quit_ = false;
+  // Compaction: the refresh thread hands one plan at a time to the compaction thread and
+  // installs its result; `epoch` tells results for a builder since replaced (a full reload).
+  struct Compacting {
+    SegmentBuilder::Compaction plan;
+    std::uint64_t epoch = 0;
+    std::shared_ptr<const SpecIndex> result;
+    std::string error;
+    double seconds = 0;
+    bool done = false;
+  };
+  std::optional<Compacting> compacting_;  // under mutex_
+  std::condition_variable compact_cv_;
   std::thread thread_;
+  std::thread compactor_;
 };
 
 /// A cache for `stage` from the configuration: redis.uri, score.refresh_ms, encoder.*,

@@ -1,0 +1,372 @@
+#include "gmi/segments.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "gmi/error.hpp"
+
+namespace gmi {
+
+namespace {
+
+bool same_shape(const SpecIndex& a, const SpecIndex& b) {
+  return a.image_encoder() == b.image_encoder() && a.text_encoder() == b.text_encoder() &&
+         a.metric() == b.metric() && a.storage() == b.storage();
+}
+
+}  // namespace
+
+SegmentedIndex::SegmentedIndex(std::shared_ptr<const SpecIndex> index) {
+  if (!index) throw InputError("SegmentedIndex: no index");
+  metric_ = index->metric();
+  Segment s;
+  s.index = std::move(index);
+  s.id = 1;
+  segments_.push_back(std::move(s));
+  image_ = segments_.front().index->image_encoder();
+  text_ = segments_.front().index->text_encoder();
+  live_ = segments_.front().index->size();
+}
+
+SegmentedIndex::SegmentedIndex(std::vector<Segment> segments, std::shared_ptr<const Metric> metric)
+    : segments_(std::move(segments)), metric_(std::move(metric)) {
+  const SpecIndex* first = nullptr;
+  for (const Segment& s : segments_) {
+    if (!s.index) throw InputError("SegmentedIndex: a segment has no index");
+    if (s.dead && s.dead->size() != s.index->size())
+      throw InputError("SegmentedIndex: a segment's tombstones do not match its models");
+    if (s.dead_count > s.index->size()) throw InputError("SegmentedIndex: more tombstones than models");
+    live_ += s.live();
+    dead_ += s.dead_count;
+    if (s.index->size() == 0) continue;
+    if (s.index->metric() != metric_) throw InputError("SegmentedIndex: a segment has another metric");
+    if (!first) {
+      first = s.index.get();
+    } else if (!same_shape(*first, *s.index)) {
+      throw InputError("SegmentedIndex: the segments differ in encoders, metric or storage");
+    }
+  }
+  if (first) {
+    image_ = first->image_encoder();
+    text_ = first->text_encoder();
+  }
+}
+
+std::size_t SegmentedIndex::sealed_segments() const {
+  return static_cast<std::size_t>(
+      std::count_if(segments_.begin(), segments_.end(), [](const Segment& s) { return !s.tail; }));
+}
+
+std::size_t SegmentedIndex::tail_size() const {
+  std::size_t n = 0;
+  for (const Segment& s : segments_)
+    if (s.tail) n += s.live();
+  return n;
+}
+
+std::size_t SegmentedIndex::memory_bytes() const {
+  std::size_t bytes = 0;
+  for (const Segment& s : segments_) bytes += s.index->memory_bytes() + (s.dead ? s.dead->size() / 8 : 0);
+  return bytes;
+}
+
+void SegmentedIndex::check_compatible(const EncoderIdentity& image, const EncoderIdentity& text) const {
+  for (const Segment& s : segments_)
+    if (s.index->size() > 0) return s.index->check_compatible(image, text);
+}
+
+const SpecIndex& SegmentedIndex::single() const {
+  if (segments_.empty()) {
+    static const SpecIndex empty;
+    return empty;
+  }
+  if (segments_.size() != 1 || segments_.front().dead_count != 0)
+    throw InputError("this hub is held in " + std::to_string(segments_.size()) +
+                     " segments; one packed index was asked for");
+  return *segments_.front().index;
+}
+
+std::vector<std::vector<RankedModel>> SegmentedIndex::rank_batch(const RowMatrix& xs, const RowMatrix& ts,
+                                                                 const ScoreOptions& options,
+                                                                 const SegmentSearch& search) const {
+  const auto queries = static_cast<std::size_t>(xs.rows());
+  std::vector<std::vector<RankedModel>> out(queries);
+  const Segment* only = nullptr;
+  std::size_t used = 0;
+  for (const Segment& s : segments_)
+    if (s.live() > 0) {
+      only = &s;
+      ++used;
+    }
+  if (used == 0) return out;
+  auto rank_one = [&](const Segment& s) {
+    const bool staged = search.two_stage && !s.tail && has_exact_stage(options.scorer) &&
+                        s.index->two_stage_ready(search.options);
+    return staged ? s.index->rank_batch_two_stage(xs, ts, options, search.options, s.dead.get())
+                  : s.index->rank_batch(xs, ts, options, s.dead.get());
+  };
+  if (used == 1) return rank_one(*only);
+  // Every segment's own top-k holds the segment's share of the merged top-k: merge them.
+  const bool asc = ascending(options.scorer);
+  for (const Segment& s : segments_) {
+    if (s.live() == 0) continue;
+    auto part = rank_one(s);
+    for (std::size_t q = 0; q < queries; ++q)
+      out[q].insert(out[q].end(), std::make_move_iterator(part[q].begin()), std::make_move_iterator(part[q].end()));
+  }
+  const auto better = [asc](const RankedModel& a, const RankedModel& b) { return ranks_ahead(a, b, asc); };
+  for (auto& list : out) {
+    const std::size_t keep =
+        options.top_k <= 0 ? list.size() : std::min(list.size(), static_cast<std::size_t>(options.top_k));
+    std::partial_sort(list.begin(), list.begin() + static_cast<std::ptrdiff_t>(keep), list.end(), better);
+    list.resize(keep);
+  }
+  return out;
+}
+
+std::size_t SegmentedIndex::prepare(const SegmentSearch& search) const {
+  if (!search.two_stage) return 0;
+  std::size_t bytes = 0;
+  for (const Segment& s : segments_)  // (a segment of no more than `candidates` is scored exactly)
+    if (!s.tail && s.index->size() > search.options.candidates) bytes += s.index->prepare_two_stage(search.options);
+  return bytes;
+}
+
+SegmentBuilder::SegmentBuilder(std::shared_ptr<const Metric> metric, SpecSpace space, SpecStorage storage,
+                               SegmentPolicy policy)
+    : metric_(std::move(metric)), space_(space), storage_(storage), policy_(policy) {
+  if (policy_.tail_max < 1) throw InputError("segments: the tail must hold at least one model");
+  if (policy_.merge_factor < 2) throw InputError("segments: merge_factor must be at least 2");
+  if (!(policy_.dead_fraction > 0 && policy_.dead_fraction <= 1))
+    throw InputError("segments: dead_fraction must be in (0, 1]");
+  if (policy_.segment_max < policy_.tail_max)
+    throw InputError("segments: segment_max must be at least tail_max");
+}
+
+void SegmentBuilder::check_encoders(const EncoderIdentity& image, const EncoderIdentity& text) {
+  if (!encoders_known_) {
+    image_ = image;
+    text_ = text;
+    encoders_known_ = true;
+    return;
+  }
+  if (!(image == image_) || !(text == text_))
+    throw EncoderMismatchError("segments: a spec made with " + image.str() + " / " + text.str() +
+                               " cannot join a shard of " + image_.str() + " / " + text_.str());
+}
+
+SegmentBuilder::Sealed* SegmentBuilder::find(std::uint64_t id) {
+  for (Sealed& s : sealed_)
+    if (s.id == id) return &s;
+  return nullptr;
+}
+
+void SegmentBuilder::kill(const Location& where) {
+  if (where.segment == kTail) return;  // the tail's map entry is replaced or erased by the caller
+  Sealed* s = find(where.segment);
+  if (!s) return;
+  if (!s->dead) {
+    s->dead = std::make_shared<std::vector<bool>>(s->index->size(), false);
+  } else if (s->dead.use_count() > 1) {
+    s->dead = std::make_shared<std::vector<bool>>(*s->dead);  // a snapshot still reads the old flags
+  }
+  if (!(*s->dead)[where.row]) {
+    (*s->dead)[where.row] = true;
+    ++s->dead_count;
+  }
+}
+
+void SegmentBuilder::upsert(Spec spec) {
+  // Checked first, so that a spec the tail could not hold is refused here, before any state
+  // changes, and not when the tail is next packed.
+  check_packable(spec, metric_.get(), space_);
+  check_encoders(spec.image_encoder, spec.text_encoder);
+  const auto it = locations_.find(spec.model_id);
+  if (it != locations_.end()) kill(it->second);
+  locations_[spec.model_id] = Location{};
+  std::string id = spec.model_id;
+  tail_[std::move(id)] = std::move(spec);
+  tail_dirty_ = true;
+}
+
+void SegmentBuilder::remove(const std::string& id) {
+  const auto it = locations_.find(id);
+  if (it == locations_.end()) return;
+  if (it->second.segment == kTail) {
+    tail_.erase(id);
+    tail_dirty_ = true;
+  } else {
+    kill(it->second);
+  }
+  locations_.erase(it);
+}
+
+std::uint64_t SegmentBuilder::add_sealed(std::shared_ptr<const SpecIndex> index) {
+  Sealed s;
+  s.id = next_id_++;
+  const auto& ids = index->model_ids();
+  for (std::size_t row = 0; row < ids.size(); ++row) {
+    const auto it = locations_.find(ids[row]);
+    if (it != locations_.end()) {
+      if (it->second.segment == kTail) {
+        tail_.erase(ids[row]);
+        tail_dirty_ = true;
+      } else {
+        kill(it->second);
+      }
+    }
+    locations_[ids[row]] = Location{s.id, static_cast<std::uint32_t>(row)};
+  }
+  s.index = std::move(index);
+  sealed_.push_back(std::move(s));
+  return sealed_.back().id;
+}
+
+void SegmentBuilder::add_segment(std::shared_ptr<const SpecIndex> index) {
+  if (!index) throw InputError("segments: no index to add");
+  if (index->size() == 0) return;
+  if (index->metric() != metric_) throw InputError("segments: the added segment has another metric");
+  if (index->storage() != storage_) throw InputError("segments: the added segment has another storage");
+  check_encoders(index->image_encoder(), index->text_encoder());
+  add_sealed(std::move(index));
+}
+
+void SegmentBuilder::seal_tail() {
+  // tail_index_ is packed from tail_ (in its order) and current: it becomes a segment as is.
+  std::shared_ptr<const SpecIndex> index = std::move(tail_index_);
+  tail_.clear();
+  tail_index_.reset();
+  tail_dirty_ = false;
+  Sealed s;
+  s.id = next_id_++;
+  const auto& ids = index->model_ids();
+  for (std::size_t row = 0; row < ids.size(); ++row)
+    locations_[ids[row]] = Location{s.id, static_cast<std::uint32_t>(row)};
+  s.index = std::move(index);
+  sealed_.push_back(std::move(s));
+}
+
+SegmentedIndex SegmentBuilder::snapshot() {
+  if (tail_dirty_) {
+    std::vector<Spec> specs;
+    specs.reserve(tail_.size());
+    for (const auto& [id, spec] : tail_) specs.push_back(spec);
+    tail_index_ = tail_.empty() ? nullptr : std::make_shared<const SpecIndex>(std::move(specs), metric_, space_, storage_);
+    tail_dirty_ = false;
+  }
+  if (tail_index_ && tail_.size() >= policy_.tail_max) seal_tail();
+  std::vector<Segment> segments;
+  segments.reserve(sealed_.size() + 1);
+  for (const Sealed& s : sealed_) {
+    Segment out;
+    out.index = s.index;
+    out.dead = s.dead;
+    out.dead_count = s.dead_count;
+    out.id = s.id;
+    segments.push_back(std::move(out));
+  }
+  if (tail_index_) {
+    Segment t;
+    t.index = tail_index_;
+    t.tail = true;
+    segments.push_back(std::move(t));
+  }
+  return SegmentedIndex(std::move(segments), metric_);
+}
+
+std::optional<SegmentBuilder::Compaction> SegmentBuilder::plan() const {
+  auto as_input = [](const Sealed& s) {
+    Segment in;
+    in.index = s.index;
+    in.dead = s.dead;
+    in.dead_count = s.dead_count;
+    in.id = s.id;
+    return in;
+  };
+  // A segment mostly dead: rewrite it (the worst first).
+  const Sealed* worst = nullptr;
+  for (const Sealed& s : sealed_) {
+    const double fraction = s.index->size() ? static_cast<double>(s.dead_count) / static_cast<double>(s.index->size()) : 0;
+    if (s.dead_count > 0 && fraction > policy_.dead_fraction &&
+        (!worst || s.dead_count * worst->index->size() > worst->dead_count * s.index->size()))
+      worst = &s;
+  }
+  if (worst) {
+    Compaction c;
+    c.inputs.push_back(as_input(*worst));
+    c.live = worst->index->size() - worst->dead_count;
+    return c;
+  }
+  // Size bands: band b holds live counts in [tail_max * f^b, tail_max * f^(b+1)).
+  const auto band = [&](std::size_t live) {
+    int b = 0;
+    double edge = static_cast<double>(policy_.tail_max) * policy_.merge_factor;
+    while (static_cast<double>(live) >= edge) {
+      edge *= policy_.merge_factor;
+      ++b;
+    }
+    return b;
+  };
+  std::map<int, std::vector<const Sealed*>> bands;
+  for (const Sealed& s : sealed_) bands[band(s.index->size() - s.dead_count)].push_back(&s);
+  for (auto& [b, members] : bands) {
+    if (members.size() < static_cast<std::size_t>(policy_.merge_factor)) continue;
+    std::sort(members.begin(), members.end(), [](const Sealed* x, const Sealed* y) {
+      return x->index->size() - x->dead_count < y->index->size() - y->dead_count;
+    });
+    Compaction c;
+    for (const Sealed* s : members) {
+      const std::size_t live = s->index->size() - s->dead_count;
+      if (c.inputs.size() == static_cast<std::size_t>(policy_.merge_factor) || c.live + live > policy_.segment_max) break;
+      c.inputs.push_back(as_input(*s));
+      c.live += live;
+    }
+    if (c.inputs.size() >= 2) return c;
+  }
+  return std::nullopt;
+}
+
+SpecIndex SegmentBuilder::run(const Compaction& compaction) {
+  std::vector<SpecIndex::Part> parts;
+  parts.reserve(compaction.inputs.size());
+  for (const Segment& s : compaction.inputs) parts.push_back({s.index.get(), s.dead.get()});
+  return SpecIndex::merge(parts);
+}
+
+bool SegmentBuilder::install(const Compaction& compaction, std::shared_ptr<const SpecIndex> merged) {
+  if (!merged) throw InputError("segments: no compacted index to install");
+  std::vector<std::uint64_t> inputs;
+  for (const Segment& s : compaction.inputs) {
+    if (!find(s.id)) return false;
+    inputs.push_back(s.id);
+  }
+  Sealed out;
+  out.id = next_id_++;
+  const auto& ids = merged->model_ids();
+  for (std::size_t row = 0; row < ids.size(); ++row) {
+    const auto it = locations_.find(ids[row]);
+    const bool live = it != locations_.end() &&
+                      std::find(inputs.begin(), inputs.end(), it->second.segment) != inputs.end();
+    if (live) {
+      it->second = Location{out.id, static_cast<std::uint32_t>(row)};
+    } else {
+      // Replaced or removed while the compaction ran.
+      if (!out.dead) out.dead = std::make_shared<std::vector<bool>>(ids.size(), false);
+      (*out.dead)[row] = true;
+      ++out.dead_count;
+    }
+  }
+  out.index = std::move(merged);
+  const auto first = std::find_if(sealed_.begin(), sealed_.end(), [&](const Sealed& s) { return s.id == inputs.front(); });
+  const auto at = first - sealed_.begin();
+  sealed_.insert(sealed_.begin() + at, std::move(out));
+  sealed_.erase(std::remove_if(sealed_.begin(), sealed_.end(),
+                               [&](const Sealed& s) {
+                                 return std::find(inputs.begin(), inputs.end(), s.id) != inputs.end();
+                               }),
+                sealed_.end());
+  return true;
+}
+
+}  // namespace gmi
