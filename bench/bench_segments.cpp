@@ -54,7 +54,7 @@ int main(int argc, char** argv) try {
   CLI::App app{"Segmented shard benchmark: upload, removal and compaction costs, query latency"};
   long models = 100000, baseline_models = 10000, chunk = 16384;
   int uploads = 200, queries = 30, r = 32, d = 512, dt = 256;
-  std::size_t tail_max = 1024;
+  std::size_t tail_max = gmi::SegmentPolicy{}.tail_max;
   std::string storage_name = "f32";
   std::uint64_t seed = 7;
   bool json = false, merge_all = true;

@@ -68,6 +68,21 @@ __attribute__((target("avx,f16c"))) void widen_f16c(const std::uint16_t* in, flo
   for (; i < n; ++i) out[i] = half_to_float(in[i]);
 }
 
+// Round to nearest, ties to even, as float_to_half; a block holding a NaN goes the scalar way
+// (whose NaN is the canonical quiet one, F16C's keeps payload bits).
+__attribute__((target("avx,f16c"))) void narrow_f16c(const float* in, std::uint16_t* out, std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(in + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+      for (std::size_t k = i; k < i + 8; ++k) out[k] = float_to_half(in[k]);
+      continue;
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) out[i] = float_to_half(in[i]);
+}
+
 bool cpu_has_f16c() {
   static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
   return has;
@@ -87,6 +102,12 @@ void halves_to_floats(const std::uint16_t* in, float* out, std::size_t n) {
 }
 
 void floats_to_halves(const float* in, std::uint16_t* out, std::size_t n) {
+#if GMI_HALF_X86
+  if (cpu_has_f16c()) {
+    narrow_f16c(in, out, n);
+    return;
+  }
+#endif
   for (std::size_t i = 0; i < n; ++i) out[i] = float_to_half(in[i]);
 }
 

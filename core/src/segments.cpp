@@ -163,7 +163,7 @@ SegmentBuilder::Sealed* SegmentBuilder::find(std::uint64_t id) {
 }
 
 void SegmentBuilder::kill(const Location& where) {
-  if (where.segment == kTail) return;  // the tail's map entry is replaced or erased by the caller
+  if (where.segment == kTail) return;  // the tail: see drop_from_tail
   Sealed* s = find(where.segment);
   if (!s) return;
   if (!s->dead) {
@@ -177,28 +177,34 @@ void SegmentBuilder::kill(const Location& where) {
   }
 }
 
+void SegmentBuilder::drop_from_tail(const std::string& id) {
+  if (pending_.erase(id) == 0) tail_drop_[id] = true;  // else it never reached the packed tail
+}
+
 void SegmentBuilder::upsert(Spec spec) {
   // Checked first, so that a spec the tail could not hold is refused here, before any state
   // changes, and not when the tail is next packed.
   check_packable(spec, metric_.get(), space_);
   check_encoders(spec.image_encoder, spec.text_encoder);
   const auto it = locations_.find(spec.model_id);
-  if (it != locations_.end()) kill(it->second);
+  if (it != locations_.end()) {
+    if (it->second.segment == kTail)
+      drop_from_tail(spec.model_id);
+    else
+      kill(it->second);
+  }
   locations_[spec.model_id] = Location{};
   std::string id = spec.model_id;
-  tail_[std::move(id)] = std::move(spec);
-  tail_dirty_ = true;
+  pending_[std::move(id)] = std::move(spec);
 }
 
 void SegmentBuilder::remove(const std::string& id) {
   const auto it = locations_.find(id);
   if (it == locations_.end()) return;
-  if (it->second.segment == kTail) {
-    tail_.erase(id);
-    tail_dirty_ = true;
-  } else {
+  if (it->second.segment == kTail)
+    drop_from_tail(id);
+  else
     kill(it->second);
-  }
   locations_.erase(it);
 }
 
@@ -209,12 +215,10 @@ std::uint64_t SegmentBuilder::add_sealed(std::shared_ptr<const SpecIndex> index)
   for (std::size_t row = 0; row < ids.size(); ++row) {
     const auto it = locations_.find(ids[row]);
     if (it != locations_.end()) {
-      if (it->second.segment == kTail) {
-        tail_.erase(ids[row]);
-        tail_dirty_ = true;
-      } else {
+      if (it->second.segment == kTail)
+        drop_from_tail(ids[row]);
+      else
         kill(it->second);
-      }
     }
     locations_[ids[row]] = Location{s.id, static_cast<std::uint32_t>(row)};
   }
@@ -233,11 +237,8 @@ void SegmentBuilder::add_segment(std::shared_ptr<const SpecIndex> index) {
 }
 
 void SegmentBuilder::seal_tail() {
-  // tail_index_ is packed from tail_ (in its order) and current: it becomes a segment as is.
   std::shared_ptr<const SpecIndex> index = std::move(tail_index_);
-  tail_.clear();
   tail_index_.reset();
-  tail_dirty_ = false;
   Sealed s;
   s.id = next_id_++;
   const auto& ids = index->model_ids();
@@ -248,14 +249,26 @@ void SegmentBuilder::seal_tail() {
 }
 
 SegmentedIndex SegmentBuilder::snapshot() {
-  if (tail_dirty_) {
+  if (!pending_.empty() || !tail_drop_.empty()) {
     std::vector<Spec> specs;
-    specs.reserve(tail_.size());
-    for (const auto& [id, spec] : tail_) specs.push_back(spec);
-    tail_index_ = tail_.empty() ? nullptr : std::make_shared<const SpecIndex>(std::move(specs), metric_, space_, storage_);
-    tail_dirty_ = false;
+    specs.reserve(pending_.size());
+    for (auto& [id, spec] : pending_) specs.push_back(std::move(spec));
+    pending_.clear();
+    const SpecIndex fresh(std::move(specs), metric_, space_, storage_);
+    std::vector<bool> dropped;
+    std::vector<SpecIndex::Part> parts;
+    if (tail_index_) {
+      const auto& ids = tail_index_->model_ids();
+      dropped.resize(ids.size());
+      for (std::size_t row = 0; row < ids.size(); ++row) dropped[row] = tail_drop_.count(ids[row]) > 0;
+      parts.push_back({tail_index_.get(), &dropped});
+    }
+    parts.push_back({&fresh, nullptr});
+    SpecIndex tail = SpecIndex::merge(parts);
+    tail_index_ = tail.size() ? std::make_shared<const SpecIndex>(std::move(tail)) : nullptr;
+    tail_drop_.clear();
   }
-  if (tail_index_ && tail_.size() >= policy_.tail_max) seal_tail();
+  if (tail_index_ && tail_index_->size() >= policy_.tail_max) seal_tail();
   std::vector<Segment> segments;
   segments.reserve(sealed_.size() + 1);
   for (const Sealed& s : sealed_) {

@@ -267,6 +267,38 @@ TEST_F(RedisStoreTest, DamagedBlobIsASpecFormatErrorNamingTheModel) {
   EXPECT_THROW(store->get("other"), SpecFormatError);
 }
 
+TEST_F(RedisStoreTest, GetManyFetchesInOnePipelineAndReportsTheDamagedInTheirSlots) {
+  START_REDIS(server);
+  auto store = open_spec_store(server.uri());
+  std::vector<std::string> ids;
+  for (int m = 0; m < 70; ++m) {  // more than one pipelined batch of the hub cache's
+    store->put(make_random_spec("many-" + std::to_string(m), 100 + m));
+    ids.push_back("many-" + std::to_string(m));
+  }
+  RawRedis raw(server.port());
+  raw.cmd({"SET", "gmi:spec:broken", std::string("not a spec\0\xff", 12)});
+  ids.insert(ids.begin() + 10, "broken");
+  ids.insert(ids.begin() + 20, "absent");
+  const auto got = store->get_many(ids);
+  ASSERT_EQ(got.size(), ids.size());
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] == "broken") {
+      EXPECT_FALSE(got[i].spec.has_value());
+      EXPECT_NE(got[i].damaged.find("'broken'"), std::string::npos) << got[i].damaged;
+    } else if (ids[i] == "absent") {
+      EXPECT_FALSE(got[i].spec.has_value());
+      EXPECT_TRUE(got[i].damaged.empty());
+    } else {
+      ASSERT_TRUE(got[i].spec.has_value()) << ids[i];
+      EXPECT_TRUE(got[i].damaged.empty());
+      const Spec want = *store->get(ids[i]);
+      EXPECT_EQ(got[i].spec->model_id, ids[i]);
+      EXPECT_EQ(serialize_spec(*got[i].spec), serialize_spec(want)) << "the same spec get() reads";
+    }
+  }
+  EXPECT_THROW(store->get_many({"bad/id"}), InputError);
+}
+
 TEST_F(RedisStoreTest, ErrorRepliesAreIoErrorsWithTheReplyText) {
   START_REDIS(server);
   auto store = open_spec_store(server.uri());

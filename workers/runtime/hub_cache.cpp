@@ -101,17 +101,15 @@ struct ShardState {
   std::shared_ptr<const Metric> metric;
 };
 
-// Fetches one spec, mapped into `metric`'s space (when there is one); nullopt when the store
-// has none, or it cannot be served (skipped with a warning: damaged, other encoders, unmappable).
-std::optional<Spec> fetch_one(SpecStore& store, const std::string& id, const Metric* metric,
-                              const EncoderIdentity& image, const EncoderIdentity& text) {
-  std::optional<Spec> spec;
-  try {
-    spec = store.get(id);
-  } catch (const SpecFormatError& e) {
-    log::warn("skipping a damaged spec", {{"model", id}, {"error", e.what()}});
+// A fetched spec mapped into `metric`'s space (when there is one); nullopt when the store has
+// none, or it cannot be served (skipped with a warning: damaged, other encoders, unmappable).
+std::optional<Spec> servable(SpecStore::Fetched fetched, const std::string& id, const Metric* metric,
+                             const EncoderIdentity& image, const EncoderIdentity& text) {
+  if (!fetched.damaged.empty()) {
+    log::warn("skipping a damaged spec", {{"model", id}, {"error", fetched.damaged}});
     return std::nullopt;
   }
+  std::optional<Spec>& spec = fetched.spec;
   if (!spec) return std::nullopt;
   if (!(spec->image_encoder == image) || !(spec->text_encoder == text)) {
     log::warn("skipping a spec made by other encoders",
@@ -119,7 +117,7 @@ std::optional<Spec> fetch_one(SpecStore& store, const std::string& id, const Met
                {"serving_image_encoder", image.str()}});
     return std::nullopt;
   }
-  if (!metric) return spec;
+  if (!metric) return std::move(spec);
   try {
     return to_metric_space(std::move(*spec), *metric);
   } catch (const InputError& e) {
@@ -128,27 +126,37 @@ std::optional<Spec> fetch_one(SpecStore& store, const std::string& id, const Met
   }
 }
 
-// Fetches one spec into `state` (or drops it from there).
-void fetch(SpecStore& store, const std::string& id, ShardState& state, const EncoderIdentity& image,
-           const EncoderIdentity& text) {
-  if (auto spec = fetch_one(store, id, state.metric.get(), image, text))
-    state.specs[id] = std::move(*spec);
-  else
-    state.specs.erase(id);
+// Each id once, in first-seen order (a change log names a model once per write).
+std::vector<std::string> distinct(const std::vector<std::string>& ids) {
+  std::set<std::string> seen;
+  std::vector<std::string> out;
+  for (const auto& id : ids)
+    if (seen.insert(id).second) out.push_back(id);
+  return out;
 }
 
-// Into a segment builder (a segmented shard): upserted, or removed when the store has none
-// that can be served.
-void fetch(SpecStore& store, const std::string& id, SegmentBuilder& builder, const Metric* metric,
-           const EncoderIdentity& image, const EncoderIdentity& text) {
-  auto spec = fetch_one(store, id, metric, image, text);
-  if (!spec) return builder.remove(id);
-  try {
-    builder.upsert(std::move(*spec));
-  } catch (const InputError& e) {  // SpecFormatError, EncoderMismatchError
-    log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
-    builder.remove(id);
+// Every spec of `ids` in this shard, fetched a pipelined batch at a time, to `sink` (in order).
+template <class Sink>
+std::size_t fetch_all(SpecStore& store, const std::vector<std::string>& ids, int shard, int shards,
+                      const Metric* metric, const EncoderIdentity& image, const EncoderIdentity& text,
+                      const Sink& sink) {
+  constexpr std::size_t kBatch = 64;
+  std::vector<std::string> batch;
+  std::size_t fetched = 0;
+  auto flush = [&] {
+    auto got = store.get_many(batch);
+    for (std::size_t i = 0; i < batch.size(); ++i)
+      sink(batch[i], servable(std::move(got[i]), batch[i], metric, image, text));
+    fetched += batch.size();
+    batch.clear();
+  };
+  for (const auto& id : ids) {
+    if (!in_shard(id, shard, shards)) continue;
+    batch.push_back(id);
+    if (batch.size() == kBatch) flush();
   }
+  if (!batch.empty()) flush();
+  return fetched;
 }
 
 }  // namespace
@@ -294,49 +302,52 @@ void HubCache::loop() {
                 std::move(chunk), state.metric, state.metric ? SpecSpace::kMapped : SpecSpace::kRaw, storage));
             chunk.clear();
           };
-          for (const auto& id : store->list()) {
-            if (!in_shard(id, options_.shard, options_.shards)) continue;
-            ++fetched;
-            auto spec = fetch_one(*store, id, state.metric.get(), image_encoder_, text_encoder_);
-            if (!spec) continue;
-            try {
-              check_packable(*spec, state.metric.get(), state.metric ? SpecSpace::kMapped : SpecSpace::kRaw);
-            } catch (const InputError& e) {
-              log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
-              continue;
-            }
-            chunk.push_back(std::move(*spec));
-            if (chunk.size() >= options_.load_chunk) pack();
-          }
+          fetched = fetch_all(*store, store->list(), options_.shard, options_.shards, state.metric.get(),
+                              image_encoder_, text_encoder_, [&](const std::string& id, std::optional<Spec> spec) {
+                                if (!spec) return;
+                                try {
+                                  check_packable(*spec, state.metric.get(),
+                                                 state.metric ? SpecSpace::kMapped : SpecSpace::kRaw);
+                                } catch (const InputError& e) {
+                                  log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
+                                  return;
+                                }
+                                chunk.push_back(std::move(*spec));
+                                if (chunk.size() >= options_.load_chunk) pack();
+                              });
           pack();
           builder = std::move(reload);
           ++epoch;
         } else if (options_.segmented) {
-          std::set<std::string> seen;
-          for (const auto& id : changes.models) {
-            if (!seen.insert(id).second || !in_shard(id, options_.shard, options_.shards)) continue;
-            fetch(*store, id, *builder, state.metric.get(), image_encoder_, text_encoder_);
-            ++fetched;
-          }
+          fetched = fetch_all(*store, distinct(changes.models), options_.shard, options_.shards, state.metric.get(),
+                              image_encoder_, text_encoder_, [&](const std::string& id, std::optional<Spec> spec) {
+                                if (!spec) return builder->remove(id);
+                                try {
+                                  builder->upsert(std::move(*spec));
+                                } catch (const InputError& e) {  // SpecFormatError, EncoderMismatchError
+                                  log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
+                                  builder->remove(id);
+                                }
+                              });
         } else if (full) {
           // Into a fresh map, swapped in only once every spec is in: a reload that fails
           // half-way (Redis times out) must not leave a half-empty map for the next
           // incremental refresh to build a snapshot from.
           ShardState reload;
           reload.metric = state.metric;
-          for (const auto& id : store->list()) {
-            if (!in_shard(id, options_.shard, options_.shards)) continue;
-            fetch(*store, id, reload, image_encoder_, text_encoder_);
-            ++fetched;
-          }
+          fetched = fetch_all(*store, store->list(), options_.shard, options_.shards, state.metric.get(),
+                              image_encoder_, text_encoder_, [&](const std::string& id, std::optional<Spec> spec) {
+                                if (spec) reload.specs[id] = std::move(*spec);
+                              });
           state.specs.swap(reload.specs);
         } else {
-          std::set<std::string> seen;
-          for (const auto& id : changes.models) {
-            if (!seen.insert(id).second || !in_shard(id, options_.shard, options_.shards)) continue;
-            fetch(*store, id, state, image_encoder_, text_encoder_);
-            ++fetched;
-          }
+          fetched = fetch_all(*store, distinct(changes.models), options_.shard, options_.shards, state.metric.get(),
+                              image_encoder_, text_encoder_, [&](const std::string& id, std::optional<Spec> spec) {
+                                if (spec)
+                                  state.specs[id] = std::move(*spec);
+                                else
+                                  state.specs.erase(id);
+                              });
         }
         state.cursor = changes.cursor;
         state.generation = generation;

@@ -1,7 +1,7 @@
 #pragma once
 /// A shard's specs as immutable packed segments plus a small mutable tail, so that an upload
-/// or a removal touches only the tail and a tombstone, never the whole shard (see
-/// ARCHITECTURE.md, "Score workers"). SegmentedIndex is one immutable snapshot: it ranks by
+/// or a removal touches only the tail and a tombstone, never the whole shard (README, "Fresh
+/// specs"). SegmentedIndex is one immutable snapshot: it ranks by
 /// merging each segment's top-k, its tombstones left out, and gives the same models in the
 /// same order as one SpecIndex of the live specs. SegmentBuilder owns the mutable state (one
 /// thread) and hands out snapshots; compaction (merging segments, dropping the dead) is
@@ -81,7 +81,7 @@ class SegmentedIndex {
 /// whose sizes lie in the same power-of-merge_factor band merge once there are merge_factor
 /// of them; a segment with too many tombstones is rewritten alone).
 struct SegmentPolicy {
-  std::size_t tail_max = 1024;          ///< the tail is sealed into a segment at this many models
+  std::size_t tail_max = 256;           ///< the tail is sealed into a segment at this many models
   int merge_factor = 8;                 ///< segments of one size band merged at once (>= 2)
   double dead_fraction = 0.2;           ///< a segment with more of its models dead is rewritten
   std::size_t segment_max = 1u << 21;   ///< no merge makes a segment of more models
@@ -108,8 +108,9 @@ class SegmentBuilder {
   std::size_t size() const { return locations_.size(); }
   bool contains(const std::string& id) const { return locations_.count(id) > 0; }
 
-  /// The current state as a snapshot; packs the tail if it changed since the last one, and
-  /// seals it first when it reached policy.tail_max.
+  /// The current state as a snapshot; re-makes the tail if it changed since the last one
+  /// (its surviving packed rows copied, the new specs packed), and seals it when it reached
+  /// policy.tail_max.
   SegmentedIndex snapshot();
 
   /// A compaction to run: its input segments (as planned) and their tombstones then.
@@ -145,6 +146,7 @@ class SegmentBuilder {
   // The shard's encoders, from its first spec; EncoderMismatchError for others.
   void check_encoders(const EncoderIdentity& image, const EncoderIdentity& text);
   void seal_tail();
+  void drop_from_tail(const std::string& id);
   std::uint64_t add_sealed(std::shared_ptr<const SpecIndex> index);
 
   std::shared_ptr<const Metric> metric_;
@@ -152,9 +154,12 @@ class SegmentBuilder {
   SpecStorage storage_;
   SegmentPolicy policy_;
   std::vector<Sealed> sealed_;
-  std::map<std::string, Spec> tail_;  // ordered: the packed tail's rows follow it
+  // The tail: packed, and on each snapshot with changes re-made as its surviving rows plus the
+  // specs upserted since (packed alone), so an upload copies the tail's packed arrays (at most
+  // tail_max models) and packs only itself; no tail spec is kept unpacked.
   std::shared_ptr<const SpecIndex> tail_index_;
-  bool tail_dirty_ = false;
+  std::map<std::string, Spec> pending_;             // upserted since the last snapshot
+  std::unordered_map<std::string, bool> tail_drop_;  // rows of tail_index_ replaced or removed since
   std::unordered_map<std::string, Location> locations_;
   std::uint64_t next_id_ = 1;
   bool encoders_known_ = false;

@@ -320,7 +320,7 @@ const std::vector<ConfigKey>& Config::schema() {
        ConfigType::integer(0, 1 << 24)},
       {"score.probe", "128", "two-stage: cells a query visits (with score.lists)",
        ConfigType::integer(1, 1 << 24)},
-      {"score.tail_max", "1024",
+      {"score.tail_max", "256",
        "models an upload or removal touches: the shard's mutable tail, sealed into an immutable "
        "segment at this size",
        ConfigType::integer(1, 1 << 24)},

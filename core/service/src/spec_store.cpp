@@ -46,6 +46,7 @@
 #include <system_error>
 
 #include "gmi/error.hpp"
+#include "gmi/parallel.hpp"
 #include "gmi/redis.hpp"
 
 namespace gmi {
@@ -67,11 +68,11 @@ bool is_valid_model_id(const std::string& id) {
 }
 
 // Re-throws a parse failure of stored bytes with the model and the place it came from.
-Spec parse_stored(const std::vector<std::uint8_t>& bytes, const std::string& model_id,
+Spec parse_stored(const std::uint8_t* data, std::size_t size, const std::string& model_id,
                   const std::string& where) {
   Spec spec;
   try {
-    spec = parse_spec(bytes);
+    spec = parse_spec(data, size);
   } catch (const SpecFormatError& e) {
     throw SpecFormatError("stored spec of model '" + model_id + "' (" + where +
                           ") is damaged: " + e.what());
@@ -82,6 +83,26 @@ Spec parse_stored(const std::vector<std::uint8_t>& bytes, const std::string& mod
   }
   return spec;
 }
+
+Spec parse_stored(const std::vector<std::uint8_t>& bytes, const std::string& model_id, const std::string& where) {
+  return parse_stored(bytes.data(), bytes.size(), model_id, where);
+}
+
+}  // namespace
+
+std::vector<SpecStore::Fetched> SpecStore::get_many(const std::vector<std::string>& model_ids) {
+  std::vector<Fetched> out(model_ids.size());
+  for (std::size_t i = 0; i < model_ids.size(); ++i) {
+    try {
+      out[i].spec = get(model_ids[i]);
+    } catch (const SpecFormatError& e) {
+      out[i].damaged = e.what();
+    }
+  }
+  return out;
+}
+
+namespace {
 
 // ---------------------------------------------------------------------------------------
 // Directory store
@@ -433,6 +454,37 @@ return {1, tonumber(ARGV[3]), g}
     std::vector<std::uint8_t> bytes(blob->begin(), blob->end());
     return parse_stored(bytes, model_id,
                         "Redis key " + key + " at " + redis_.location().endpoint());
+  }
+
+  std::vector<Fetched> get_many(const std::vector<std::string>& model_ids) override {
+    std::vector<RedisConnection::Args> commands;
+    std::vector<std::string> keys;
+    keys.reserve(model_ids.size());
+    for (const auto& id : model_ids) {
+      validate_model_id(id);
+      keys.push_back(spec_key(id));
+    }
+    for (const auto& key : keys) commands.push_back({"GET", key});
+    const std::vector<RedisReply> replies = redis_.pipeline(commands);
+    std::vector<Fetched> out(model_ids.size());
+    for (std::size_t i = 0; i < replies.size(); ++i) {
+      const redisReply* r = replies[i].get();
+      if (r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_STRING)
+        throw IoError("redis: unexpected reply type to GET " + keys[i]);
+    }
+    parallel_for(replies.size(), default_threads(), [&](std::size_t i) {
+      const redisReply* r = replies[i].get();
+      if (r->type == REDIS_REPLY_NIL) return;
+      try {
+        out[i].spec = parse_stored(reinterpret_cast<const std::uint8_t*>(r->str), r->len, model_ids[i],
+                                   "Redis key " + keys[i] + " at " + redis_.location().endpoint());
+      } catch (const SpecFormatError& e) {
+        out[i].damaged = e.what();
+      } catch (const std::exception& e) {  // (parse throws only SpecFormatError; anything else is named too)
+        out[i].damaged = e.what();
+      }
+    });
+    return out;
   }
 
   bool remove(const std::string& model_id) override {

@@ -52,6 +52,14 @@ class SpecStore {
   virtual FencedPut put_fenced(const Spec& spec, std::uint64_t upload_seq) = 0;
   /// std::nullopt when absent. Throws SpecFormatError if the stored bytes are damaged.
   virtual std::optional<Spec> get(const std::string& model_id) = 0;
+  /// One model of get_many: its spec (nullopt when absent), or why it cannot be read.
+  struct Fetched {
+    std::optional<Spec> spec;
+    std::string damaged;  ///< non-empty: the SpecFormatError get() would have thrown
+  };
+  /// get() of several models, in order; a damaged spec is reported in its slot, not thrown
+  /// (other errors throw). Redis: one pipelined round trip, the specs parsed on every core.
+  virtual std::vector<Fetched> get_many(const std::vector<std::string>& model_ids);
   virtual bool remove(const std::string& model_id) = 0;
   /// Sorted model ids.
   virtual std::vector<std::string> list() = 0;

@@ -1,0 +1,142 @@
+// Upload-to-visible benchmark: a score worker's hub cache (workers/runtime/hub_cache.cpp) over
+// a real spec store holding M synthetic specs (the overlapping hub, hub_synth.hpp); then each
+// upload is put into the store and timed until the cache's read-your-writes path
+// (HubCache::current_fresh, what a score batch calls first) returns a snapshot that holds it.
+// --no-segments measures the path before segments (every refresh repacks the shard). Fills
+// the store first unless it already holds the models. --json prints one object for machines.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bench_util.hpp"
+#include "gmi/error.hpp"
+#include "gmi/log.hpp"
+#include "gmi/spec_store.hpp"
+#include "gmi/workers/hub_cache.hpp"
+#include "hub_synth.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+double quantile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(q * static_cast<double>(v.size())))];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  CLI::App app{"Upload-to-visible: from a finished spec write to a score worker's snapshot that holds it"};
+  std::string uri;
+  long models = 10000;
+  int uploads = 100, refresh_ms = 500, r = 32, d = 512, dt = 256;
+  std::size_t tail_max = gmi::SegmentPolicy{}.tail_max;
+  std::string storage_name = "f32";
+  std::uint64_t seed = 7;
+  bool segments = true, json = false;
+  app.add_option("--store", uri, "spec store URI (redis://HOST:PORT: its change log is what makes refreshes incremental)")
+      ->required();
+  app.add_option("--models", models, "specs in the store before the uploads")->capture_default_str();
+  app.add_option("--uploads", uploads, "uploads timed (every fourth a new version of a stored model)")
+      ->capture_default_str();
+  app.add_option("--refresh-ms", refresh_ms, "the cache's poll interval (score.refresh_ms)")->capture_default_str();
+  app.add_option("--tail-max", tail_max, "score.tail_max")->capture_default_str();
+  app.add_option("--storage", storage_name, "score.storage: f32 | f16")->capture_default_str();
+  app.add_option("--r", r, "reduced points per spec")->capture_default_str();
+  app.add_option("--d", d, "image embedding dimension")->capture_default_str();
+  app.add_option("--dt", dt, "prompt embedding dimension")->capture_default_str();
+  app.add_option("--seed", seed, "hub seed")->capture_default_str();
+  app.add_flag("!--no-segments", segments, "the path before segments: every refresh repacks the whole shard");
+  app.add_flag("--json", json, "print one JSON object");
+  CLI11_PARSE(app, argc, argv);
+  if (models < 1 || uploads < 1) throw gmi::InputError("--models and --uploads must be positive");
+  gmi::log::configure("bench_upload", "warn", "text");
+
+  gmi::bench::OverlapOptions ov;
+  ov.seed = seed;
+  ov.r = r;
+  ov.d = d;
+  ov.dt = dt;
+  gmi::bench::OverlapHub hub(gmi::bench::seeded_base(ov.base_models, r, d, dt, seed), ov, models + uploads);
+  auto store = gmi::open_spec_store(uri);
+  nlohmann::json out = {{"models", models}, {"uploads", uploads}, {"segments", segments},
+                        {"storage", storage_name}, {"tail_max", tail_max}, {"refresh_ms", refresh_ms}};
+
+  // Fill: models 0 .. M-1 (only when the store holds fewer).
+  auto t0 = Clock::now();
+  if (store->count() < static_cast<std::size_t>(models)) {
+    for (long m = 0; m < models; ++m) {
+      store->put(hub.spec(m));
+      if (!json && (m % 1000 == 999 || m + 1 == models))
+        std::fprintf(stderr, "\rfill %ld/%ld", m + 1, models);
+    }
+    if (!json) std::fputc('\n', stderr);
+    out["fill_seconds"] = ms_since(t0) / 1000.0;
+  }
+  const std::size_t stored = store->count();
+
+  gmi::workers::HubCacheOptions o;
+  o.store_uri = uri;
+  o.refresh_ms = refresh_ms;
+  o.stage = "bench";
+  o.identify.build_interrogator = false;
+  o.identify.storage = gmi::parse_storage(storage_name);
+  o.identify.search = gmi::SearchMode::kExact;
+  o.segmented = segments;
+  o.segments.tail_max = tail_max;
+  const gmi::Spec first = hub.spec(0);
+  t0 = Clock::now();
+  gmi::workers::HubCache cache(o, first.image_encoder, first.text_encoder, nullptr);
+  while (!cache.current() || cache.current()->size() < stored) {
+    if (ms_since(t0) > 3600e3) throw gmi::IoError("the cache did not load the store's " + std::to_string(stored) + " specs in an hour");
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  out["load_seconds"] = ms_since(t0) / 1000.0;
+  out["index_bytes"] = cache.current()->hub().memory_bytes();
+
+  std::vector<double> visible;
+  for (int u = 0; u < uploads; ++u) {
+    gmi::Spec s = hub.spec(models + u);
+    if (u % 4 == 3) s.model_id = "model-" + std::to_string((u * 7919L) % models);  // a new version
+    s.extra["bench_upload"] = u;
+    const std::string id = s.model_id;
+    store->put(s);  // "finished": the spec is in the store
+    t0 = Clock::now();
+    std::string why;
+    auto snap = cache.current_fresh(std::chrono::seconds(60), why);
+    const double ms = ms_since(t0);
+    if (!snap) throw gmi::IoError("the cache did not catch up: " + why);
+    visible.push_back(ms);
+    if (!json) std::fprintf(stderr, "\rupload %d/%d  %.1f ms", u + 1, uploads, ms);
+  }
+  if (!json) std::fputc('\n', stderr);
+  const auto snap = cache.current();
+  out["upload_to_visible_ms_p50"] = quantile(visible, 0.5);
+  out["upload_to_visible_ms_p90"] = quantile(visible, 0.9);
+  out["upload_to_visible_ms_max"] = quantile(visible, 1.0);
+  out["models_after"] = snap->size();
+  out["sealed_segments"] = snap->hub().sealed_segments();
+  out["dead"] = snap->hub().dead();
+  out["peak_rss_gb"] = gmi::bench::peak_rss_gb();
+  if (json) {
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    for (const auto& [key, value] : out.items()) std::printf("%-28s %s\n", key.c_str(), value.dump().c_str());
+  }
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_upload: %s\n", e.what());
+  return 2;
+}
