@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -57,7 +58,10 @@ int main(int argc, char** argv) try {
   std::size_t tail_max = gmi::SegmentPolicy{}.tail_max;
   std::string storage_name = "f32";
   std::uint64_t seed = 7;
-  bool json = false, merge_all = true;
+  bool json = false, merge_all = true, two_stage = false;
+  gmi::SpecIndex::TwoStage search;  // as the services search (config/gmi.yaml score.*)
+  search.lists = 1024;
+  search.probe = 128;
   app.add_option("--models", models, "specs in the shard")->capture_default_str();
   app.add_option("--chunk", chunk, "specs per segment at load (score workers: 16384)")->capture_default_str();
   app.add_option("--tail-max", tail_max, "the tail is sealed at this many models (score.tail_max)")
@@ -74,6 +78,11 @@ int main(int argc, char** argv) try {
   app.add_option("--storage", storage_name, "f32 | f16")->capture_default_str();
   app.add_option("--seed", seed, "hub seed")->capture_default_str();
   app.add_flag("!--no-merge", merge_all, "skip the full compaction (it holds a second copy while it runs)");
+  app.add_flag("--two-stage", two_stage,
+               "also the two-stage search (score.* defaults: 256 candidates, lists 1024, probe 128), segmented "
+               "and on the merged index, its top-4 against exact");
+  app.add_option("--lists", search.lists, "two-stage: inverted-file cells per segment")->capture_default_str();
+  app.add_option("--probe", search.probe, "two-stage: cells a query visits")->capture_default_str();
   app.add_flag("--json", json, "print one JSON object");
   CLI11_PARSE(app, argc, argv);
   if (models < 2 || chunk < 1 || uploads < 1 || queries < 1) throw gmi::InputError("sizes must be positive");
@@ -174,19 +183,20 @@ int main(int argc, char** argv) try {
   out["exact_p50_ms_segmented"] = stats(seg_ms).p50;
 
   // A full compaction: every segment and the tail merged into one, dropping the dead.
+  std::optional<gmi::SpecIndex> merged;
   if (merge_all) {
     std::vector<gmi::SpecIndex::Part> parts;
     for (const gmi::Segment& s : snap.segments()) parts.push_back({s.index.get(), s.dead.get()});
     t0 = Clock::now();
-    const gmi::SpecIndex merged = gmi::SpecIndex::merge(parts);
+    merged.emplace(gmi::SpecIndex::merge(parts));
     const double ms = ms_since(t0);
     out["merge_seconds"] = ms / 1000.0;
-    out["merge_gb_per_s"] = static_cast<double>(merged.memory_bytes()) / (ms / 1000.0) / 1e9;
+    out["merge_gb_per_s"] = static_cast<double>(merged->memory_bytes()) / (ms / 1000.0) / 1e9;
     std::vector<double> one_ms;
     int identical = 0;
     for (std::size_t q = 0; q < qs.size(); ++q) {
       t0 = Clock::now();
-      const auto ranked = merged.rank_batch(qs[q].first, qs[q].second, so).front();
+      const auto ranked = merged->rank_batch(qs[q].first, qs[q].second, so).front();
       one_ms.push_back(ms_since(t0));
       bool same = ranked.size() == seg_ranked[q].size();
       for (std::size_t j = 0; same && j < ranked.size(); ++j) same = ranked[j].model == seg_ranked[q][j].model;
@@ -194,6 +204,44 @@ int main(int argc, char** argv) try {
     }
     out["exact_p50_ms_one_index"] = stats(one_ms).p50;
     out["top10_identical"] = static_cast<double>(identical) / static_cast<double>(qs.size());
+  }
+  if (two_stage) {
+    // Top-4 against the exact ranking above (segmented and merged agree on it).
+    const auto same4 = [&](const std::vector<gmi::RankedModel>& got, std::size_t q) {
+      if (got.size() < 4 || seg_ranked[q].size() < 4) return false;
+      for (std::size_t j = 0; j < 4; ++j)
+        if (got[j].model != seg_ranked[q][j].model) return false;
+      return true;
+    };
+    const gmi::SegmentSearch plan{true, search};
+    t0 = Clock::now();
+    out["two_stage_summary_bytes"] = snap.prepare(plan);
+    out["two_stage_build_seconds_segmented"] = ms_since(t0) / 1000.0;
+    std::vector<double> ms_seg;
+    int same = 0;
+    for (std::size_t q = 0; q < qs.size(); ++q) {
+      t0 = Clock::now();
+      const auto ranked = snap.rank_batch(qs[q].first, qs[q].second, so, plan).front();
+      ms_seg.push_back(ms_since(t0));
+      same += same4(ranked, q);
+    }
+    out["two_stage_p50_ms_segmented"] = stats(ms_seg).p50;
+    out["two_stage_top4_identical_segmented"] = static_cast<double>(same) / static_cast<double>(qs.size());
+    if (merged) {
+      t0 = Clock::now();
+      merged->prepare_two_stage(search);
+      out["two_stage_build_seconds_one_index"] = ms_since(t0) / 1000.0;
+      std::vector<double> ms_one;
+      same = 0;
+      for (std::size_t q = 0; q < qs.size(); ++q) {
+        t0 = Clock::now();
+        const auto ranked = merged->rank_batch_two_stage(qs[q].first, qs[q].second, so, search).front();
+        ms_one.push_back(ms_since(t0));
+        same += same4(ranked, q);
+      }
+      out["two_stage_p50_ms_one_index"] = stats(ms_one).p50;
+      out["two_stage_top4_identical_one_index"] = static_cast<double>(same) / static_cast<double>(qs.size());
+    }
   }
   out["peak_rss_gb"] = gmi::bench::peak_rss_gb();
 
