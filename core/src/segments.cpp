@@ -371,14 +371,15 @@ bool SegmentBuilder::install(const Compaction& compaction, std::shared_ptr<const
     }
   }
   out.index = std::move(merged);
+  const auto is_input = [&](const Sealed& s) { return std::find(inputs.begin(), inputs.end(), s.id) != inputs.end(); };
+  if (out.index->size() == 0) {  // every model was dead: the inputs just go
+    sealed_.erase(std::remove_if(sealed_.begin(), sealed_.end(), is_input), sealed_.end());
+    return true;
+  }
   const auto first = std::find_if(sealed_.begin(), sealed_.end(), [&](const Sealed& s) { return s.id == inputs.front(); });
   const auto at = first - sealed_.begin();
   sealed_.insert(sealed_.begin() + at, std::move(out));
-  sealed_.erase(std::remove_if(sealed_.begin(), sealed_.end(),
-                               [&](const Sealed& s) {
-                                 return std::find(inputs.begin(), inputs.end(), s.id) != inputs.end();
-                               }),
-                sealed_.end());
+  sealed_.erase(std::remove_if(sealed_.begin(), sealed_.end(), is_input), sealed_.end());
   return true;
 }
 

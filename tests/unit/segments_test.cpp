@@ -146,6 +146,17 @@ TEST(Segments, TheTailSealsAtItsSizeAndAReplacedModelLeavesATombstone) {
   expect_same_ranking(hub, live, 7);
   // An older snapshot is untouched by later changes.
   EXPECT_EQ(sealed->size(), 3u);
+
+  // A segment whose every model is gone is dropped, not kept empty.
+  builder.remove("a0");
+  const auto empty = builder.plan();
+  ASSERT_TRUE(empty.has_value());
+  ASSERT_TRUE(builder.install(*empty, std::make_shared<const SpecIndex>(SegmentBuilder::run(*empty))));
+  hub = builder.snapshot();
+  EXPECT_EQ(hub.sealed_segments(), 0u);
+  EXPECT_EQ(hub.size(), 1u);
+  live.erase("a0");
+  expect_same_ranking(hub, live, 8);
 }
 
 TEST(Segments, ACompactionInstalledAfterChangesTombstonesWhatChangedMeanwhile) {
