@@ -248,6 +248,15 @@ void SegmentBuilder::seal_tail() {
   sealed_.push_back(std::move(s));
 }
 
+Segment SegmentBuilder::as_segment(const Sealed& s) {
+  Segment out;
+  out.index = s.index;
+  out.dead = s.dead;
+  out.dead_count = s.dead_count;
+  out.id = s.id;
+  return out;
+}
+
 SegmentedIndex SegmentBuilder::snapshot() {
   if (!pending_.empty() || !tail_drop_.empty()) {
     std::vector<Spec> specs;
@@ -271,14 +280,7 @@ SegmentedIndex SegmentBuilder::snapshot() {
   if (tail_index_ && tail_index_->size() >= policy_.tail_max) seal_tail();
   std::vector<Segment> segments;
   segments.reserve(sealed_.size() + 1);
-  for (const Sealed& s : sealed_) {
-    Segment out;
-    out.index = s.index;
-    out.dead = s.dead;
-    out.dead_count = s.dead_count;
-    out.id = s.id;
-    segments.push_back(std::move(out));
-  }
+  for (const Sealed& s : sealed_) segments.push_back(as_segment(s));
   if (tail_index_) {
     Segment t;
     t.index = tail_index_;
@@ -289,14 +291,6 @@ SegmentedIndex SegmentBuilder::snapshot() {
 }
 
 std::optional<SegmentBuilder::Compaction> SegmentBuilder::plan() const {
-  auto as_input = [](const Sealed& s) {
-    Segment in;
-    in.index = s.index;
-    in.dead = s.dead;
-    in.dead_count = s.dead_count;
-    in.id = s.id;
-    return in;
-  };
   // A segment mostly dead: rewrite it (the worst first).
   const Sealed* worst = nullptr;
   for (const Sealed& s : sealed_) {
@@ -307,7 +301,7 @@ std::optional<SegmentBuilder::Compaction> SegmentBuilder::plan() const {
   }
   if (worst) {
     Compaction c;
-    c.inputs.push_back(as_input(*worst));
+    c.inputs.push_back(as_segment(*worst));
     c.live = worst->index->size() - worst->dead_count;
     return c;
   }
@@ -332,7 +326,7 @@ std::optional<SegmentBuilder::Compaction> SegmentBuilder::plan() const {
     for (const Sealed* s : members) {
       const std::size_t live = s->index->size() - s->dead_count;
       if (c.inputs.size() == static_cast<std::size_t>(policy_.merge_factor) || c.live + live > policy_.segment_max) break;
-      c.inputs.push_back(as_input(*s));
+      c.inputs.push_back(as_segment(*s));
       c.live += live;
     }
     if (c.inputs.size() >= 2) return c;

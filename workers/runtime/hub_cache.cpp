@@ -174,8 +174,7 @@ std::shared_ptr<const Identifier> HubCache::publish(SegmentedIndex hub, std::uin
   auto& m = Metrics::instance();
   const std::map<std::string, std::string> labels{{"stage", options_.stage}, {"shard", std::to_string(options_.shard)}};
   const SegmentedIndex& h = next->hub();
-  m.specs_loaded.Add({{"stage", options_.stage}, {"shard", std::to_string(options_.shard)}})
-      .Set(static_cast<double>(h.size()));
+  m.specs_loaded.Add(labels).Set(static_cast<double>(h.size()));
   m.index_bytes.Add(labels).Set(static_cast<double>(h.memory_bytes()));
   m.segments.Add(labels).Set(static_cast<double>(h.sealed_segments()));
   auto state = [&](const char* name) {

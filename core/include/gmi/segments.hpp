@@ -145,6 +145,7 @@ class SegmentBuilder {
   Sealed* find(std::uint64_t id);
   // The shard's encoders, from its first spec; EncoderMismatchError for others.
   void check_encoders(const EncoderIdentity& image, const EncoderIdentity& text);
+  static Segment as_segment(const Sealed& s);  // what a snapshot or a plan holds of it
   void seal_tail();
   void drop_from_tail(const std::string& id);
   std::uint64_t add_sealed(std::shared_ptr<const SpecIndex> index);
