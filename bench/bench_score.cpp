@@ -122,6 +122,20 @@ int main(int argc, char** argv) {
                  "(0: groups only)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--coarse", two_stage.coarse,
+                 "two-stage: a coarse pass over every model's groups alone keeps this many for the residual "
+                 "estimate (0: none; without --lists)")
+      ->capture_default_str();
+  app.add_option("--coarse-dims", two_stage.coarse_dims, "two-stage: the coarse pass's directions of group means")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--coarse-prompt-dims", two_stage.coarse_prompt_dims,
+                 "two-stage: the coarse pass's directions of group prompts")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--coarse-clusters", two_stage.coarse_clusters, "two-stage: the coarse pass's groups per model")
+      ->check(CLI::Range(1, 255))
+      ->capture_default_str();
   app.add_flag("--json", json, "print one JSON object (p50_ms, batch64_ms_per_query, recall_at_1, "
                                "recall_at_4, bytes_per_spec, ...) instead of the table");
   std::string hub_kind = "random", base_dir;
@@ -266,6 +280,10 @@ int main(int argc, char** argv) {
                      {"candidate_residual_dims", search == "two-stage" ? nlohmann::json(two_stage.residual_dims) : nlohmann::json(nullptr)},
                      {"candidate_lists", search == "two-stage" ? nlohmann::json(two_stage.lists) : nlohmann::json(nullptr)},
                      {"candidate_probe", search == "two-stage" && two_stage.lists > 0 ? nlohmann::json(two_stage.probe) : nlohmann::json(nullptr)},
+                     {"candidate_coarse", search == "two-stage" && two_stage.coarse > 0 ? nlohmann::json(two_stage.coarse) : nlohmann::json(nullptr)},
+                     {"candidate_coarse_shape", search == "two-stage" && two_stage.coarse > 0
+                                                    ? nlohmann::json({two_stage.coarse_clusters, two_stage.coarse_dims, two_stage.coarse_prompt_dims})
+                                                    : nlohmann::json(nullptr)},
                      {"tau", tau},
                      {"bytes_per_spec", static_cast<double>(index.memory_bytes()) / static_cast<double>(models)},
                      {"pack_s", pack_s}};

@@ -3,11 +3,14 @@
 // upload is put into the store and timed until the cache's read-your-writes path
 // (HubCache::current_fresh, what a score batch calls first) returns a snapshot that holds it.
 // --no-segments measures the path before segments (every refresh repacks the shard). Fills
-// the store first unless it already holds the models. --json prints one object for machines.
+// the store first unless it already holds the models. --snapshot-dir also times restarts from
+// disk: the shard's snapshot written, then a new cache restored from it (with and without
+// checking every file's checksum) against the full load. --json prints one object for machines.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -46,6 +49,7 @@ int main(int argc, char** argv) try {
   std::string storage_name = "f32";
   std::uint64_t seed = 7;
   bool segments = true, json = false;
+  std::string snapshot_dir;
   app.add_option("--store", uri, "spec store URI (redis://HOST:PORT: its change log is what makes refreshes incremental)")
       ->required();
   app.add_option("--models", models, "specs in the store before the uploads")->capture_default_str();
@@ -59,6 +63,8 @@ int main(int argc, char** argv) try {
   app.add_option("--dt", dt, "prompt embedding dimension")->capture_default_str();
   app.add_option("--seed", seed, "hub seed")->capture_default_str();
   app.add_flag("!--no-segments", segments, "the path before segments: every refresh repacks the whole shard");
+  app.add_option("--snapshot-dir", snapshot_dir,
+                 "score.snapshot_dir: also time the snapshot and restarts from it (emptied first)");
   app.add_flag("--json", json, "print one JSON object");
   CLI11_PARSE(app, argc, argv);
   if (models < 1 || uploads < 1) throw gmi::InputError("--models and --uploads must be positive");
@@ -96,15 +102,34 @@ int main(int argc, char** argv) try {
   o.identify.search = gmi::SearchMode::kExact;
   o.segmented = segments;
   o.segments.tail_max = tail_max;
-  const gmi::Spec first = hub.spec(0);
-  t0 = Clock::now();
-  gmi::workers::HubCache cache(o, first.image_encoder, first.text_encoder, nullptr);
-  while (!cache.current() || cache.current()->size() < stored) {
-    if (ms_since(t0) > 3600e3) throw gmi::IoError("the cache did not load the store's " + std::to_string(stored) + " specs in an hour");
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  if (!snapshot_dir.empty()) {
+    if (!segments) throw gmi::InputError("--snapshot-dir needs segments");
+    std::filesystem::remove_all(snapshot_dir);
+    o.snapshot_dir = snapshot_dir;
+    o.snapshot_every_s = 1;
   }
-  out["load_seconds"] = ms_since(t0) / 1000.0;
+  const std::filesystem::path manifest = std::filesystem::path(snapshot_dir) / "shard-0-of-1.json";
+  const gmi::Spec first = hub.spec(0);
+  const auto wait_loaded = [&](gmi::workers::HubCache& c, std::size_t want) {
+    const auto start = Clock::now();
+    while (!c.current() || c.current()->size() < want) {
+      if (ms_since(start) > 3600e3) throw gmi::IoError("the cache did not load the store's " + std::to_string(want) + " specs in an hour");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return ms_since(start) / 1000.0;
+  };
+  auto cache_ptr = std::make_unique<gmi::workers::HubCache>(o, first.image_encoder, first.text_encoder, nullptr);
+  gmi::workers::HubCache& cache = *cache_ptr;
+  out["load_seconds"] = wait_loaded(cache, stored);
   out["index_bytes"] = cache.current()->hub().memory_bytes();
+  if (!snapshot_dir.empty()) {  // the first snapshot, before the uploads (so as not to time them against it)
+    t0 = Clock::now();
+    while (!std::filesystem::exists(manifest)) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    out["snapshot_first_write_seconds"] = ms_since(t0) / 1000.0;
+    std::uintmax_t bytes = 0;
+    for (const auto& e : std::filesystem::directory_iterator(snapshot_dir)) bytes += e.file_size();
+    out["snapshot_bytes"] = bytes;
+  }
 
   std::vector<double> visible;
   for (int u = 0; u < uploads; ++u) {
@@ -130,6 +155,23 @@ int main(int argc, char** argv) try {
   out["sealed_segments"] = snap->hub().sealed_segments();
   out["dead"] = snap->hub().dead();
   out["peak_rss_gb"] = gmi::bench::peak_rss_gb();
+  if (!snapshot_dir.empty()) {
+    const std::size_t want = snap->size();
+    t0 = Clock::now();
+    cache_ptr.reset();  // SIGTERM's path: the last state written before the cache goes
+    out["shutdown_seconds"] = ms_since(t0) / 1000.0;
+    for (bool verify : {true, false}) {
+      o.snapshot_verify = verify;
+      auto restarted = std::make_unique<gmi::workers::HubCache>(o, first.image_encoder, first.text_encoder, nullptr);
+      const double seconds = wait_loaded(*restarted, want);
+      out[verify ? "restart_seconds" : "restart_seconds_no_verify"] = seconds;
+      std::size_t mapped = 0;
+      for (const auto& seg : restarted->current()->hub().segments()) mapped += seg.index->mapped_bytes();
+      out["restart_mapped_bytes"] = mapped;
+      out["restart_index_bytes"] = restarted->current()->hub().memory_bytes();
+    }
+    out["peak_rss_gb"] = gmi::bench::peak_rss_gb();
+  }
   if (json) {
     std::printf("%s\n", out.dump().c_str());
   } else {

@@ -565,6 +565,9 @@ int main(int argc, char** argv) {
       ->envname("GMI_SCORE_LISTS")->capture_default_str();
   identify_cmd->add_option("--probe", ident.two_stage.probe, "two-stage: cells a query visits")
       ->envname("GMI_SCORE_PROBE")->capture_default_str();
+  identify_cmd->add_option("--coarse", ident.two_stage.coarse,
+                           "two-stage: models a coarse pass keeps per query for the summary estimate (0: none)")
+      ->envname("GMI_SCORE_COARSE")->capture_default_str();
   add_common(identify_cmd, common);
   add_encoder_options(identify_cmd, common);
 

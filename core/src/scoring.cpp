@@ -160,6 +160,11 @@ std::size_t SpecIndex::memory_bytes() const {
   return points_bytes + per_point + per_model;
 }
 
+std::size_t SpecIndex::mapped_bytes() const {
+  return (zx16_.mapped() ? zx16_.size() : 0) * sizeof(std::uint16_t) +
+         (zt16_.mapped() ? zt16_.size() : 0) * sizeof(std::uint16_t);
+}
+
 bool ascending(Scorer s) { return s == Scorer::kWeighted || s == Scorer::kRkme; }
 
 Spec to_metric_space(Spec s, const Metric& metric) {
@@ -285,8 +290,8 @@ SpecIndex::SpecIndex(std::vector<Spec> specs, std::shared_ptr<const Metric> metr
     if (metric_ && space == SpecSpace::kRaw) s = to_metric_space(std::move(s), *metric_);
     if (half) {
       // The norms are those of the rounded points, so that each kernel is of one point.
-      floats_to_halves(s.zx.data(), zx16_.data() + static_cast<std::size_t>(p * dm), static_cast<std::size_t>(r * dm));
-      floats_to_halves(s.zt.data(), zt16_.data() + static_cast<std::size_t>(p * dt), static_cast<std::size_t>(r * dt));
+      floats_to_halves(s.zx.data(), zx16_.mutable_data() + static_cast<std::size_t>(p * dm), static_cast<std::size_t>(r * dm));
+      floats_to_halves(s.zt.data(), zt16_.mutable_data() + static_cast<std::size_t>(p * dt), static_cast<std::size_t>(r * dt));
       halves_to_floats(zx16_.data() + static_cast<std::size_t>(p * dm), s.zx.data(), static_cast<std::size_t>(r * dm));
       halves_to_floats(zt16_.data() + static_cast<std::size_t>(p * dt), s.zt.data(), static_cast<std::size_t>(r * dt));
     } else {
@@ -388,9 +393,9 @@ SpecIndex SpecIndex::merge(const std::vector<Part>& parts) {
       const auto pi = static_cast<Index>(p0), po = static_cast<Index>(p_out), ri = static_cast<Index>(r);
       if (half) {
         std::copy_n(ix.zx16_.data() + p0 * static_cast<std::size_t>(dx), r * static_cast<std::size_t>(dx),
-                    out.zx16_.data() + p_out * static_cast<std::size_t>(dx));
+                    out.zx16_.mutable_data() + p_out * static_cast<std::size_t>(dx));
         std::copy_n(ix.zt16_.data() + p0 * static_cast<std::size_t>(dt), r * static_cast<std::size_t>(dt),
-                    out.zt16_.data() + p_out * static_cast<std::size_t>(dt));
+                    out.zt16_.mutable_data() + p_out * static_cast<std::size_t>(dt));
       } else {
         out.zx_.middleRows(po, ri) = ix.zx_.middleRows(pi, ri);
         out.zt_.middleRows(po, ri) = ix.zt_.middleRows(pi, ri);
@@ -559,7 +564,7 @@ void SpecIndex::products(bool prompts, Index pa, Index len, const RowMatrix& qs,
     return;
   }
   // binary16: widened kHalfFloats numbers at a time into a buffer that stays in cache.
-  const std::vector<std::uint16_t>& packed = prompts ? zt16_ : zx16_;
+  const HalfArray& packed = prompts ? zt16_ : zx16_;
   const Index step = std::max<Index>(1, kHalfFloats / std::max<Index>(cols, 1));
   scratch.resize(static_cast<std::size_t>(std::min(step, len) * cols));
   for (Index a = 0; a < len; a += step) {

@@ -208,11 +208,20 @@ void SegmentBuilder::remove(const std::string& id) {
   locations_.erase(it);
 }
 
-std::uint64_t SegmentBuilder::add_sealed(std::shared_ptr<const SpecIndex> index) {
+std::uint64_t SegmentBuilder::add_sealed(std::shared_ptr<const SpecIndex> index, const std::vector<bool>* dead) {
   Sealed s;
   s.id = next_id_++;
   const auto& ids = index->model_ids();
+  if (dead && dead->size() != ids.size())
+    throw InputError("segments: " + std::to_string(dead->size()) + " tombstone flags for a segment of " +
+                     std::to_string(ids.size()) + " models");
   for (std::size_t row = 0; row < ids.size(); ++row) {
+    if (dead && (*dead)[row]) {
+      if (!s.dead) s.dead = std::make_shared<std::vector<bool>>(ids.size(), false);
+      (*s.dead)[row] = true;
+      ++s.dead_count;
+      continue;
+    }
     const auto it = locations_.find(ids[row]);
     if (it != locations_.end()) {
       if (it->second.segment == kTail)
@@ -227,13 +236,13 @@ std::uint64_t SegmentBuilder::add_sealed(std::shared_ptr<const SpecIndex> index)
   return sealed_.back().id;
 }
 
-void SegmentBuilder::add_segment(std::shared_ptr<const SpecIndex> index) {
+void SegmentBuilder::add_segment(std::shared_ptr<const SpecIndex> index, const std::vector<bool>* dead) {
   if (!index) throw InputError("segments: no index to add");
   if (index->size() == 0) return;
   if (index->metric() != metric_) throw InputError("segments: the added segment has another metric");
   if (index->storage() != storage_) throw InputError("segments: the added segment has another storage");
   check_encoders(index->image_encoder(), index->text_encoder());
-  add_sealed(std::move(index));
+  add_sealed(std::move(index), dead);
 }
 
 void SegmentBuilder::seal_tail() {

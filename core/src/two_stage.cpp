@@ -450,7 +450,15 @@ std::shared_ptr<const SpecIndex::Summary> SpecIndex::summary(const TwoStage& sea
   return slot;
 }
 
-std::size_t SpecIndex::prepare_two_stage(const TwoStage& search) const { return summary(search)->bytes(); }
+std::size_t SpecIndex::prepare_two_stage(const TwoStage& search) const {
+  std::size_t bytes = summary(search)->bytes();
+  if (uses_coarse(search)) bytes += summary(search.coarse_shape())->bytes();
+  return bytes;
+}
+
+bool SpecIndex::uses_coarse(const TwoStage& search) const {
+  return search.coarse > search.candidates && search.coarse < size() && search.residual_dims > 0;
+}
 
 std::array<int, 5> SpecIndex::summary_shape(const TwoStage& search) const {
   // No fewer dimensions than there are: all of them.
@@ -461,8 +469,11 @@ std::array<int, 5> SpecIndex::summary_shape(const TwoStage& search) const {
 bool SpecIndex::two_stage_ready(const TwoStage& search) const {
   std::unique_lock lock(summaries_->mutex, std::try_to_lock);  // held while a summary builds
   if (!lock.owns_lock()) return false;
-  const auto it = summaries_->by_shape.find(summary_shape(search));
-  return it != summaries_->by_shape.end() && it->second != nullptr;
+  const auto ready = [&](const TwoStage& shape) {
+    const auto it = summaries_->by_shape.find(summary_shape(shape));
+    return it != summaries_->by_shape.end() && it->second != nullptr;
+  };
+  return ready(search) && (!uses_coarse(search) || ready(search.coarse_shape()));
 }
 
 namespace {
@@ -726,6 +737,35 @@ class Shortlist {
 
 }  // namespace
 
+// Stage 1 over every model: the whole batch against every model's summary, the models split
+// into one contiguous range per thread (each summary block read once per batch), each range
+// keeping a shortlist per query; then the shortlists merged per query.
+std::vector<std::vector<std::size_t>> SpecIndex::shortlist_all(const Summary& s, const RowMatrix& qx,
+                                                               const RowMatrix& qt, const RowMatrix& qr,
+                                                               const QueryTerms* terms, const ScoreOptions& options,
+                                                               std::size_t keep, const std::vector<bool>* exclude) const {
+  const std::size_t models = size();
+  const auto batch = static_cast<std::size_t>(qx.rows());
+  const auto threads = static_cast<std::size_t>(default_threads());
+  const std::size_t ranges = std::max<std::size_t>(1, std::min(threads, models / kEstimateBlock));
+  std::vector<std::vector<Shortlist>> lists(ranges, std::vector<Shortlist>(batch, Shortlist(keep)));
+  parallel_for_rethrow(ranges, static_cast<int>(ranges), [&](std::size_t part) {
+    std::vector<Shortlist>& mine = lists[part];
+    estimate_range(s, qx, qt, qr, terms, options, models * part / ranges, models * (part + 1) / ranges,
+                   [&](Index qi, std::size_t ma, std::size_t mb, const float* e) {
+                     Shortlist& list = mine[static_cast<std::size_t>(qi)];
+                     for (std::size_t m = ma; m < mb; ++m)
+                       if (!exclude || !(*exclude)[m]) list.offer(e[m - ma], m);
+                   });
+  });
+  std::vector<std::vector<std::size_t>> picks(batch);
+  parallel_for_rethrow(batch, static_cast<int>(threads), [&](std::size_t qi) {
+    for (std::size_t part = 1; part < ranges; ++part) lists[0][qi].merge(lists[part][qi]);
+    picks[qi] = lists[0][qi].models();
+  });
+  return picks;
+}
+
 RowMatrixD SpecIndex::candidate_scores(const RowMatrix& xs, const RowMatrix& ts, const ScoreOptions& options,
                                        const TwoStage& search) const {
   check_two_stage(options, search.candidates);
@@ -779,51 +819,58 @@ std::vector<std::vector<RankedModel>> SpecIndex::rank_batch_two_stage(const RowM
   const auto batch = static_cast<std::size_t>(queries);
   const auto threads = static_cast<std::size_t>(default_threads());
 
-  std::vector<std::vector<std::size_t>> picks(batch);
-  if (s->cells.rows() > 0) {
-    // Stage 1 with the inverted file: each query's probed models, split into parts so that
-    // one query still uses every core, each part keeping a shortlist, merged per query.
-    std::vector<std::vector<std::uint32_t>> listed(batch);
-    parallel_for_rethrow(batch, static_cast<int>(threads), [&](std::size_t qi) {
-      listed[qi] = probed_models(*s, q1.qx, static_cast<Index>(qi), search.probe, candidates);
-    });
+  // Stage 1 on a list of models per query, each list split into parts so that one query
+  // still uses every core, each part keeping a shortlist, merged per query.
+  const auto shortlist_listed = [&](const Summary& sum, const StageOneQueries& q,
+                                    const std::vector<std::vector<std::uint32_t>>& listed, std::size_t keep) {
     const std::size_t parts = std::max<std::size_t>(1, (threads + batch - 1) / batch);
-    std::vector<Shortlist> lists(batch * parts, Shortlist(candidates));
+    std::vector<Shortlist> lists(batch * parts, Shortlist(keep));
     parallel_for_rethrow(batch * parts, static_cast<int>(threads), [&](std::size_t item) {
       const std::size_t qi = item / parts, part = item % parts;
       const std::vector<std::uint32_t>& mine = listed[qi];
       const std::size_t lo = mine.size() * part / parts, hi = mine.size() * (part + 1) / parts;
       std::vector<float> e(hi - lo);
       const auto qr = static_cast<Index>(qi);
-      estimate_listed(*s, q1.qx.row(qr).data(), q1.qt.rows() > 0 ? q1.qt.row(qr).data() : nullptr,
-                      q1.qr.rows() > 0 ? q1.qr.row(qr).data() : nullptr, p.terms[qi], options, mine.data() + lo,
+      estimate_listed(sum, q.qx.row(qr).data(), q.qt.rows() > 0 ? q.qt.row(qr).data() : nullptr,
+                      q.qr.rows() > 0 ? q.qr.row(qr).data() : nullptr, p.terms[qi], options, mine.data() + lo,
                       hi - lo, e.data());
       for (std::size_t i = lo; i < hi; ++i)
         if (live(mine[i])) lists[item].offer(e[i - lo], mine[i]);
     });
+    std::vector<std::vector<std::size_t>> out(batch);
     parallel_for_rethrow(batch, static_cast<int>(threads), [&](std::size_t qi) {
       for (std::size_t part = 1; part < parts; ++part) lists[qi * parts].merge(lists[qi * parts + part]);
-      picks[qi] = lists[qi * parts].models();
+      out[qi] = lists[qi * parts].models();
     });
+    return out;
+  };
+  const auto as_lists = [](const std::vector<std::vector<std::size_t>>& best) {
+    std::vector<std::vector<std::uint32_t>> out(best.size());
+    for (std::size_t qi = 0; qi < best.size(); ++qi) out[qi].assign(best[qi].begin(), best[qi].end());
+    return out;
+  };
+
+  std::vector<std::vector<std::size_t>> picks;
+  const bool cells = s->cells.rows() > 0, coarse = uses_coarse(search);
+  if (!cells && !coarse) {
+    picks = shortlist_all(*s, q1.qx, q1.qt, q1.qr, p.terms.data(), options, candidates, exclude);
   } else {
-    // Stage 1: the whole batch against every model's summary, the models split into one
-    // contiguous range per thread (each summary block read once per batch), each range
-    // keeping a shortlist per query; then the shortlists merged per query.
-    const std::size_t ranges = std::max<std::size_t>(1, std::min(threads, size() / kEstimateBlock));
-    std::vector<std::vector<Shortlist>> lists(ranges, std::vector<Shortlist>(batch, Shortlist(candidates)));
-    parallel_for_rethrow(ranges, static_cast<int>(ranges), [&](std::size_t part) {
-      std::vector<Shortlist>& mine = lists[part];
-      estimate_range(*s, q1.qx, q1.qt, q1.qr, p.terms.data(), options, size() * part / ranges,
-                     size() * (part + 1) / ranges, [&](Index q, std::size_t ma, std::size_t mb, const float* e) {
-                       Shortlist& list = mine[static_cast<std::size_t>(q)];
-                       for (std::size_t m = ma; m < mb; ++m)
-                         if (live(m)) list.offer(e[m - ma], m);
-                     });
-    });
-    parallel_for_rethrow(batch, static_cast<int>(threads), [&](std::size_t q) {
-      for (std::size_t part = 1; part < ranges; ++part) lists[0][q].merge(lists[part][q]);
-      picks[q] = lists[0][q].models();
-    });
+    // The models each query's residual estimate sees: its probed cells' (the inverted file),
+    // then of those (or of all) the coarse pass's best.
+    std::vector<std::vector<std::uint32_t>> listed(batch);
+    if (cells)
+      parallel_for_rethrow(batch, static_cast<int>(threads), [&](std::size_t qi) {
+        listed[qi] = probed_models(*s, q1.qx, static_cast<Index>(qi), search.probe,
+                                   coarse ? search.coarse : candidates);
+      });
+    if (coarse) {
+      const std::shared_ptr<const Summary> c = summary(search.coarse_shape());
+      const StageOneQueries qc = in_bases(*c, p);
+      listed = as_lists(cells ? shortlist_listed(*c, qc, listed, search.coarse)
+                              : shortlist_all(*c, qc.qx, qc.qt, qc.qr, p.terms.data(), options, search.coarse,
+                                              exclude));
+    }
+    picks = shortlist_listed(*s, q1, listed, candidates);
   }
 
   // Stage 2: the exact score of each query's candidates, runs of consecutive models at a time.

@@ -5,10 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "gmi/metric.hpp"
 #include "gmi/ops.hpp"
+#include "gmi/redis.hpp"
 #include "gmi/spec_store.hpp"
 #include "spec_fixtures.hpp"
 #include "test_support.hpp"
@@ -103,11 +106,11 @@ TEST(HubCache, MetricUseNoneIgnoresTheStoredMetric) {
 }
 
 // The live specs of a store, ranked by one index, against a snapshot's ranking.
-void expect_ranks_as_the_store(const Identifier& hub, SpecStore& store) {
+void expect_ranks_as_the_store(const Identifier& hub, SpecStore& store, SpecStorage storage = SpecStorage::kF32) {
   std::vector<Spec> specs;
   for (const auto& id : store.list()) specs.push_back(*store.get(id));
   ASSERT_EQ(hub.size(), specs.size());
-  const SpecIndex reference(specs);
+  const SpecIndex reference(specs, nullptr, SpecSpace::kRaw, storage);
   RowMatrix xs(3, specs.front().image_encoder.dim);
   for (Eigen::Index q = 0; q < 3; ++q) xs.row(q) = specs[static_cast<std::size_t>(q)].zx.row(0);
   RowMatrix ts(3, specs.front().text_encoder.dim);
@@ -210,6 +213,87 @@ TEST(HubCache, ASegmentedShardCompactsInTheBackgroundAndCountsIt) {
       << metrics;
   EXPECT_NE(metrics.find("gmi_segment_models{shard=\"0\",stage=\"segments-test\",state=\"live\"} 5"),
             std::string::npos);
+}
+
+// Restarts from disk: a score worker with score.snapshot_dir writes its segments and their
+// position; a restarted one maps them back, serves at once, and fetches only what changed
+// while it was down. A snapshot whose position the trimmed change log no longer reaches, or
+// a damaged one, means a full load, and the worker still serves every spec.
+TEST(HubCache, ARestartedShardRestoresItsSnapshotAndFetchesOnlyTheChangesSince) {
+  testing::RedisServer redis;
+  if (!redis.started()) GTEST_SKIP() << "no redis-server";
+  testing::TempDir snaps;
+  const std::string uri = redis.uri();
+  auto store = open_spec_store(uri);
+  for (int m = 0; m < 9; ++m) store->put(testing::make_random_spec("model-" + std::to_string(m), 140 + m, 5));
+  HubCacheOptions o = segmented_options(uri);
+  o.segments.merge_factor = 100;
+  o.segments.dead_fraction = 1.0;
+  o.identify.storage = SpecStorage::kF16;
+  o.snapshot_dir = snaps.path().string();
+  o.snapshot_every_s = 1;
+  const Spec any = testing::make_random_spec("x", 1, 5);
+  const auto manifest = snaps.path() / "shard-0-of-1.json";
+  const auto snapshot_files = [&] {
+    int n = 0;
+    for (const auto& e : std::filesystem::directory_iterator(snaps.path()))
+      n += e.path().extension() == ".gmisnap" ? 1 : 0;
+    return n;
+  };
+  {
+    HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
+    ASSERT_NE(wait_for(cache, [](const Identifier& id) { return id.size() == 9; }), nullptr);
+    ASSERT_TRUE(store->remove("model-2"));
+    ASSERT_NE(wait_for(cache, [](const Identifier& id) { return id.size() == 8 && id.hub().dead() == 1; }), nullptr);
+  }  // shut down: the last state is written
+  ASSERT_TRUE(std::filesystem::exists(manifest));
+  EXPECT_EQ(snapshot_files(), 3) << "9 specs loaded 3 a segment";
+
+  // While it is down: an upload and a removal.
+  store->put(testing::make_random_spec("model-new", 190, 5));
+  ASSERT_TRUE(store->remove("model-5"));
+  {
+    HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
+    auto restored = wait_for(cache, [](const Identifier& id) { return id.size() == 8 && id.hub().dead() >= 2; });
+    ASSERT_NE(restored, nullptr) << "restored, and the two changes applied on top";
+    EXPECT_GT(restored->hub().segments().front().index->mapped_bytes(), 0u) << "the points are mapped";
+    EXPECT_EQ(restored->hub().tail_size(), 1u) << "only the upload was fetched";
+    expect_ranks_as_the_store(*restored, *store, SpecStorage::kF16);
+    const std::string metrics = Metrics::instance().serialize();
+    EXPECT_NE(metrics.find("gmi_snapshot_writes_total{outcome=\"written\",shard=\"0\",stage=\"segments-test\"}"),
+              std::string::npos);
+  }
+
+  // The change log trimmed past the snapshot's position: a full load (every segment new).
+  store->put(testing::make_random_spec("model-newer", 191, 5));
+  {
+    RedisConnection r(parse_redis_uri(uri));
+    r.command({"XTRIM", r.key("spec-changes"), "MAXLEN", "0"});
+    store->put(testing::make_random_spec("model-newest", 192, 5));
+  }
+  {
+    HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
+    auto reloaded = wait_for(cache, [](const Identifier& id) { return id.size() == 10 && id.hub().dead() == 0; });
+    ASSERT_NE(reloaded, nullptr);
+    EXPECT_EQ(reloaded->hub().tail_size(), 0u) << "a full load packs every spec into segments";
+    EXPECT_EQ(reloaded->hub().segments().front().index->mapped_bytes(), 0u);
+    expect_ranks_as_the_store(*reloaded, *store, SpecStorage::kF16);
+  }
+
+  // A damaged segment file: refused with a warning, then a full load.
+  for (const auto& e : std::filesystem::directory_iterator(snaps.path())) {
+    if (e.path().extension() != ".gmisnap") continue;
+    std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096 + 3);
+    f.put('\x7f');
+  }
+  {
+    HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
+    auto reloaded = wait_for(cache, [](const Identifier& id) { return id.size() == 10; });
+    ASSERT_NE(reloaded, nullptr);
+    EXPECT_EQ(reloaded->hub().segments().front().index->mapped_bytes(), 0u);
+    expect_ranks_as_the_store(*reloaded, *store, SpecStorage::kF16);
+  }
 }
 
 }  // namespace

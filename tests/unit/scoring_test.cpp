@@ -9,6 +9,7 @@
 #include <limits>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -491,6 +492,68 @@ TEST(Scoring, TwoStageIsTheExactTopKOfItsBestEstimates) {
   EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 0, 0, 4, -1, 1}), InputError);
   EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 0, 0, 4, 8, 0}), InputError);
   EXPECT_THROW(index.rank_batch_two_stage(xs, ts, w, {10, 0, 0, 4, 8, 9}), InputError);
+}
+
+// The coarse pass: the residual estimate sees only the `coarse` models of best coarse
+// estimate (groups alone, in their own directions), and the answer is the exact top-k of the
+// best of those; it is skipped when it would keep every model (or no more than the
+// candidates), and excluded models never come back from it.
+TEST(Scoring, TheCoarsePassHandsOnItsBestEstimates) {
+  std::mt19937_64 rng(71);
+  const SpecIndex index(specs_m0_to_m299(3, 7, 24, 8, 0.9, rng));
+  const RowMatrix xs = random_rows(9, 24, rng), ts = random_rows(9, 8, rng);
+  for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest}) {
+    ScoreOptions o;
+    o.scorer = scorer;
+    o.top_k = 5;
+    const RowMatrixD exact = index.score_all_batch(xs, ts, o);
+    SpecIndex::TwoStage search;
+    search.candidates = 17;
+    search.clusters = 2;
+    search.residual_dims = 6;
+    search.coarse = 60;
+    search.coarse_dims = 4;
+    search.coarse_prompt_dims = 2;
+    search.coarse_clusters = 1;
+    ASSERT_TRUE(index.uses_coarse(search));
+    const RowMatrixD coarse = index.candidate_scores(xs, ts, o, search.coarse_shape());
+    RowMatrixD fine = index.candidate_scores(xs, ts, o, search);
+    for (Eigen::Index q = 0; q < xs.rows(); ++q) {
+      const auto kept = top_k(coarse.row(q).transpose(), index.model_ids(), true, 60);
+      std::set<std::string> ids;
+      for (const auto& k : kept) ids.insert(k.model);
+      for (Eigen::Index m = 0; m < fine.cols(); ++m)
+        if (!ids.count(index.model_ids()[static_cast<std::size_t>(m)]))
+          fine(q, m) = std::numeric_limits<double>::infinity();
+    }
+    expect_exact_top5_of_best(index, exact, fine, 17, scorer, index.rank_batch_two_stage(xs, ts, o, search));
+    // With the inverted file, the coarse pass runs on the probed cells' models: probing every
+    // cell, that is every model, and the answer is the one without the inverted file.
+    SpecIndex::TwoStage cells = search;
+    cells.lists = 8;
+    cells.probe = 8;
+    const auto with_cells = index.rank_batch_two_stage(xs, ts, o, cells),
+               without = index.rank_batch_two_stage(xs, ts, o, search);
+    for (std::size_t q = 0; q < without.size(); ++q)
+      for (std::size_t i = 0; i < without[q].size(); ++i) EXPECT_EQ(with_cells[q][i].model, without[q][i].model);
+    // A coarse pass that would keep every model is the search without it.
+    SpecIndex::TwoStage all = search, none = search;
+    all.coarse = 300;
+    none.coarse = 0;
+    EXPECT_FALSE(index.uses_coarse(all));
+    const auto a = index.rank_batch_two_stage(xs, ts, o, all), b = index.rank_batch_two_stage(xs, ts, o, none);
+    for (std::size_t q = 0; q < a.size(); ++q)
+      for (std::size_t i = 0; i < a[q].size(); ++i) EXPECT_EQ(a[q][i].model, b[q][i].model);
+    // Excluding every model but the first 100 keeps the answer among them.
+    std::vector<bool> exclude(index.size(), false);
+    for (std::size_t m = 100; m < index.size(); ++m) exclude[m] = true;
+    for (const auto& ranked : index.rank_batch_two_stage(xs, ts, o, search, &exclude))
+      for (const auto& r : ranked) {
+        const auto it = std::find(index.model_ids().begin(), index.model_ids().end(), r.model);
+        EXPECT_LT(it - index.model_ids().begin(), 100) << r.model;
+      }
+  }
+  EXPECT_FALSE(index.uses_coarse({}));  // off by default
 }
 
 // The inverted file: a query's estimates are the full scan's for the models its probed cells

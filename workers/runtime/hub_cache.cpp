@@ -34,8 +34,15 @@ HubCache::HubCache(HubCacheOptions options, EncoderIdentity image_encoder, Encod
                      " of " + std::to_string(options_.shards));
   }
   if (options_.refresh_ms < 10) throw InputError("score.refresh_ms must be >= 10");
+  if (options_.segmented && !options_.snapshot_dir.empty()) {
+    if (options_.snapshot_every_s < 1) throw InputError("score.snapshot_every_s must be >= 1");
+    snapshots_ = std::make_unique<ShardSnapshots>(options_.snapshot_dir, options_.shard, options_.shards,
+                                                  options_.identify.storage, image_encoder_, text_encoder_,
+                                                  options_.snapshot_verify);
+  }
   thread_ = std::thread([this] { loop(); });
   if (options_.segmented) compactor_ = std::thread([this] { compact_loop(); });
+  if (snapshots_) snapshotter_ = std::thread([this] { snapshot_loop(); });
 }
 
 HubCache::~HubCache() {
@@ -45,8 +52,11 @@ HubCache::~HubCache() {
   }
   cv_.notify_all();
   compact_cv_.notify_all();
+  snapshot_cv_.notify_all();
   if (thread_.joinable()) thread_.join();
   if (compactor_.joinable()) compactor_.join();
+  // After the refresh thread: the last snapshot it handed over is written before exit.
+  if (snapshotter_.joinable()) snapshotter_.join();
 }
 
 std::shared_ptr<const Identifier> HubCache::current() const {
@@ -223,6 +233,43 @@ void HubCache::compact_loop() {
   }
 }
 
+void HubCache::snapshot_loop() {
+  const std::map<std::string, std::string> labels{{"stage", options_.stage}, {"shard", std::to_string(options_.shard)}};
+  const auto with_outcome = [&](const char* outcome) {
+    auto l = labels;
+    l["outcome"] = outcome;
+    return l;
+  };
+  auto& m = Metrics::instance();
+  std::chrono::steady_clock::time_point next{};  // the first write goes at once
+  for (;;) {
+    SnapshotJob job;
+    {
+      std::unique_lock lock(mutex_);
+      snapshot_cv_.wait(lock, [&] { return quit_ || snapshot_job_.has_value(); });
+      if (!quit_) snapshot_cv_.wait_until(lock, next, [&] { return quit_; });
+      if (!snapshot_job_) return;  // quitting, nothing left to write
+      job = std::move(*snapshot_job_);
+      snapshot_job_.reset();
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      const ShardSnapshots::Written w = snapshots_->write(job.hub, job.position);
+      m.snapshot_writes_total.Add(with_outcome("written")).Increment();
+      log::info("shard snapshot written",
+                {{"stage", options_.stage}, {"shard", options_.shard}, {"models", job.hub.size()},
+                 {"generation", job.position.generation}, {"files_written", w.files}, {"bytes_written", w.bytes},
+                 {"files_removed", w.removed}, {"manifest", snapshots_->manifest_path()},
+                 {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
+    } catch (const std::exception& e) {
+      m.snapshot_writes_total.Add(with_outcome("failed")).Increment();
+      log::error("shard snapshot failed (the previous one stands)",
+                 {{"stage", options_.stage}, {"shard", options_.shard}, {"error", e.what()}});
+    }
+    next = std::chrono::steady_clock::now() + std::chrono::seconds(options_.snapshot_every_s);
+  }
+}
+
 void HubCache::loop() {
   ShardState state;
   std::unique_ptr<SegmentBuilder> builder;  // segmented: the shard's segments (instead of state.specs)
@@ -257,6 +304,63 @@ void HubCache::loop() {
                  {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}});
     }
   };
+  // Hands the published segments to the snapshot thread (the newest replaces one waiting).
+  auto queue_snapshot = [&](const SegmentedIndex& hub) {
+    if (!snapshots_) return;
+    ShardPosition position{state.cursor, state.generation, state.metric_version,
+                           state.metric ? state.metric->checksum() : std::string()};
+    std::lock_guard lock(mutex_);
+    snapshot_job_ = SnapshotJob{hub, std::move(position)};
+    snapshot_cv_.notify_all();
+  };
+  // Restores the shard from its snapshot (once, when there is one): its segments mapped back,
+  // its position taken as the cache's, so that the first refresh fetches only the changes since
+  // (or everything, when the change log no longer reaches back). True when restored.
+  auto restore = [&]() -> bool {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::optional<ShardPosition> position = snapshots_->position();
+    if (!position) return false;
+    const std::uint64_t metric_version = options_.use_metric ? store->metric_version() : 0;
+    std::shared_ptr<const Metric> metric;
+    if (metric_version != position->metric_version) {
+      log::warn("shard snapshot not used: it holds the points of another metric; loading every spec",
+                {{"stage", options_.stage}, {"shard", options_.shard}, {"snapshot_metric", position->metric_version},
+                 {"store_metric", metric_version}});
+      return false;
+    }
+    if (metric_version != 0) {
+      auto got = store->get_metric();
+      if (!got || got->version != metric_version || got->checksum() != position->metric_checksum ||
+          !(got->image_encoder == image_encoder_)) {
+        log::warn("shard snapshot not used: the store's metric is not the one it was made with; loading every spec",
+                  {{"stage", options_.stage}, {"shard", options_.shard}});
+        return false;
+      }
+      metric = std::make_shared<const Metric>(std::move(*got));
+    }
+    ShardSnapshots::Restored restored = snapshots_->restore(metric);
+    state.metric = metric;
+    auto next = new_builder();
+    for (auto& [index, dead] : restored.segments) next->add_segment(index, &dead);
+    builder = std::move(next);
+    ++epoch;
+    state.cursor = position->cursor;
+    state.generation = position->generation;
+    state.metric_version = metric_version;
+    state.loaded = true;
+    const auto serving = publish(builder->snapshot(), position->generation);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    Metrics::instance()
+        .snapshot_mapped_bytes.Add({{"stage", options_.stage}, {"shard", shard}})
+        .Set(static_cast<double>(restored.mapped_bytes));
+    log::info("specs restored from the shard snapshot",
+              {{"stage", options_.stage}, {"shard", options_.shard}, {"models", serving->hub().size()},
+               {"segments", restored.segments.size()}, {"mapped_bytes", restored.mapped_bytes},
+               {"generation", position->generation}, {"manifest", snapshots_->manifest_path()}, {"seconds", seconds}});
+    announce(serving, position->generation, 0, seconds);
+    return true;
+  };
+  bool restore_tried = false;
   for (;;) {
     {
       std::unique_lock lock(mutex_);
@@ -264,6 +368,17 @@ void HubCache::loop() {
     }
     try {
       if (!store) store = open_spec_store(options_.store_uri);
+      if (snapshots_ && !restore_tried) {
+        restore_tried = true;
+        try {
+          restore();
+        } catch (const std::exception& e) {
+          log::warn("shard snapshot not used; loading every spec",
+                    {{"stage", options_.stage}, {"shard", options_.shard}, {"error", e.what()}});
+          state = ShardState{};
+          builder.reset();
+        }
+      }
       const std::uint64_t generation = store->generation();
       std::uint64_t metric_version = options_.use_metric ? store->metric_version() : 0;
       const bool metric_moved = metric_version != state.metric_version;
@@ -363,6 +478,7 @@ void HubCache::loop() {
               std::move(specs), state.metric, state.metric ? SpecSpace::kMapped : SpecSpace::kRaw, storage));
         }
         const auto serving = publish(std::move(hub), generation);
+        if (options_.segmented) queue_snapshot(serving->hub());
         announce(serving, generation, fetched,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       }
@@ -388,6 +504,7 @@ void HubCache::loop() {
             m.compaction_seconds.Add({{"stage", options_.stage}, {"shard", shard}}, Metrics::latency_buckets())
                 .Observe(finished->seconds);
             const auto serving = publish(builder->snapshot(), state.generation);
+            queue_snapshot(serving->hub());
             log::info("segments compacted", {{"stage", options_.stage}, {"shard", options_.shard},
                                              {"inputs", finished->plan.inputs.size()},
                                              {"models", finished->result->size()},
@@ -439,6 +556,9 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
     o.segments.tail_max = static_cast<std::size_t>(config.get_int("score.tail_max"));
     o.segments.merge_factor = static_cast<int>(config.get_int("score.merge_factor"));
     o.segments.dead_fraction = config.get_double("score.dead_fraction");
+    o.snapshot_dir = config.get_string("score.snapshot_dir");
+    o.snapshot_every_s = static_cast<int>(config.get_int("score.snapshot_every_s"));
+    o.snapshot_verify = config.get_bool("score.snapshot_verify");
     o.identify.storage = parse_storage(config.get_string("score.storage"));
     o.identify.search = parse_search(config.get_string("score.search"));
     o.identify.two_stage_from = static_cast<std::size_t>(config.get_int("score.two_stage_from"));
@@ -450,6 +570,10 @@ std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string
     t.residual_dims = static_cast<int>(config.get_int("score.residual_dims"));
     t.lists = static_cast<int>(config.get_int("score.lists"));
     t.probe = static_cast<int>(config.get_int("score.probe"));
+    t.coarse = static_cast<std::size_t>(config.get_int("score.coarse"));
+    t.coarse_dims = static_cast<int>(config.get_int("score.coarse_dims"));
+    t.coarse_prompt_dims = static_cast<int>(config.get_int("score.coarse_prompt_dims"));
+    t.coarse_clusters = static_cast<int>(config.get_int("score.coarse_clusters"));
     if (t.lists > 0 && t.probe > t.lists)
       throw InputError("score.probe (" + std::to_string(t.probe) + ") must not exceed score.lists (" +
                        std::to_string(t.lists) + ")");

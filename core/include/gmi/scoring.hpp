@@ -109,6 +109,31 @@ class SpecIndex {
   SpecStorage storage() const { return storage_; }
   /// Bytes of the packed arrays (what scoring reads, and what the index holds beyond its ids).
   std::size_t memory_bytes() const;
+  /// Of those, the bytes read from a memory-mapped snapshot (held by the page cache or the
+  /// disk, not by the process): binary16 points opened with OpenOptions::map_points.
+  std::size_t mapped_bytes() const;
+
+  /// Writes the packed index to `path` as a snapshot (binary "GMISNAP1": a header with the
+  /// encoders, the metric's checksum and each array's offset, size and CRC-32, then each array
+  /// at a page-aligned offset, little-endian), atomically (write_file_atomically: a reader
+  /// sees the old file or the whole new one). Throws IoError.
+  void save(const std::string& path) const;
+  struct OpenOptions {
+    /// binary16 storage: the points stay in the file, memory-mapped read-only (the page
+    /// cache holds them, or the disk: a shard may be larger than memory); every other array,
+    /// and float32 points, are read in.
+    bool map_points = true;
+    /// Check every array's CRC-32 (reads the whole file once); false: the header's and the
+    /// arrays read in only.
+    bool verify = true;
+  };
+  /// Opens a snapshot written by save(). `metric` must be the one the index was packed with
+  /// (null for none): EncoderMismatchError otherwise. A damaged, truncated or foreign file is a
+  /// SpecFormatError naming the path and what is wrong; a missing one an IoError.
+  static SpecIndex open(const std::string& path, std::shared_ptr<const Metric> metric, const OpenOptions& options);
+  static SpecIndex open(const std::string& path, std::shared_ptr<const Metric> metric = nullptr) {
+    return open(path, std::move(metric), OpenOptions{});
+  }
   const EncoderIdentity& image_encoder() const { return image_encoder_; }
   const EncoderIdentity& text_encoder() const { return text_encoder_; }
   const std::vector<std::string>& model_ids() const { return model_ids_; }
@@ -157,6 +182,26 @@ class SpecIndex {
     int lists = 0;     ///< inverted-file cells (0: none, every model estimated)
     int probe = 32;    ///< cells a query visits (lists > 0), 1 ... lists
     int residual_dims = 32;  ///< per-point residuals kept in this many directions (0: groups only)
+    /// A coarse pass first (0: none): every model (or, with the inverted file, every model
+    /// its probed cells list) estimated from its groups alone, in coarse_dims /
+    /// coarse_prompt_dims directions, `coarse_clusters` groups each, and only its `coarse`
+    /// best handed to the estimate above (with residuals; used when candidates < coarse <
+    /// models).
+    std::size_t coarse = 0;
+    int coarse_dims = 128;
+    int coarse_prompt_dims = 16;
+    int coarse_clusters = 8;
+    /// The coarse pass's own summary shape (groups alone, no inverted file).
+    TwoStage coarse_shape() const {
+      TwoStage c;
+      c.candidates = coarse;
+      c.dims = coarse_dims;
+      c.prompt_dims = coarse_prompt_dims;
+      c.clusters = coarse_clusters;
+      c.lists = 0;
+      c.residual_dims = 0;
+      return c;
+    }
   };
   std::vector<std::vector<RankedModel>> rank_batch_two_stage(const RowMatrix& xs, const RowMatrix& ts,
                                                              const ScoreOptions& options,
@@ -170,6 +215,8 @@ class SpecIndex {
   /// Builds the first stage's summary for `search` now (else the first query does); returns
   /// the bytes it takes. Safe to call from several threads.
   std::size_t prepare_two_stage(const TwoStage& search) const;
+  /// True when `search` runs its coarse pass on this index (TwoStage::coarse).
+  bool uses_coarse(const TwoStage& search) const;
   /// True when the summary for `search` is built (never waits for a build under way).
   bool two_stage_ready(const TwoStage& search) const;
 
@@ -196,8 +243,48 @@ class SpecIndex {
   Eigen::Index dx_ = 0, dt_ = 0;       // columns of zx and zt (in the space scored)
   RowMatrix zx_;                       // P x d, all reduced points (float32 storage)
   RowMatrix zt_;                       // P x dt
-  std::vector<std::uint16_t> zx16_;    // P x d, row-major (binary16 storage)
-  std::vector<std::uint16_t> zt16_;    // P x dt
+  // binary16 points: owned, or a read-only view of a memory-mapped snapshot kept alive by
+  // `keep` (copies of a view share the mapping; copies of owned points copy them).
+  class HalfArray {
+   public:
+    HalfArray() = default;
+    HalfArray(const HalfArray& o) { *this = o; }
+    HalfArray(HalfArray&&) noexcept = default;
+    HalfArray& operator=(const HalfArray& o) {
+      if (this == &o) return *this;
+      owned_ = o.owned_;
+      keep_ = o.keep_;
+      size_ = o.size_;
+      data_ = keep_ ? o.data_ : owned_.data();
+      return *this;
+    }
+    HalfArray& operator=(HalfArray&&) noexcept = default;
+    void resize(std::size_t n) {
+      owned_.assign(n, 0);
+      keep_.reset();
+      data_ = owned_.data();
+      size_ = n;
+    }
+    void view(const std::uint16_t* data, std::size_t n, std::shared_ptr<const void> keep) {
+      owned_.clear();
+      owned_.shrink_to_fit();
+      keep_ = std::move(keep);
+      data_ = data;
+      size_ = n;
+    }
+    const std::uint16_t* data() const { return data_; }
+    std::uint16_t* mutable_data() { return owned_.data(); }  // owned points only
+    std::size_t size() const { return size_; }
+    bool mapped() const { return keep_ != nullptr; }
+
+   private:
+    std::vector<std::uint16_t> owned_;
+    std::shared_ptr<const void> keep_;
+    const std::uint16_t* data_ = nullptr;
+    std::size_t size_ = 0;
+  };
+  HalfArray zx16_;                     // P x d, row-major (binary16 storage)
+  HalfArray zt16_;                     // P x dt
   Eigen::VectorXf zx_sqnorm_;          // P
   Eigen::VectorXf zt_inv_norm_;        // P, 1 / ||zt_j|| (0 for a zero row)
   Eigen::VectorXf beta_;               // P
@@ -260,6 +347,12 @@ class SpecIndex {
   void estimate_listed(const Summary& summary, const float* qx, const float* qt, const float* qr,
                        const QueryTerms& terms, const ScoreOptions& options, const std::uint32_t* models,
                        std::size_t count, float* out) const;
+  /// Stage 1 over every model (queries in the summary's bases): per query its `keep` best
+  /// live models by the estimate, ascending.
+  std::vector<std::vector<std::size_t>> shortlist_all(const Summary& summary, const RowMatrix& qx,
+                                                      const RowMatrix& qt, const RowMatrix& qr,
+                                                      const QueryTerms* terms, const ScoreOptions& options,
+                                                      std::size_t keep, const std::vector<bool>* exclude) const;
   /// The models listed in the `probe` inverted-file cells nearest to query q (in the summary's
   /// basis), and in further cells while fewer than `least` are listed; ascending, each once.
   std::vector<std::uint32_t> probed_models(const Summary& summary, const RowMatrix& qx, Eigen::Index q,

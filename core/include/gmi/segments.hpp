@@ -101,9 +101,10 @@ class SegmentBuilder {
   void upsert(Spec spec);
   /// Removes a model wherever it is (nothing for an unknown id).
   void remove(const std::string& id);
-  /// Adds the models of a packed index as one sealed segment (a bulk load); older copies of
-  /// its models elsewhere become tombstones.
-  void add_segment(std::shared_ptr<const SpecIndex> index);
+  /// Adds the models of a packed index as one sealed segment (a bulk load, or a segment
+  /// restored from a snapshot); older copies of its models elsewhere become tombstones. Rows
+  /// flagged in `dead` (index->size() flags, or null) are tombstones from the start.
+  void add_segment(std::shared_ptr<const SpecIndex> index, const std::vector<bool>* dead = nullptr);
   /// Live models.
   std::size_t size() const { return locations_.size(); }
   bool contains(const std::string& id) const { return locations_.count(id) > 0; }
@@ -148,7 +149,7 @@ class SegmentBuilder {
   static Segment as_segment(const Sealed& s);  // what a snapshot or a plan holds of it
   void seal_tail();
   void drop_from_tail(const std::string& id);
-  std::uint64_t add_sealed(std::shared_ptr<const SpecIndex> index);
+  std::uint64_t add_sealed(std::shared_ptr<const SpecIndex> index, const std::vector<bool>* dead = nullptr);
 
   std::shared_ptr<const Metric> metric_;
   SpecSpace space_;

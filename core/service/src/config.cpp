@@ -320,6 +320,15 @@ const std::vector<ConfigKey>& Config::schema() {
        ConfigType::integer(0, 1 << 24)},
       {"score.probe", "128", "two-stage: cells a query visits (with score.lists)",
        ConfigType::integer(1, 1 << 24)},
+      {"score.coarse", "0",
+       "two-stage: a coarse pass (each model's groups alone, in few directions) keeps this many models "
+       "per query for the estimate from the summaries (0: none, every listed model estimated)",
+       ConfigType::integer(0, 1 << 30)},
+      {"score.coarse_dims", "128", "two-stage: the coarse pass's principal directions of group means",
+       ConfigType::integer(0, 1 << 16)},
+      {"score.coarse_prompt_dims", "16", "two-stage: the coarse pass's principal directions of group prompts",
+       ConfigType::integer(0, 1 << 16)},
+      {"score.coarse_clusters", "8", "two-stage: groups per model in the coarse pass", ConfigType::integer(1, 255)},
       {"score.tail_max", "256",
        "models an upload or removal touches: the shard's mutable tail, sealed into an immutable "
        "segment at this size",
@@ -331,6 +340,15 @@ const std::vector<ConfigKey>& Config::schema() {
       {"score.dead_fraction", "0.2",
        "a segment with more of its models replaced or removed than this is rewritten in the background",
        ConfigType::number(0.001, 1.0)},
+      {"score.snapshot_dir", "",
+       "a local directory where a score worker keeps its shard's segments as snapshot files, so that "
+       "a restart maps them back and fetches only the changes since (empty: none)"},
+      {"score.snapshot_every_s", "30", "seconds between writes of the shard snapshot (and one on shutdown)",
+       ConfigType::integer(1, 86400)},
+      {"score.snapshot_verify", "true",
+       "check every snapshot file's checksum on restore (reads each once; false: headers and the "
+       "arrays read into memory only)",
+       ConfigType::boolean()},
       {"score.max_batch", "64", "most queries a score worker scores at once",
        ConfigType::integer(1, 65536)},
       {"score.max_wait_ms", "0",

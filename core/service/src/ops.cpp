@@ -73,6 +73,12 @@ Metrics::Metrics()
       compactions_total(counter("gmi_compactions_total",
                                 "Segment compactions, by outcome (installed, superseded, failed).")),
       compaction_seconds(histogram("gmi_compaction_seconds", "Time one segment compaction took.")),
+      snapshot_writes_total(counter("gmi_snapshot_writes_total",
+                                    "Writes of a score worker's shard snapshot to score.snapshot_dir, by outcome "
+                                    "(written, failed).")),
+      snapshot_mapped_bytes(gauge("gmi_snapshot_mapped_bytes",
+                                  "Bytes of a score worker's points memory-mapped from its snapshot files "
+                                  "(held by the page cache, not the process).")),
       registry_(process_registry()) {}
 
 Metrics& Metrics::instance() {

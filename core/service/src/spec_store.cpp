@@ -46,6 +46,7 @@
 #include <system_error>
 
 #include "gmi/error.hpp"
+#include "gmi/files.hpp"
 #include "gmi/parallel.hpp"
 #include "gmi/redis.hpp"
 
@@ -113,54 +114,11 @@ using Fd = detail::UniqueFd;
   throw IoError(what + " " + path.string() + ": " + errno_text(err));
 }
 
-void write_all(int fd, const std::uint8_t* data, std::size_t size, const fs::path& path) {
-  while (size > 0) {
-    ssize_t n = ::write(fd, data, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw_io("cannot write", path, errno);
-    }
-    data += n;
-    size -= static_cast<std::size_t>(n);
-  }
-}
-
-void fsync_dir(const fs::path& dir) {
-  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.get() < 0) throw_io("cannot open directory", dir, errno);
-  // Some filesystems cannot sync a directory; the rename itself has still happened.
-  if (::fsync(fd.get()) != 0 && errno != EINVAL && errno != ENOTSUP) {
-    throw_io("cannot sync directory", dir, errno);
-  }
-}
-
-/// Replaces `target` with `bytes` so that readers see the old file or the new one, never
-/// a mix, and the new one survives a crash once this returns.
 void write_file_atomically(const fs::path& target, const std::uint8_t* data, std::size_t size) {
-  const fs::path dir = target.parent_path();
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
-  fs::path tmp;
-  int raw_fd = -1;
-  for (int attempt = 0; attempt < 100 && raw_fd < 0; ++attempt) {
-    // Leading '.' and no .gmispec suffix: list() never mistakes a temp file for a spec.
-    tmp = dir / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()) + "-" +
-                 std::to_string(rng()));
-    raw_fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (raw_fd < 0 && errno != EEXIST) throw_io("cannot create", tmp, errno);
-  }
-  if (raw_fd < 0) throw_io("cannot create a temporary file for", target, EEXIST);
-  Fd fd(raw_fd);
-  try {
-    write_all(fd.get(), data, size, tmp);
-    if (::fsync(fd.get()) != 0) throw_io("cannot sync", tmp, errno);
-    if (fd.close() != 0) throw_io("cannot write", tmp, errno);
-    if (::rename(tmp.c_str(), target.c_str()) != 0) throw_io("cannot replace", target, errno);
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  fsync_dir(dir);
+  gmi::write_file_atomically(target.string(), data, size);
 }
+
+void fsync_dir(const fs::path& dir) { gmi::fsync_dir(dir.string()); }
 
 /// The whole file, or nullopt when it does not exist.
 std::optional<std::vector<std::uint8_t>> read_file(const fs::path& path) {

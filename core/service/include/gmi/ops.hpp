@@ -47,6 +47,8 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& index_bytes;           ///< gmi_index_bytes{stage,shard}
   prometheus::Family<prometheus::Counter>& compactions_total;   ///< gmi_compactions_total{stage,shard,outcome}
   prometheus::Family<prometheus::Histogram>& compaction_seconds;  ///< gmi_compaction_seconds{stage,shard}
+  prometheus::Family<prometheus::Counter>& snapshot_writes_total;  ///< gmi_snapshot_writes_total{stage,shard,outcome}
+  prometheus::Family<prometheus::Gauge>& snapshot_mapped_bytes;    ///< gmi_snapshot_mapped_bytes{stage,shard}
 
   /// Buckets for latency histograms: 100 us .. 60 s, roughly x2.5 apart.
   static prometheus::Histogram::BucketBoundaries latency_buckets();

@@ -21,6 +21,7 @@
 #include "gmi/pipeline.hpp"
 #include "gmi/segments.hpp"
 #include "gmi/spec_store.hpp"
+#include "gmi/workers/shard_snapshot.hpp"
 
 namespace gmi {
 class Config;
@@ -43,6 +44,12 @@ struct HubCacheOptions {
   bool segmented = false;
   SegmentPolicy segments;
   std::size_t load_chunk = 16384;  ///< a full load packs this many specs per segment
+  /// Segmented: keep the shard's segments as snapshot files in this local directory (empty:
+  /// none), so that a restart maps them back and fetches only the changes since (README,
+  /// "Restarts from disk"). Written at most every snapshot_every_s seconds, and on shutdown.
+  std::string snapshot_dir;
+  int snapshot_every_s = 30;
+  bool snapshot_verify = true;  ///< check every segment file's checksum on restore
 };
 
 /// True when model `id` belongs to `shard` of `shards` (FNV-1a of the id, modulo shards).
@@ -70,6 +77,7 @@ class HubCache {
  private:
   void loop();
   void compact_loop();
+  void snapshot_loop();
   // Builds and publishes a snapshot of `hub` (the store at `generation`); returns it.
   std::shared_ptr<const Identifier> publish(SegmentedIndex hub, std::uint64_t generation);
 
@@ -99,8 +107,18 @@ class HubCache {
   };
   std::optional<Compacting> compacting_;  // under mutex_
   std::condition_variable compact_cv_;
+  // Snapshots (snapshot_dir): the refresh thread restores from them once, then hands the
+  // latest published segments to the snapshot thread, which writes them.
+  std::unique_ptr<ShardSnapshots> snapshots_;
+  struct SnapshotJob {
+    SegmentedIndex hub;
+    ShardPosition position;
+  };
+  std::optional<SnapshotJob> snapshot_job_;  // under mutex_; a newer one replaces it
+  std::condition_variable snapshot_cv_;
   std::thread thread_;
   std::thread compactor_;
+  std::thread snapshotter_;
 };
 
 /// A cache for `stage` from the configuration: redis.uri, score.refresh_ms, encoder.*,
