@@ -83,6 +83,9 @@ int main(int argc, char** argv) try {
                "and on the merged index, its top-4 against exact");
   app.add_option("--lists", search.lists, "two-stage: inverted-file cells per segment")->capture_default_str();
   app.add_option("--probe", search.probe, "two-stage: cells a query visits")->capture_default_str();
+  app.add_option("--coarse", search.coarse,
+                 "two-stage: models the coarse pass keeps (for the whole hub; each segment its share)")
+      ->capture_default_str();
   app.add_flag("--json", json, "print one JSON object");
   CLI11_PARSE(app, argc, argv);
   if (models < 2 || chunk < 1 || uploads < 1 || queries < 1) throw gmi::InputError("sizes must be positive");

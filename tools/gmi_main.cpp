@@ -233,7 +233,7 @@ struct IdentifyArgs {
   gmi::MetricOptions metric_options;
   std::string search = "auto";
   std::size_t two_stage_from = gmi::IdentifyOptions{}.two_stage_from;
-  gmi::SpecIndex::TwoStage two_stage{256, 0, 32, 4, 1024, 128, 32};  // as config/gmi.yaml's score.*
+  gmi::SpecIndex::TwoStage two_stage{256, 0, 32, 4, 1024, 128, 32, 8192};  // as config/gmi.yaml's score.*
 };
 
 void add_metric_options(CLI::App* cmd, gmi::MetricOptions& o) {

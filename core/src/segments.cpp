@@ -101,9 +101,10 @@ std::vector<std::vector<RankedModel>> SegmentedIndex::rank_batch(const RowMatrix
     }
   if (used == 0) return out;
   auto rank_one = [&](const Segment& s) {
+    const SpecIndex::TwoStage mine = segment_search(search.options, s);
     const bool staged = search.two_stage && !s.tail && has_exact_stage(options.scorer) &&
-                        s.index->two_stage_ready(search.options);
-    return staged ? s.index->rank_batch_two_stage(xs, ts, options, search.options, s.dead.get())
+                        s.index->two_stage_ready(mine);
+    return staged ? s.index->rank_batch_two_stage(xs, ts, options, mine, s.dead.get())
                   : s.index->rank_batch(xs, ts, options, s.dead.get());
   };
   if (used == 1) return rank_one(*only);
@@ -128,9 +129,25 @@ std::vector<std::vector<RankedModel>> SegmentedIndex::rank_batch(const RowMatrix
 std::size_t SegmentedIndex::prepare(const SegmentSearch& search) const {
   if (!search.two_stage) return 0;
   std::size_t bytes = 0;
-  for (const Segment& s : segments_)  // (a segment of no more than `candidates` is scored exactly)
-    if (!s.tail && s.index->size() > search.options.candidates) bytes += s.index->prepare_two_stage(search.options);
+  for (const Segment& s : segments_) {  // (a segment of no more than its candidates is scored exactly)
+    const SpecIndex::TwoStage mine = segment_search(search.options, s);
+    if (!s.tail && s.index->size() > mine.candidates) bytes += s.index->prepare_two_stage(mine);
+  }
   return bytes;
+}
+
+SpecIndex::TwoStage SegmentedIndex::segment_search(const SpecIndex::TwoStage& whole, const Segment& s) const {
+  SpecIndex::TwoStage mine = whole;
+  if (live_ == 0 || s.live() >= live_) return mine;
+  // A segment holds about its share of the models that rank ahead of the hub's top-k in each
+  // stage; kSlack over that share, and never fewer than kLeast candidates.
+  constexpr double kSlack = 1.5;
+  constexpr std::size_t kLeast = 64;
+  const double share = kSlack * static_cast<double>(s.live()) / static_cast<double>(live_);
+  const auto scaled = [share](std::size_t n) { return static_cast<std::size_t>(std::ceil(share * static_cast<double>(n))); };
+  mine.candidates = std::min(whole.candidates, std::max(kLeast, scaled(whole.candidates)));
+  if (whole.coarse > 0) mine.coarse = std::min(whole.coarse, std::max(2 * mine.candidates, scaled(whole.coarse)));
+  return mine;
 }
 
 SegmentBuilder::SegmentBuilder(std::shared_ptr<const Metric> metric, SpecSpace space, SpecStorage storage,

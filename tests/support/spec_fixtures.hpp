@@ -55,6 +55,20 @@ inline Spec make_random_spec(const std::string& model_id = "model-a", unsigned s
   return s;
 }
 
+/// n random queries: unit image embeddings of d dims and Gaussian prompt embeddings of dt.
+struct RandomQueries {
+  RowMatrix xs, ts;
+};
+inline RandomQueries random_queries(int n, unsigned seed, int d = 8, int dt = 6) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  RandomQueries q{RowMatrix(n, d), RowMatrix(n, dt)};
+  for (Eigen::Index i = 0; i < q.xs.size(); ++i) q.xs.data()[i] = normal(rng);
+  for (Eigen::Index i = 0; i < q.ts.size(); ++i) q.ts.data()[i] = normal(rng);
+  q.xs.rowwise().normalize();
+  return q;
+}
+
 template <typename M>
 void expect_bit_exact(const M& a, const M& b, const char* name) {
   ASSERT_EQ(a.rows(), b.rows()) << name;

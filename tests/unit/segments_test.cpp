@@ -22,19 +22,9 @@ Spec spec_of(const std::string& id, unsigned seed) {
   return make_random_spec(id, seed, 3 + static_cast<int>(seed % 4), kD, kDt);
 }
 
-struct Queries {
-  RowMatrix xs, ts;
-};
+using Queries = testing::RandomQueries;
 
-Queries queries(unsigned seed, int n = 5) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  Queries q{RowMatrix(n, kD), RowMatrix(n, kDt)};
-  for (Eigen::Index i = 0; i < q.xs.size(); ++i) q.xs.data()[i] = normal(rng);
-  for (Eigen::Index i = 0; i < q.ts.size(); ++i) q.ts.data()[i] = normal(rng);
-  q.xs.rowwise().normalize();
-  return q;
-}
+Queries queries(unsigned seed, int n = 5) { return testing::random_queries(n, seed, kD, kDt); }
 
 // The ranking of the live specs by one SpecIndex, against the segmented snapshot's.
 void expect_same_ranking(const SegmentedIndex& hub, const std::map<std::string, Spec>& live, unsigned seed,
@@ -316,6 +306,36 @@ TEST(Segments, AnIdentifierOverSegmentsRanksAndRefusesAHubLearnedInterrogator) {
   other.image_encoder.version = "0.0.1";
   io.build_interrogator = false;
   EXPECT_THROW(Identifier(hub, other.image_encoder, any.text_encoder, nullptr, io), EncoderMismatchError);
+}
+
+// Each segment's two-stage search keeps its share of the hub's candidates and coarse pass
+// (times 1.5, at least 64 candidates); a segment holding every live model keeps them all.
+TEST(Segments, EachSegmentSearchesItsShareOfTheCandidates) {
+  std::vector<Spec> big, small;
+  for (int m = 0; m < 300; ++m) big.push_back(spec_of("b" + std::to_string(m), 500 + m));
+  for (int m = 0; m < 100; ++m) small.push_back(spec_of("s" + std::to_string(m), 900 + m));
+  Segment a, b;
+  a.index = std::make_shared<const SpecIndex>(std::move(big));
+  b.index = std::make_shared<const SpecIndex>(std::move(small));
+  b.id = 1;
+  const SegmentedIndex hub({a, b}, nullptr);
+  SpecIndex::TwoStage whole;
+  whole.candidates = 256;
+  whole.coarse = 1000;
+  const auto small_search = hub.segment_search(whole, hub.segments()[1]);
+  EXPECT_EQ(small_search.candidates, 96u);  // 1.5 x 256 x 100 / 400
+  EXPECT_EQ(small_search.coarse, 375u);
+  const auto big_search = hub.segment_search(whole, hub.segments()[0]);
+  EXPECT_EQ(big_search.candidates, 256u);   // 1.5 x 256 x 3/4 > 256: all of them
+  EXPECT_EQ(big_search.coarse, 1000u);
+  whole.candidates = 20;
+  EXPECT_EQ(hub.segment_search(whole, hub.segments()[1]).candidates, 20u) << "never more than the hub's";
+  whole.candidates = 100;
+  EXPECT_EQ(hub.segment_search(whole, hub.segments()[1]).candidates, 64u) << "at least 64";
+  const SegmentedIndex alone(b.index);
+  whole.candidates = 256;
+  EXPECT_EQ(alone.segment_search(whole, alone.segments()[0]).candidates, 256u);
+  EXPECT_EQ(alone.segment_search(whole, alone.segments()[0]).coarse, 1000u);
 }
 
 }  // namespace

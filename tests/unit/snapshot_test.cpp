@@ -32,19 +32,7 @@ std::vector<Spec> hub(int models, unsigned seed0 = 1) {
   return specs;
 }
 
-struct Queries {
-  RowMatrix xs, ts;
-};
-
-Queries queries(int n, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  Queries q{RowMatrix(n, kD), RowMatrix(n, kDt)};
-  for (Eigen::Index i = 0; i < q.xs.size(); ++i) q.xs.data()[i] = normal(rng);
-  for (Eigen::Index i = 0; i < q.ts.size(); ++i) q.ts.data()[i] = normal(rng);
-  q.xs.rowwise().normalize();
-  return q;
-}
+testing::RandomQueries queries(int n, unsigned seed) { return testing::random_queries(n, seed, kD, kDt); }
 
 // Every scorer's every score, bit for bit.
 void expect_same_scores(const SpecIndex& a, const SpecIndex& b) {
@@ -53,7 +41,7 @@ void expect_same_scores(const SpecIndex& a, const SpecIndex& b) {
   EXPECT_EQ(a.storage(), b.storage());
   EXPECT_TRUE(a.image_encoder() == b.image_encoder());
   EXPECT_TRUE(a.text_encoder() == b.text_encoder());
-  const Queries q = queries(7, 3);
+  const auto q = queries(7, 3);
   for (Scorer scorer : {Scorer::kWeighted, Scorer::kRkme, Scorer::kNearest, Scorer::kMean, Scorer::kPopularity}) {
     ScoreOptions o;
     o.scorer = scorer;
@@ -124,7 +112,7 @@ TEST(Snapshot, AMappedIndexCopiesMergesAndSearchesTwoStage) {
   const SpecIndex merged = SpecIndex::merge({{&copy, nullptr}});
   EXPECT_EQ(merged.mapped_bytes(), 0u);
   expect_same_scores(index, merged);
-  const Queries q = queries(5, 9);
+  const auto q = queries(5, 9);
   ScoreOptions o;
   o.top_k = 4;
   SpecIndex::TwoStage search;

@@ -69,6 +69,11 @@ class SegmentedIndex {
   /// Builds the two-stage summary of every sealed segment lacking one; the bytes of all of
   /// them. Safe to call from several threads.
   std::size_t prepare(const SegmentSearch& search) const;
+  /// The two-stage search of one segment: `whole`'s candidate and coarse counts scaled to the
+  /// segment's share of the live models (times 1.5, at least 64 candidates; unchanged for a
+  /// segment that holds them all), so that searching many segments costs about what one
+  /// index of them would.
+  SpecIndex::TwoStage segment_search(const SpecIndex::TwoStage& whole, const Segment& s) const;
 
  private:
   std::vector<Segment> segments_;

@@ -320,7 +320,7 @@ const std::vector<ConfigKey>& Config::schema() {
        ConfigType::integer(0, 1 << 24)},
       {"score.probe", "128", "two-stage: cells a query visits (with score.lists)",
        ConfigType::integer(1, 1 << 24)},
-      {"score.coarse", "0",
+      {"score.coarse", "8192",
        "two-stage: a coarse pass (each model's groups alone, in few directions) keeps this many models "
        "per query for the estimate from the summaries (0: none, every listed model estimated)",
        ConfigType::integer(0, 1 << 30)},
