@@ -11,11 +11,14 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include <unistd.h>
 
 #include "bench_util.hpp"
 #include "gmi/error.hpp"
@@ -50,6 +53,7 @@ int main(int argc, char** argv) try {
   std::uint64_t seed = 7;
   bool segments = true, json = false;
   std::string snapshot_dir;
+  bool drop_caches = false;
   app.add_option("--store", uri, "spec store URI (redis://HOST:PORT: its change log is what makes refreshes incremental)")
       ->required();
   app.add_option("--models", models, "specs in the store before the uploads")->capture_default_str();
@@ -65,6 +69,9 @@ int main(int argc, char** argv) try {
   app.add_flag("!--no-segments", segments, "the path before segments: every refresh repacks the whole shard");
   app.add_option("--snapshot-dir", snapshot_dir,
                  "score.snapshot_dir: also time the snapshot and restarts from it (emptied first)");
+  app.add_flag("--drop-caches", drop_caches,
+               "with --snapshot-dir: empty the page cache before each restart (root: sync, then "
+               "/proc/sys/vm/drop_caches), so that a restart reads its files from disk");
   app.add_flag("--json", json, "print one JSON object");
   CLI11_PARSE(app, argc, argv);
   if (models < 1 || uploads < 1) throw gmi::InputError("--models and --uploads must be positive");
@@ -160,8 +167,13 @@ int main(int argc, char** argv) try {
     t0 = Clock::now();
     cache_ptr.reset();  // SIGTERM's path: the last state written before the cache goes
     out["shutdown_seconds"] = ms_since(t0) / 1000.0;
+    out["restart_page_cache"] = drop_caches ? "dropped" : "warm";
     for (bool verify : {true, false}) {
       o.snapshot_verify = verify;
+      if (drop_caches) {
+        ::sync();
+        std::ofstream("/proc/sys/vm/drop_caches") << "3\n";
+      }
       auto restarted = std::make_unique<gmi::workers::HubCache>(o, first.image_encoder, first.text_encoder, nullptr);
       const double seconds = wait_loaded(*restarted, want);
       out[verify ? "restart_seconds" : "restart_seconds_no_verify"] = seconds;
