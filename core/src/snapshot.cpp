@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstdint>
@@ -228,6 +229,15 @@ SpecIndex SpecIndex::open(const std::string& path, std::shared_ptr<const Metric>
     h.fail("implausible sizes");
   const bool half = storage == 1;
   const std::uint64_t pb = half ? 2 : 4;
+  // Every size below is a product of these; none may wrap (a crafted header could make a
+  // wrapped size match its section).
+  std::uint64_t product = 0;
+  if (__builtin_mul_overflow(points_n, std::max({dx, dt, std::uint64_t{8}}), &product) ||
+      __builtin_mul_overflow(product, std::uint64_t{8}, &product) ||
+      __builtin_mul_overflow(models, std::max(dx, std::uint64_t{8}), &product) ||
+      __builtin_mul_overflow(product, std::uint64_t{8}, &product) ||
+      __builtin_mul_overflow(gram_total, std::uint64_t{8}, &product))
+    h.fail("implausible sizes");
   const std::uint64_t want[kSections] = {points_n * dx * pb, points_n * dt * pb, points_n * 4, points_n * 4,
                                          points_n * 4,       points_n * 4,       gram_total * 4, (models + 1) * 8,
                                          models * 8,         models * 8,         models * 4,     models * dx * 4,

@@ -2,6 +2,7 @@
 // memory-mapped) must score exactly as before; damaged, truncated, foreign or mismatched
 // files are refused with a message naming what is wrong.
 #include <gtest/gtest.h>
+#include <zlib.h>
 
 #include <filesystem>
 #include <fstream>
@@ -166,6 +167,27 @@ TEST(Snapshot, DamagedTruncatedAndForeignFilesAreRefusedWithTheReason) {
   bytes.assign(good.begin(), good.begin() + 40);
   write_file(bad, bytes);
   EXPECT_NE(error_of([&] { SpecIndex::open(bad); }).find("truncated header"), std::string::npos);
+  // A header whose checksum holds but whose sizes would wrap (points 2^48 of 2^20 columns).
+  bytes = good;
+  const auto put_u64 = [&](std::size_t at, std::uint64_t v) {
+    for (int i = 0; i < 8; ++i) bytes[at + static_cast<std::size_t>(i)] = static_cast<char>(v >> (8 * i));
+  };
+  const auto crc_at = [](const std::vector<char>& b, std::size_t n) {
+    return static_cast<std::uint32_t>(::crc32(0L, reinterpret_cast<const Bytef*>(b.data()), static_cast<uInt>(n)));
+  };
+  std::size_t head = 0;  // where the header's own checksum sits
+  for (std::size_t n = 64; n + 4 <= 4096 && head == 0; ++n) {
+    std::uint32_t stored = 0;
+    for (int i = 0; i < 4; ++i) stored |= static_cast<std::uint32_t>(static_cast<unsigned char>(good[n + static_cast<std::size_t>(i)])) << (8 * i);
+    if (crc_at(good, n) == stored) head = n;
+  }
+  ASSERT_GT(head, 0u);
+  put_u64(24, std::uint64_t{1} << 48);  // points (after magic, format, storage, models)
+  put_u64(40, std::uint64_t{1} << 20);  // dx
+  const std::uint32_t crc = crc_at(bytes, head);
+  for (int i = 0; i < 4; ++i) bytes[head + static_cast<std::size_t>(i)] = static_cast<char>(crc >> (8 * i));
+  write_file(bad, bytes);
+  EXPECT_NE(error_of([&] { SpecIndex::open(bad); }).find("implausible sizes"), std::string::npos);
   // Foreign.
   write_file(bad, std::vector<char>(100, 'x'));
   EXPECT_NE(error_of([&] { SpecIndex::open(bad); }).find("bad magic"), std::string::npos);
