@@ -71,6 +71,12 @@ std::size_t SegmentedIndex::memory_bytes() const {
   return bytes;
 }
 
+std::size_t SegmentedIndex::mapped_bytes() const {
+  std::size_t bytes = 0;
+  for (const Segment& s : segments_) bytes += s.index->mapped_bytes();
+  return bytes;
+}
+
 void SegmentedIndex::check_compatible(const EncoderIdentity& image, const EncoderIdentity& text) const {
   for (const Segment& s : segments_)
     if (s.index->size() > 0) return s.index->check_compatible(image, text);

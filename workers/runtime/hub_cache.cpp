@@ -186,6 +186,7 @@ std::shared_ptr<const Identifier> HubCache::publish(SegmentedIndex hub, std::uin
   const SegmentedIndex& h = next->hub();
   m.specs_loaded.Add(labels).Set(static_cast<double>(h.size()));
   m.index_bytes.Add(labels).Set(static_cast<double>(h.memory_bytes()));
+  m.snapshot_mapped_bytes.Add(labels).Set(static_cast<double>(h.mapped_bytes()));
   m.segments.Add(labels).Set(static_cast<double>(h.sealed_segments()));
   auto state = [&](const char* name) {
     auto l = labels;
@@ -315,18 +316,18 @@ void HubCache::loop() {
   };
   // Restores the shard from its snapshot (once, when there is one): its segments mapped back,
   // its position taken as the cache's, so that the first refresh fetches only the changes since
-  // (or everything, when the change log no longer reaches back). True when restored.
-  auto restore = [&]() -> bool {
+  // (or everything, when the change log no longer reaches back).
+  auto restore = [&] {
     const auto t0 = std::chrono::steady_clock::now();
     const std::optional<ShardPosition> position = snapshots_->position();
-    if (!position) return false;
+    if (!position) return;
     const std::uint64_t metric_version = options_.use_metric ? store->metric_version() : 0;
     std::shared_ptr<const Metric> metric;
     if (metric_version != position->metric_version) {
       log::warn("shard snapshot not used: it holds the points of another metric; loading every spec",
                 {{"stage", options_.stage}, {"shard", options_.shard}, {"snapshot_metric", position->metric_version},
                  {"store_metric", metric_version}});
-      return false;
+      return;
     }
     if (metric_version != 0) {
       auto got = store->get_metric();
@@ -334,7 +335,7 @@ void HubCache::loop() {
           !(got->image_encoder == image_encoder_)) {
         log::warn("shard snapshot not used: the store's metric is not the one it was made with; loading every spec",
                   {{"stage", options_.stage}, {"shard", options_.shard}});
-        return false;
+        return;
       }
       metric = std::make_shared<const Metric>(std::move(*got));
     }
@@ -350,15 +351,11 @@ void HubCache::loop() {
     state.loaded = true;
     const auto serving = publish(builder->snapshot(), position->generation);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    Metrics::instance()
-        .snapshot_mapped_bytes.Add({{"stage", options_.stage}, {"shard", shard}})
-        .Set(static_cast<double>(restored.mapped_bytes));
     log::info("specs restored from the shard snapshot",
               {{"stage", options_.stage}, {"shard", options_.shard}, {"models", serving->hub().size()},
-               {"segments", restored.segments.size()}, {"mapped_bytes", restored.mapped_bytes},
+               {"segments", restored.segments.size()}, {"mapped_bytes", serving->hub().mapped_bytes()},
                {"generation", position->generation}, {"manifest", snapshots_->manifest_path()}, {"seconds", seconds}});
     announce(serving, position->generation, 0, seconds);
-    return true;
   };
   bool restore_tried = false;
   for (;;) {

@@ -2,7 +2,6 @@
 
 #include <unistd.h>
 
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -109,8 +108,6 @@ ShardSnapshots::Restored ShardSnapshots::restore(const std::shared_ptr<const Met
                                 file + " is past its " + std::to_string(dead.size()) + " models");
         dead[r] = true;
       }
-      out.models += index->size() - static_cast<std::size_t>(std::count(dead.begin(), dead.end(), true));
-      out.mapped_bytes += index->mapped_bytes();
       on_disk.emplace_back(index, file);
       out.segments.emplace_back(std::move(index), std::move(dead));
     }

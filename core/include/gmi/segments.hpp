@@ -51,6 +51,8 @@ class SegmentedIndex {
   std::size_t tail_size() const;
   /// Bytes of every segment's packed arrays (dead models included, until compacted).
   std::size_t memory_bytes() const;
+  /// Of those, the bytes memory-mapped from snapshot files (SpecIndex::mapped_bytes).
+  std::size_t mapped_bytes() const;
   /// The encoders of the first non-empty segment (empty identities for an empty index).
   const EncoderIdentity& image_encoder() const { return image_; }
   const EncoderIdentity& text_encoder() const { return text_; }

@@ -42,7 +42,6 @@ class ShardSnapshots {
 
   struct Restored {
     std::vector<std::pair<std::shared_ptr<const SpecIndex>, std::vector<bool>>> segments;  ///< with tombstones
-    std::size_t models = 0, mapped_bytes = 0;
   };
   /// Opens the manifest's segments (memory-mapped binary16 points), in `metric`'s space (the
   /// manifest's metric: the caller checks position() first). Throws SpecFormatError, IoError
