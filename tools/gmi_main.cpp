@@ -99,7 +99,7 @@ EmbeddedBatch decode_and_embed(const std::vector<std::filesystem::path>& paths,
 }
 
 void add_common(CLI::App* cmd, CommonOptions& c) {
-  cmd->add_option("--store", c.store, "spec store: dir:PATH or redis://[USER@]HOST[:PORT][/DB][?prefix=P]")
+  cmd->add_option("--store", c.store, "spec store: dir:PATH, redis://[USER@]HOST[:PORT][/DB][?prefix=P] or redis-cluster://[USER@]HOST:PORT[,HOST:PORT...][?prefix=P&partitions=K]")
       ->envname("GMI_STORE")
       ->capture_default_str();
   cmd->add_option("--threads", c.threads, "worker threads for decoding and embedding (0: all cores)")

@@ -155,7 +155,7 @@ GatewayOptions gateway_options(const Config& c) {
   // the HTTP client retries (with its Idempotency-Key), and no gateway thread waits long.
   o.broker.timeout_ms = static_cast<int>(c.get_int("gateway.broker_timeout_ms"));
   o.broker.submit_attempts = 1;
-  o.spec_store_uri = c.get_string("redis.uri");
+  o.spec_store_uri = spec_store_uri(c);
   const std::string key_file = c.get_string("gateway.api_key_file");
   if (const char* k = std::getenv("GMI_API_KEY"); k != nullptr && *k != '\0') {
     o.api_key = k;

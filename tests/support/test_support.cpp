@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -137,6 +138,152 @@ void RedisServer::restart() {
 }
 
 RedisServer::~RedisServer() { kill9(); }
+
+namespace {
+
+// A loopback port P that is free, with P + 10000 (its cluster bus) free too.
+int free_cluster_port() {
+  std::random_device rd;
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    const int port = 20000 + static_cast<int>(rd() % 20000);
+    auto bindable = [](int p) {
+      int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      addr.sin_port = htons(static_cast<uint16_t>(p));
+      const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+      ::close(fd);
+      return ok;
+    };
+    if (bindable(port) && bindable(port + 10000)) return port;
+  }
+  throw std::runtime_error("free_cluster_port: no free port pair");
+}
+
+}  // namespace
+
+RedisClusterServers::RedisClusterServers(int masters) {
+  const std::string server = find_redis_server();
+  if (server.empty() || ::access("/usr/bin/redis-cli", X_OK) != 0) {
+    if (std::getenv("GMI_REQUIRE_REDIS")) ADD_FAILURE() << "redis-server or redis-cli not found but GMI_REQUIRE_REDIS is set";
+    return;
+  }
+  for (int i = 0; i < masters; ++i) {
+    int port = free_cluster_port();
+    while (std::find(ports_.begin(), ports_.end(), port) != ports_.end()) port = free_cluster_port();
+    ports_.push_back(port);
+    const fs::path dir = dir_.path() / std::to_string(port);
+    fs::create_directories(dir);
+    std::vector<std::string> args = {server, "--port", std::to_string(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--dir", dir.string(), "--daemonize", "no",
+                                     "--loglevel", "warning", "--cluster-enabled", "yes",
+                                     "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"};
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      int devnull = ::open("/dev/null", O_WRONLY);
+      ::dup2(devnull, 1);
+      std::vector<char*> cargs;
+      for (auto& a : args) cargs.push_back(a.data());
+      cargs.push_back(nullptr);
+      ::execv(cargs[0], cargs.data());
+      ::_exit(127);
+    }
+    pids_.push_back(pid);
+  }
+  for (const int port : ports_) {
+    bool up = false;
+    for (int i = 0; i < 400 && !up; ++i) {
+      up = port_accepts(port);
+      if (!up) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    if (!up) {
+      ADD_FAILURE() << "cluster node did not start listening on port " << port;
+      return;
+    }
+  }
+  std::vector<std::string> create = {"/usr/bin/redis-cli", "--cluster", "create"};
+  for (const int port : ports_) create.push_back("127.0.0.1:" + std::to_string(port));
+  for (const char* a : {"--cluster-replicas", "0", "--cluster-yes"}) create.push_back(a);
+  const ProcessResult made = run_process(create);
+  if (made.exit_code != 0) {
+    ADD_FAILURE() << "redis-cli --cluster create failed: " << made.out << made.err;
+    return;
+  }
+  // Every node must see the whole cluster up (the create returns once the config is sent).
+  for (int i = 0; i < 400; ++i) {
+    bool ok = true;
+    for (const int port : ports_) ok = ok && cli(port, {"CLUSTER", "INFO"}).find("cluster_state:ok") != std::string::npos;
+    if (ok) {
+      ready_ = true;
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ADD_FAILURE() << "the Redis Cluster on ports " << ports_.front() << "... never reported cluster_state:ok";
+}
+
+RedisClusterServers::~RedisClusterServers() {
+  for (const int pid : pids_) {
+    if (pid <= 0) continue;
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+  }
+}
+
+void RedisClusterServers::kill9(int port) {
+  for (std::size_t i = 0; i < ports_.size(); ++i) {
+    if (ports_[i] != port || pids_[i] <= 0) continue;
+    ::kill(pids_[i], SIGKILL);
+    int status = 0;
+    ::waitpid(pids_[i], &status, 0);
+    pids_[i] = -1;
+  }
+}
+
+std::string RedisClusterServers::uri(const std::string& query) const {
+  std::string s = "redis-cluster://";
+  for (std::size_t i = 0; i < ports_.size(); ++i) s += (i ? ",127.0.0.1:" : "127.0.0.1:") + std::to_string(ports_[i]);
+  return s + query;
+}
+
+std::string RedisClusterServers::cli(int port, const std::vector<std::string>& args) const {
+  std::vector<std::string> argv = {"/usr/bin/redis-cli", "-p", std::to_string(port)};
+  argv.insert(argv.end(), args.begin(), args.end());
+  ProcessResult r = run_process(argv);
+  while (!r.out.empty() && (r.out.back() == '\n' || r.out.back() == '\r')) r.out.pop_back();
+  return r.out;
+}
+
+std::string RedisClusterServers::node_id(int port) const { return cli(port, {"CLUSTER", "MYID"}); }
+
+void RedisClusterServers::start_migration(int slot, int from, int to, const std::vector<std::string>& keys) const {
+  const std::string s = std::to_string(slot);
+  cli(to, {"CLUSTER", "SETSLOT", s, "IMPORTING", node_id(from)});
+  cli(from, {"CLUSTER", "SETSLOT", s, "MIGRATING", node_id(to)});
+  for (const auto& key : keys) cli(from, {"MIGRATE", "127.0.0.1", std::to_string(to), key, "0", "5000"});
+}
+
+void RedisClusterServers::finish_migration(int slot, int from, int to) const {
+  const std::string s = std::to_string(slot);
+  for (;;) {
+    const std::string left = cli(from, {"CLUSTER", "GETKEYSINSLOT", s, "100"});
+    if (left.empty()) break;
+    std::vector<std::string> args = {"MIGRATE", "127.0.0.1", std::to_string(to), "", "0", "5000", "KEYS"};
+    std::istringstream lines(left);
+    for (std::string key; std::getline(lines, key);)
+      if (!key.empty()) args.push_back(key);
+    cli(from, args);
+  }
+  const std::string owner = node_id(to);
+  for (const int port : ports_) cli(port, {"CLUSTER", "SETSLOT", s, "NODE", owner});
+}
+
+void RedisClusterServers::move_slot(int slot, int from, int to) const {
+  start_migration(slot, from, to, {});
+  finish_migration(slot, from, to);
+}
 
 BackgroundProcess::BackgroundProcess(std::vector<std::string> argv,
                                      std::vector<std::string> extra_env, fs::path log)

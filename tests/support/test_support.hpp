@@ -48,6 +48,40 @@ class RedisServer {
   TempDir dir_;
 };
 
+/// A real Redis Cluster on loopback: `masters` redis-server processes started with
+/// cluster-enabled (node timeout 2 s), joined by `redis-cli --cluster create`, each master
+/// holding an equal share of the 16384 slots; every process killed on destruction. Skips
+/// like RedisServer when redis-server or redis-cli is missing (fails under GMI_REQUIRE_REDIS).
+class RedisClusterServers {
+ public:
+  explicit RedisClusterServers(int masters = 3);
+  ~RedisClusterServers();
+  RedisClusterServers(const RedisClusterServers&) = delete;
+  RedisClusterServers& operator=(const RedisClusterServers&) = delete;
+  bool started() const { return ready_; }
+  const std::vector<int>& ports() const { return ports_; }
+  /// redis-cluster://127.0.0.1:P1,127.0.0.1:P2,... followed by `query` ("?partitions=6").
+  std::string uri(const std::string& query = "") const;
+  /// Runs redis-cli against the node on `port` with `args`; its stdout (trailing newline trimmed).
+  std::string cli(int port, const std::vector<std::string>& args) const;
+  /// The node id of the node on `port` (CLUSTER MYID).
+  std::string node_id(int port) const;
+  /// Moves `slot`, keys and all, from the master on `from` to the one on `to`, and tells
+  /// every master; after it the old owner answers MOVED for the slot's keys.
+  void move_slot(int slot, int from, int to) const;
+  /// The first half of move_slot: `to` IMPORTING and `from` MIGRATING the slot, the keys
+  /// named moved (MIGRATE), the rest left behind: the old owner answers ASK for moved keys.
+  void start_migration(int slot, int from, int to, const std::vector<std::string>& keys) const;
+  /// The second half: the remaining keys moved and the slot given to `to` everywhere.
+  void finish_migration(int slot, int from, int to) const;
+  void kill9(int port);
+
+ private:
+  std::vector<int> ports_, pids_;
+  bool ready_ = false;
+  TempDir dir_;
+};
+
 /// A process running in the background (a service under test), its stdout and stderr
 /// appended to `log`. Killed with SIGKILL on destruction if still running.
 class BackgroundProcess {

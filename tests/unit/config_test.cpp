@@ -63,7 +63,7 @@ std::string error_of(const std::function<void()>& f) {
 
 TEST(Config, SchemaHasTheDocumentedKeysAndUniqueEnvNames) {
   const auto& schema = Config::schema();
-  EXPECT_EQ(schema.size(), 107u);
+  EXPECT_EQ(schema.size(), 108u);
   std::set<std::string> keys, envs;
   for (const auto& k : schema) {
     EXPECT_TRUE(keys.insert(k.key).second) << "duplicate key " << k.key;

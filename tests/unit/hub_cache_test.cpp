@@ -140,10 +140,8 @@ HubCacheOptions segmented_options(const std::string& uri) {
   return o;
 }
 
-TEST(HubCache, ASegmentedShardTakesUploadsAndRemovalsWithoutRepackingItsSegments) {
-  testing::RedisServer redis;  // its change log is what lets a refresh fetch only what changed
-  if (!redis.started()) GTEST_SKIP() << "no redis-server";
-  const std::string uri = redis.uri();
+// The store's change log is what lets a refresh fetch only what changed.
+void uploads_and_removals_touch_only_the_tail(const std::string& uri) {
   auto store = open_spec_store(uri);
   for (int m = 0; m < 7; ++m) store->put(testing::make_random_spec("model-" + std::to_string(m), 40 + m, 5));
   HubCacheOptions o = segmented_options(uri);
@@ -183,6 +181,19 @@ TEST(HubCache, ASegmentedShardTakesUploadsAndRemovalsWithoutRepackingItsSegments
   ASSERT_NE(removed, nullptr);
   EXPECT_TRUE(same_segments(*removed));
   expect_ranks_as_the_store(*removed, *store);
+}
+
+TEST(HubCache, ASegmentedShardTakesUploadsAndRemovalsWithoutRepackingItsSegments) {
+  testing::RedisServer redis;
+  if (!redis.started()) GTEST_SKIP() << "no redis-server";
+  uploads_and_removals_touch_only_the_tail(redis.uri());
+}
+
+// The same on a Redis Cluster: the shard's cursor follows every partition's change log.
+TEST(HubCache, ASegmentedShardFollowsAClusterStoresPartitions) {
+  testing::RedisClusterServers cluster(3);
+  if (!cluster.started()) GTEST_SKIP() << "no redis-server / redis-cli";
+  uploads_and_removals_touch_only_the_tail(cluster.uri("?partitions=4"));
 }
 
 TEST(HubCache, ASegmentedShardCompactsInTheBackgroundAndCountsIt) {

@@ -16,7 +16,7 @@ using nlohmann::json;
 class LearnStage final : public Stage {
  public:
   explicit LearnStage(const Config& config)
-      : store_uri_(config.get_string("redis.uri")),
+      : store_uri_(spec_store_uri(config)),
         // Only the identity: which specs the metric is for; no weights are loaded.
         encoder_(image_encoder_info(config.get_string("encoder.image"), encoder_runtime(config)).identity),
         options_(metric_options(config)) {

@@ -14,13 +14,7 @@
 namespace gmi::workers {
 
 bool in_shard(const std::string& id, int shard, int shards) {
-  if (shards <= 1) return true;
-  std::uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : id) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return static_cast<int>(h % static_cast<std::uint64_t>(shards)) == shard;
+  return shards <= 1 || model_partition(id, shards) == shard;
 }
 
 HubCache::HubCache(HubCacheOptions options, EncoderIdentity image_encoder, EncoderIdentity text_encoder,
@@ -535,7 +529,7 @@ void HubCache::loop() {
 std::unique_ptr<HubCache> make_hub_cache(const Config& config, const std::string& stage,
                                          bool sharded) {
   HubCacheOptions o;
-  o.store_uri = config.get_string("redis.uri");
+  o.store_uri = spec_store_uri(config);
   o.refresh_ms = static_cast<int>(config.get_int("score.refresh_ms"));
   o.stage = stage;
   if (sharded) {

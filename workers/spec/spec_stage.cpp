@@ -14,7 +14,7 @@ using nlohmann::json;
 
 class SpecStage final : public Stage {
  public:
-  explicit SpecStage(const Config& config) : store_uri_(config.get_string("redis.uri")) {
+  explicit SpecStage(const Config& config) : store_uri_(spec_store_uri(config)) {
     policy_.max_batch = static_cast<int>(config.get_int("spec.max_batch"));
     policy_.max_wait_ms = 0;
     min_samples_ = static_cast<int>(config.get_int("spec.min_samples"));

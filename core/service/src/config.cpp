@@ -177,6 +177,9 @@ const std::vector<ConfigKey>& Config::schema() {
 
       {"redis.uri", "redis://127.0.0.1:6379",
        "Redis holding specs, results and dead letters (no password here: GMI_REDIS_PASSWORD)"},
+      {"redis.spec_uri", "",
+       "where the specs live, when not in redis.uri: redis://..., or a Redis Cluster, "
+       "redis-cluster://HOST:PORT[,HOST:PORT...][?partitions=K] (empty: redis.uri)"},
       {"redis.result_ttl_s", "86400", "seconds a finished job's result stays in Redis",
        ConfigType::integer(1, 1ll << 31)},
       {"redis.dead_letter_ttl_s", "604800", "seconds a dead-lettered job stays in Redis",
@@ -638,6 +641,11 @@ std::string read_secret_file(const std::string& path, const std::string& what) {
   while (!data.empty() && (data.back() == '\n' || data.back() == '\r')) data.pop_back();
   if (data.empty()) throw InputError(what + " " + path + " is empty");
   return data;
+}
+
+std::string spec_store_uri(const Config& config) {
+  const std::string specs = config.get_string("redis.spec_uri");
+  return specs.empty() ? config.get_string("redis.uri") : specs;
 }
 
 }  // namespace gmi

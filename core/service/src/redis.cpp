@@ -44,6 +44,11 @@ bool valid_prefix(const std::string& p) {
 }  // namespace
 
 RedisLocation parse_redis_uri(const std::string& uri) {
+  if (uri.rfind("redis-cluster://", 0) == 0)
+    throw InputError("\"" + uri.substr(0, uri.find('?')) +
+                     "\" is a Redis Cluster: only the spec store spreads over one (--store, score.store); "
+                     "job state needs one server, redis://HOST[:PORT]");
+  if (uri.rfind("redis://", 0) != 0) bad_redis_uri(uri, "it must start with redis://");
   RedisLocation loc;
   std::string rest = uri.substr(std::strlen("redis://"));
   std::string query;
@@ -280,7 +285,22 @@ RedisReply RedisConnection::command(const Args& args) {
   return r;
 }
 
+RedisReply RedisConnection::raw(const Args& args) {
+  ensure_connected();
+  return raw_command(args, describe_args(args));
+}
+
 std::vector<RedisReply> RedisConnection::pipeline(const std::vector<Args>& commands) {
+  std::vector<RedisReply> replies = raw_pipeline(commands);
+  for (std::size_t i = 0; i < replies.size(); ++i) {
+    if (replies[i]->type == REDIS_REPLY_ERROR) {
+      throw_reply_error(replies[i].get(), describe_args(commands[i]));
+    }
+  }
+  return replies;
+}
+
+std::vector<RedisReply> RedisConnection::raw_pipeline(const std::vector<Args>& commands) {
   ensure_connected();
   // hiredis formats every command into one output buffer before sending: a pipeline of
   // large values (a job's images) would sit there whole, a copy of all of it. Past
@@ -319,11 +339,6 @@ std::vector<RedisReply> RedisConnection::pipeline(const std::vector<Args>& comma
       connection_failed(describe_args(args));
     }
     replies.emplace_back(static_cast<redisReply*>(raw));
-  }
-  for (std::size_t i = 0; i < replies.size(); ++i) {
-    if (replies[i]->type == REDIS_REPLY_ERROR) {
-      throw_reply_error(replies[i].get(), describe_args(commands[i]));
-    }
   }
   return replies;
 }

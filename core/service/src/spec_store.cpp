@@ -22,8 +22,16 @@
 //                                     so that caches fetch only what changed
 //   {prefix}:metric           HASH    {version: N, models: M, blob: gmimetric bytes}, the hub's metric,
 //                                     replaced by one Lua script that checks the version
-// put and remove change all four in one MULTI/EXEC transaction, so a reader never sees a
-// spec without its id in the set, or a change without a new generation.
+//   {prefix}:upload-seq       HASH    model id -> upload number of its stored spec (put_fenced's fence)
+// put and remove change the first four in one Lua script, so a reader never sees a spec
+// without its id in the set, or a change without a new generation.
+//
+// Redis Cluster ("redis-cluster://HOST:PORT[,...][?prefix=P&partitions=K]"): models are
+// spread over K partitions (model_partition: FNV-1a of the id, modulo K), and partition N's
+// keys carry the hash tag {pN}, so that they share a slot and one script still changes them
+// together: {prefix}:{pN}:spec:{model_id}, :models, :generation, :spec-changes, :upload-seq.
+// The hub-wide keys carry {hub}: {prefix}:{hub}:generation (INCR'd after each partition's
+// write) and {prefix}:{hub}:metric. A change cursor is the K partitions' cursors, joined by ','.
 #include "unique_fd.hpp"
 #include "gmi/spec_store.hpp"
 
@@ -49,6 +57,7 @@
 #include "gmi/files.hpp"
 #include "gmi/parallel.hpp"
 #include "gmi/redis.hpp"
+#include "gmi/redis_cluster.hpp"
 
 namespace gmi {
 namespace {
@@ -352,34 +361,51 @@ class DirSpecStore final : public SpecStore {
 // ---------------------------------------------------------------------------------------
 // Redis store
 
+// Where the store's keys are: one server (every key "P:..."), or a cluster, where model
+// partition p's keys share the hash tag {pN} (one slot: a put's script touches them together)
+// and the hub-wide keys share {hub}.
+struct RedisLayout {
+  std::string prefix = "gmi";
+  int partitions = 1;
+  bool tagged = false;
+  std::string part(int p) const { return tagged ? prefix + ":{p" + std::to_string(p) + "}:" : prefix + ":"; }
+  std::string hub() const { return tagged ? prefix + ":{hub}:" : prefix + ":"; }
+};
+
 class RedisSpecStore final : public SpecStore {
  public:
   explicit RedisSpecStore(RedisLocation loc)
-      : redis_(std::move(loc)),
-        spec_prefix_(redis_.key("spec:")),
-        models_key_(redis_.key("models")),
-        generation_key_(redis_.key("generation")),
-        changes_key_(redis_.key("spec-changes")),
-        metric_key_(redis_.key("metric")),
-        upload_seq_key_(redis_.key("upload-seq")) {}
+      : layout_{loc.prefix, 1, false}, describe_(loc.uri()), redis_(std::make_unique<SingleRedis>(std::move(loc))) {
+    init_keys();
+  }
+  explicit RedisSpecStore(RedisClusterLocation loc)
+      : layout_{loc.prefix, loc.partitions, true}, describe_(loc.uri()),
+        redis_(std::make_unique<RedisCluster>(std::move(loc))) {
+    init_keys();
+  }
 
   void put(const Spec& spec) override {
     const auto bytes = serialize_spec(spec);  // validates, model id included
+    static constexpr const char* kScript = R"lua(
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+local g = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'model', ARGV[2])
+return g
+)lua";
+    const int p = model_partition(spec.model_id, layout_.partitions);
     const std::string key = spec_key(spec.model_id);
     std::string_view blob(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    std::vector<RedisReply> keep;
-    redis_.transaction({{"SET", key, blob},
-                        {"SADD", models_key_, spec.model_id},
-                        {"INCR", generation_key_},
-                        change_entry(spec.model_id)},
-                       keep);
+    redis_->command(key, {"EVAL", kScript, "4", key, models_[p], generations_[p], changes_[p], blob, spec.model_id,
+                          kChangeLogLength});
+    bump_hub_generation(p);
   }
 
   FencedPut put_fenced(const Spec& spec, std::uint64_t upload_seq) override {
     if (upload_seq == 0) throw InputError("put_fenced: upload sequences start at 1");
     const auto bytes = serialize_spec(spec);
-    // The fence (P:upload-seq, a hash model -> sequence) is checked and moved in the same
-    // script that writes the spec, its membership, the generation and the change log.
+    // The fence (the partition's upload-seq hash, model -> sequence) is checked and moved in
+    // the same script that writes the spec, its membership, the generation and the change log.
     static constexpr const char* kScript = R"lua(
 local now = tonumber(redis.call('HGET', KEYS[5], ARGV[2]) or '0')
 if now > tonumber(ARGV[3]) then return {0, now, 0} end
@@ -390,40 +416,44 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'model', ARGV[2])
 redis.call('HSET', KEYS[5], ARGV[2], ARGV[3])
 return {1, tonumber(ARGV[3]), g}
 )lua";
+    const int p = model_partition(spec.model_id, layout_.partitions);
     const std::string key = spec_key(spec.model_id);
     const std::string seq = std::to_string(upload_seq);
     std::string_view blob(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    RedisReply r = redis_.command({"EVAL", kScript, "5", key, models_key_, generation_key_, changes_key_,
-                                   upload_seq_key_, blob, spec.model_id, seq, kChangeLogLength});
+    RedisReply r = redis_->command(key, {"EVAL", kScript, "5", key, models_[p], generations_[p], changes_[p],
+                                         upload_seqs_[p], blob, spec.model_id, seq, kChangeLogLength});
     if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) throw IoError("redis: unexpected reply to put_fenced");
     FencedPut out;
     out.stored = r->element[0]->integer == 1;
     out.stored_seq = static_cast<std::uint64_t>(r->element[1]->integer);
     out.generation = static_cast<std::uint64_t>(r->element[2]->integer);
+    if (out.stored) {
+      if (const auto g = bump_hub_generation(p)) out.generation = *g;
+    }
     return out;
   }
 
   std::optional<Spec> get(const std::string& model_id) override {
     validate_model_id(model_id);
     const std::string key = spec_key(model_id);
-    RedisReply r = redis_.command({"GET", key});
+    RedisReply r = redis_->command(key, {"GET", key});
     auto blob = RedisConnection::as_optional_string(r.get(), "GET " + key);
     if (!blob) return std::nullopt;
     std::vector<std::uint8_t> bytes(blob->begin(), blob->end());
-    return parse_stored(bytes, model_id,
-                        "Redis key " + key + " at " + redis_.location().endpoint());
+    return parse_stored(bytes, model_id, "Redis key " + key + " at " + redis_->where(key));
   }
 
   std::vector<Fetched> get_many(const std::vector<std::string>& model_ids) override {
-    std::vector<RedisConnection::Args> commands;
+    std::vector<RedisRouter::Keyed> commands;
     std::vector<std::string> keys;
     keys.reserve(model_ids.size());
     for (const auto& id : model_ids) {
       validate_model_id(id);
       keys.push_back(spec_key(id));
     }
-    for (const auto& key : keys) commands.push_back({"GET", key});
-    const std::vector<RedisReply> replies = redis_.pipeline(commands);
+    commands.reserve(keys.size());
+    for (const auto& key : keys) commands.push_back({key, {"GET", key}});
+    const std::vector<RedisReply> replies = redis_->pipeline(commands);
     std::vector<Fetched> out(model_ids.size());
     for (std::size_t i = 0; i < replies.size(); ++i) {
       const redisReply* r = replies[i].get();
@@ -435,7 +465,7 @@ return {1, tonumber(ARGV[3]), g}
       if (r->type == REDIS_REPLY_NIL) return;
       try {
         out[i].spec = parse_stored(reinterpret_cast<const std::uint8_t*>(r->str), r->len, model_ids[i],
-                                   "Redis key " + keys[i] + " at " + redis_.location().endpoint());
+                                   "Redis key " + keys[i] + " at " + redis_->where(keys[i]));
       } catch (const SpecFormatError& e) {
         out[i].damaged = e.what();
       } catch (const std::exception& e) {  // (parse throws only SpecFormatError; anything else is named too)
@@ -447,91 +477,112 @@ return {1, tonumber(ARGV[3]), g}
 
   bool remove(const std::string& model_id) override {
     validate_model_id(model_id);
+    // Only if present, and the generation bumped and the change logged only then: one script.
+    static constexpr const char* kScript = R"lua(
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'model', ARGV[1])
+return 1
+)lua";
+    const int p = model_partition(model_id, layout_.partitions);
     const std::string key = spec_key(model_id);
-    // WATCH makes "remove only if present, and bump the generation only then" atomic:
-    // EXEC aborts (nil) if the key changed after WATCH, and we look again.
-    for (int attempt = 0; attempt < 16; ++attempt) {
-      redis_.command({"WATCH", key});
-      RedisReply exists = redis_.command({"EXISTS", key});
-      if (RedisConnection::as_integer(exists.get(), "EXISTS " + key) == 0) {
-        redis_.command({"UNWATCH"});
-        return false;
-      }
-      std::vector<RedisReply> keep;
-      try {
-        redis_.transaction({{"DEL", key},
-                            {"SREM", models_key_, model_id},
-                            {"INCR", generation_key_},
-                            change_entry(model_id)},
-                           keep);
-        return true;
-      } catch (const IoError&) {
-        if (!keep.empty() && keep.back() && keep.back()->type == REDIS_REPLY_NIL) continue;
-        throw;
-      }
-    }
-    throw IoError("redis at " + redis_.location().endpoint() + ": removing '" + model_id +
-                  "' kept conflicting with concurrent writers");
+    RedisReply r = redis_->command(key, {"EVAL", kScript, "4", key, models_[p], generations_[p], changes_[p], model_id,
+                                         kChangeLogLength});
+    if (RedisConnection::as_integer(r.get(), "EVAL remove") == 0) return false;
+    bump_hub_generation(p);
+    return true;
   }
 
   std::vector<std::string> list() override {
-    RedisReply r = redis_.command({"SMEMBERS", models_key_});
+    std::vector<RedisRouter::Keyed> commands;
+    for (const auto& key : models_) commands.push_back({key, {"SMEMBERS", key}});
     std::vector<std::string> ids;
-    for (auto& id : RedisConnection::as_string_array(r.get(), "SMEMBERS " + models_key_)) {
-      if (is_valid_model_id(id)) ids.push_back(std::move(id));
-    }
+    const auto replies = redis_->pipeline(commands);
+    for (std::size_t p = 0; p < replies.size(); ++p)
+      for (auto& id : RedisConnection::as_string_array(replies[p].get(), "SMEMBERS " + models_[p]))
+        if (is_valid_model_id(id)) ids.push_back(std::move(id));
     std::sort(ids.begin(), ids.end());
     return ids;
   }
 
   std::uint64_t generation() override {
-    RedisReply r = redis_.command({"GET", generation_key_});
-    auto text = RedisConnection::as_optional_string(r.get(), "GET " + generation_key_);
+    RedisReply r = redis_->command(hub_generation_, {"GET", hub_generation_});
+    auto text = RedisConnection::as_optional_string(r.get(), "GET " + hub_generation_);
     if (!text) return 0;
-    return parse_counter(*text, generation_key_);
+    return parse_counter(*text, hub_generation_);
   }
 
+  // One cursor per partition (a stream entry id each), joined by ','; one partition: the id.
   SpecChanges changes_since(const std::string& cursor) override {
+    const auto parts = static_cast<std::size_t>(layout_.partitions);
+    std::vector<std::string> cursors;
+    if (!cursor.empty()) {
+      std::size_t start = 0;
+      while (start <= cursor.size()) {
+        std::size_t end = cursor.find(',', start);
+        if (end == std::string::npos) end = cursor.size();
+        cursors.push_back(cursor.substr(start, end - start));
+        start = end + 1;
+      }
+      const bool usable = cursors.size() == parts && std::all_of(cursors.begin(), cursors.end(), [](const std::string& c) {
+        return !c.empty() && c.find_first_not_of("0123456789-") == std::string::npos;
+      });
+      if (!usable) cursors.clear();  // another store's cursor (another layout): start afresh
+    }
     SpecChanges out;
-    if (cursor.empty()) {
-      // Start now: the newest entry becomes the cursor.
-      RedisReply r = redis_.command({"XREVRANGE", changes_key_, "+", "-", "COUNT", "1"});
-      out.cursor = "0-0";
-      auto entries = parse_stream(r.get());
-      if (!entries.empty()) out.cursor = entries.front().first;
+    std::vector<RedisRouter::Keyed> commands;
+    if (cursors.empty()) {
+      // Start now: each partition's newest entry becomes its cursor.
+      for (const auto& key : changes_) commands.push_back({key, {"XREVRANGE", key, "+", "-", "COUNT", "1"}});
+      const auto replies = redis_->pipeline(commands);
+      std::vector<std::string> now;
+      for (std::size_t p = 0; p < parts; ++p) {
+        auto entries = parse_stream(replies[p].get(), changes_[p]);
+        now.push_back(entries.empty() ? "0-0" : entries.front().first);
+      }
+      out.cursor = join(now);
       out.complete = false;
       return out;
     }
-    // The log is trimmed to kChangeLogLength entries; if the oldest kept entry is newer
-    // than our cursor, something may have been dropped and the caller must reload.
-    RedisReply first = redis_.command({"XRANGE", changes_key_, "-", "+", "COUNT", "1"});
-    auto oldest = parse_stream(first.get());
-    RedisReply r = redis_.command({"XRANGE", changes_key_, "(" + cursor, "+"});
-    auto entries = parse_stream(r.get());
-    out.cursor = entries.empty() ? cursor : entries.back().first;
-    out.complete = true;
-    if (!oldest.empty() && stream_id_less(cursor, oldest.front().first) && cursor != "0-0") {
-      out.complete = false;
+    // Each log is trimmed to kChangeLogLength entries; if a partition's oldest kept entry is
+    // newer than its cursor, something may have been dropped and the caller must reload.
+    std::vector<std::string> from(parts);
+    for (std::size_t p = 0; p < parts; ++p) {
+      from[p] = "(" + cursors[p];
+      commands.push_back({changes_[p], {"XRANGE", changes_[p], "-", "+", "COUNT", "1"}});
+      commands.push_back({changes_[p], {"XRANGE", changes_[p], from[p], "+"}});
     }
-    for (auto& e : entries) out.models.push_back(std::move(e.second));
+    const auto replies = redis_->pipeline(commands);
+    out.complete = true;
+    for (std::size_t p = 0; p < parts; ++p) {
+      auto oldest = parse_stream(replies[2 * p].get(), changes_[p]);
+      auto entries = parse_stream(replies[2 * p + 1].get(), changes_[p]);
+      if (!oldest.empty() && stream_id_less(cursors[p], oldest.front().first) && cursors[p] != "0-0")
+        out.complete = false;
+      if (!entries.empty()) cursors[p] = entries.back().first;
+      for (auto& e : entries) out.models.push_back(std::move(e.second));
+    }
+    out.cursor = join(cursors);
     return out;
   }
 
   std::optional<Metric> get_metric() override {
-    RedisReply r = redis_.command({"HGET", metric_key_, "blob"});
+    RedisReply r = redis_->command(metric_key_, {"HGET", metric_key_, "blob"});
     auto blob = RedisConnection::as_optional_string(r.get(), "HGET " + metric_key_);
     if (!blob) return std::nullopt;
     std::vector<std::uint8_t> bytes(blob->begin(), blob->end());
     try {
       return parse_metric(bytes);
     } catch (const SpecFormatError& e) {
-      throw SpecFormatError("stored metric (Redis key " + metric_key_ + " at " + redis_.location().endpoint() +
+      throw SpecFormatError("stored metric (Redis key " + metric_key_ + " at " + redis_->where(metric_key_) +
                             ") is damaged: " + e.what());
     }
   }
 
   MetricStamp metric_stamp() override {
-    RedisReply r = redis_.command({"HMGET", metric_key_, "version", "models"});
+    RedisReply r = redis_->command(metric_key_, {"HMGET", metric_key_, "version", "models"});
     auto fields = RedisConnection::as_string_array(r.get(), "HMGET " + metric_key_);
     MetricStamp stamp;
     if (fields.size() != 2 || fields[0].empty()) return stamp;
@@ -541,8 +592,13 @@ return {1, tonumber(ARGV[3]), g}
   }
 
   std::size_t count() override {
-    RedisReply r = redis_.command({"SCARD", models_key_});
-    return static_cast<std::size_t>(RedisConnection::as_integer(r.get(), "SCARD " + models_key_));
+    std::vector<RedisRouter::Keyed> commands;
+    for (const auto& key : models_) commands.push_back({key, {"SCARD", key}});
+    std::size_t total = 0;
+    const auto replies = redis_->pipeline(commands);
+    for (std::size_t p = 0; p < replies.size(); ++p)
+      total += static_cast<std::size_t>(RedisConnection::as_integer(replies[p].get(), "SCARD " + models_[p]));
+    return total;
   }
 
   std::uint64_t put_metric(const Metric& metric, std::uint64_t expected_version) override {
@@ -558,37 +614,62 @@ return {1, tonumber(ARGV[3]), g}
     const std::string expected = std::to_string(expected_version), next = std::to_string(stored.version);
     std::string_view blob(reinterpret_cast<const char*>(bytes.data()), bytes.size());
     const std::string models = std::to_string(stored.models);
-    RedisReply r = redis_.command({"EVAL", kScript, "1", metric_key_, expected, next, blob, models});
+    RedisReply r = redis_->command(metric_key_, {"EVAL", kScript, "1", metric_key_, expected, next, blob, models});
     if (RedisConnection::as_integer(r.get(), "EVAL put_metric") < 0)
-      throw MetricConflictError("the metric at " + redis_.location().endpoint() + " is no longer at version " +
+      throw MetricConflictError("the metric at " + redis_->where(metric_key_) + " is no longer at version " +
                                 expected + " (another learner stored one)");
     return stored.version;
   }
 
   bool remove_metric() override {
-    RedisReply r = redis_.command({"DEL", metric_key_});
+    RedisReply r = redis_->command(metric_key_, {"DEL", metric_key_});
     return RedisConnection::as_integer(r.get(), "DEL " + metric_key_) > 0;
   }
 
-  std::string describe() const override { return redis_.location().uri(); }
+  std::string describe() const override { return describe_; }
 
  private:
   static constexpr const char* kChangeLogLength = "100000";
+
+  void init_keys() {
+    for (int p = 0; p < layout_.partitions; ++p) {
+      const std::string part = layout_.part(p);
+      models_.push_back(part + "models");
+      generations_.push_back(part + "generation");
+      changes_.push_back(part + "spec-changes");
+      upload_seqs_.push_back(part + "upload-seq");
+    }
+    hub_generation_ = layout_.hub() + "generation";
+    metric_key_ = layout_.hub() + "metric";
+  }
+
+  // In a cluster the hub's generation is a key of its own, moved after the partition's write
+  // (a script cannot reach another slot): a reader that sees generation G then reads the
+  // change logs sees every write numbered G or less. One server: the partition's counter is
+  // the hub's (nullopt: nothing more to do).
+  std::optional<std::uint64_t> bump_hub_generation(int p) {
+    if (hub_generation_ == generations_[static_cast<std::size_t>(p)]) return std::nullopt;
+    RedisReply r = redis_->command(hub_generation_, {"INCR", hub_generation_});
+    return static_cast<std::uint64_t>(RedisConnection::as_integer(r.get(), "INCR " + hub_generation_));
+  }
+
+  static std::string join(const std::vector<std::string>& parts) {
+    std::string out;
+    for (std::size_t i = 0; i < parts.size(); ++i) out += (i ? "," : "") + parts[i];
+    return out;
+  }
 
   std::uint64_t parse_counter(const std::string& text, const std::string& what) const {
     std::uint64_t value = 0;
     auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
     if (err != std::errc() || end != text.data() + text.size() || text.empty()) {
-      throw IoError("redis at " + redis_.location().endpoint() + ": " + what +
-                    " does not hold a non-negative integer");
+      throw IoError("redis at " + redis_->where(what) + ": " + what + " does not hold a non-negative integer");
     }
     return value;
   }
 
-  std::string spec_key(const std::string& model_id) const { return spec_prefix_ + model_id; }
-
-  RedisConnection::Args change_entry(const std::string& model_id) const {
-    return {"XADD", changes_key_, "MAXLEN", "~", kChangeLogLength, "*", "model", model_id};
+  std::string spec_key(const std::string& model_id) const {
+    return layout_.part(model_partition(model_id, layout_.partitions)) + "spec:" + model_id;
   }
 
   static bool stream_id_less(const std::string& a, const std::string& b) {
@@ -603,10 +684,10 @@ return {1, tonumber(ARGV[3]), g}
   }
 
   // XRANGE reply -> (entry id, model id) pairs.
-  std::vector<std::pair<std::string, std::string>> parse_stream(const redisReply* r) const {
+  static std::vector<std::pair<std::string, std::string>> parse_stream(const redisReply* r, const std::string& key) {
     std::vector<std::pair<std::string, std::string>> out;
     if (r->type != REDIS_REPLY_ARRAY) {
-      throw IoError("redis: unexpected reply type to XRANGE " + changes_key_);
+      throw IoError("redis: unexpected reply type to XRANGE " + key);
     }
     for (std::size_t i = 0; i < r->elements; ++i) {
       const redisReply* e = r->element[i];
@@ -622,18 +703,29 @@ return {1, tonumber(ARGV[3]), g}
     return out;
   }
 
-  RedisConnection redis_;
-  std::string spec_prefix_;
-  std::string models_key_;
-  std::string generation_key_;
-  std::string changes_key_;
-  std::string metric_key_;
-  std::string upload_seq_key_;
+  RedisLayout layout_;
+  std::string describe_;
+  std::unique_ptr<RedisRouter> redis_;
+  std::vector<std::string> models_, generations_, changes_, upload_seqs_;  // per partition
+  std::string hub_generation_, metric_key_;
 };
 
 }  // namespace
 
+int model_partition(std::string_view model_id, int partitions) {
+  if (partitions <= 1) return 0;
+  std::uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bits
+  for (const unsigned char c : model_id) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return static_cast<int>(h % static_cast<std::uint64_t>(partitions));
+}
+
 std::unique_ptr<SpecStore> open_spec_store(const std::string& uri) {
+  if (uri.rfind("redis-cluster://", 0) == 0) {
+    return std::make_unique<RedisSpecStore>(parse_redis_cluster_uri(uri));
+  }
   if (uri.rfind("redis://", 0) == 0) {
     return std::make_unique<RedisSpecStore>(parse_redis_uri(uri));
   }
@@ -651,7 +743,7 @@ std::unique_ptr<SpecStore> open_spec_store(const std::string& uri) {
         });
     if (looks_like_scheme) {
       throw InputError("unsupported spec store URI scheme \"" + scheme +
-                       "://\" (use dir:PATH, a plain path, or redis://[USER@]HOST[:PORT][/DB])" +
+                       "://\" (use dir:PATH, a plain path, redis://[USER@]HOST[:PORT][/DB] or redis-cluster://HOST:PORT[,HOST:PORT...])" +
                        (scheme == "rediss" ? "; TLS to Redis is not supported" : ""));
     }
   }

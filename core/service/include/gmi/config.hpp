@@ -108,4 +108,7 @@ class Config {
 /// InputError if empty. `what` names the secret in messages ("the API key file").
 std::string read_secret_file(const std::string& path, const std::string& what);
 
+/// The spec store's URI: redis.spec_uri, or redis.uri when that is empty.
+std::string spec_store_uri(const Config& config);
+
 }  // namespace gmi

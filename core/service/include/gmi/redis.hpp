@@ -58,8 +58,8 @@ class RedisUnreachable : public RedisNotApplied {
   using RedisNotApplied::RedisNotApplied;
 };
 
-/// A reply, owned. Error replies are only returned by RedisConnection::raw(); every other
-/// call throws IoError on them.
+/// A reply, owned. Error replies are only returned by RedisConnection::raw() and raw_pipeline();
+/// every other call throws IoError on them.
 struct RedisReplyDeleter {
   void operator()(redisReply* r) const;
 };
@@ -85,6 +85,12 @@ class RedisConnection {
   RedisReply command(const Args& args);
   /// All commands sent, then all replies read; throws on the first error reply.
   std::vector<RedisReply> pipeline(const std::vector<Args>& commands);
+  /// command() and pipeline() that hand error replies back instead of throwing them (a
+  /// cluster client reads MOVED and ASK from them); connection failures still throw.
+  RedisReply raw(const Args& args);
+  std::vector<RedisReply> raw_pipeline(const std::vector<Args>& commands);
+  /// Throws the RedisNotApplied that command() throws for the error reply `r` to `doing`.
+  [[noreturn]] void throw_reply_error(const redisReply* r, const std::string& doing) const;
   /// MULTI + commands + EXEC in one round trip. Returns EXEC's element replies; throws
   /// IoError if the transaction aborted or any command in it failed.
   std::vector<const redisReply*> transaction(const std::vector<Args>& commands,
@@ -105,7 +111,6 @@ class RedisConnection {
   void ensure_connected();
   RedisReply raw_command(const Args& args, const std::string& doing);
   [[noreturn]] void connection_failed(const std::string& doing);
-  [[noreturn]] void throw_reply_error(const redisReply* r, const std::string& doing) const;
 
   RedisLocation loc_;
   std::string password_;

@@ -1,7 +1,8 @@
 #pragma once
 /// Where specs live. Two backends: a directory (the embedded default) and Redis.
 ///
-/// URIs: "dir:PATH" (or a plain path), "redis://[USER@]HOST[:PORT][/DB][?prefix=P]".
+/// URIs: "dir:PATH" (or a plain path), "redis://[USER@]HOST[:PORT][/DB][?prefix=P]",
+/// "redis-cluster://[USER@]HOST:PORT[,HOST:PORT...][?prefix=P&partitions=K]".
 /// The Redis password is never taken from the URI (it would show in argv): it comes from
 /// GMI_REDIS_PASSWORD or the file named by GMI_REDIS_PASSWORD_FILE.
 /// Thread-safety: a store instance is NOT thread-safe; use one per thread.
@@ -10,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "gmi/error.hpp"
@@ -90,7 +92,14 @@ class SpecStore {
   virtual std::string describe() const = 0;
 };
 
+/// "dir:PATH" (or a plain path), "redis://...", or "redis-cluster://..." (redis_cluster.hpp;
+/// the models spread over the URI's `partitions`, one hash tag each).
 std::unique_ptr<SpecStore> open_spec_store(const std::string& uri);
+
+/// Which of `partitions` a model's keys live in, in a Redis Cluster store (FNV-1a of the id,
+/// modulo partitions; 0 when partitions <= 1). The score workers' shards use the same
+/// function, so with as many partitions as shards, shard I's models are partition I's.
+int model_partition(std::string_view model_id, int partitions);
 
 /// What learn_store_metric did.
 struct MetricLearnReport {
