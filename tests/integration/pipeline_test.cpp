@@ -947,6 +947,53 @@ TEST_F(PipelineTest, ShardedScoringMergesToTheSameRanking) {
   EXPECT_NE(half.log().find("search=two-stage"), std::string::npos) << half.log();
 }
 
+// Replicas of a sharded score stage under load: two shards, two workers each. One replica
+// of shard 0 is frozen while queries stream in (the broker hands it tasks: it has credit),
+// then killed; its tasks go to the other replica, and every query ends finished with the
+// whole hub ranked (no missing shard), exactly once.
+TEST_F(PipelineTest, AScoreReplicaKilledDuringALoadRunLosesNoQueryAndNoShard) {
+  START_CLUSTER(c, true, {"GMI_SCORE_SHARDS=2", "GMI_BROKER_LIVENESS=100", "GMI_METRIC_AUTO_LEARN=false"});
+  c.start_broker();
+  for (const char* s : {"decode", "embed", "interrogate", "spec"}) c.start_worker(s);
+  auto& doomed = c.start_worker("score", {"GMI_SCORE_SHARD=0"});
+  c.start_worker("score", {"GMI_SCORE_SHARD=0"});
+  c.start_worker("score", {"GMI_SCORE_SHARD=1"});
+  c.start_worker("score", {"GMI_SCORE_SHARD=1"});
+  upload_hub(c);
+  // Every replica has the whole of its shard before the load starts.
+  for (int q = 0; q < 4; ++q) {
+    json warm = c.await(c.query(hub().queries[0], 3));
+    ASSERT_EQ(warm.value("state", ""), "finished") << warm.dump() << c.logs();
+  }
+  const auto [results_before, active_before] = c.redis_counts();
+  ASSERT_EQ(active_before, 0);
+
+  doomed.signal(SIGSTOP);
+  std::vector<std::pair<std::string, int>> ids;  // job, the model its query shows
+  for (int i = 0; i < 16; ++i) {
+    const int model = i % Hub::kModels;
+    ids.emplace_back(c.query(hub().queries[static_cast<std::size_t>(model)], 3), model);
+  }
+  std::this_thread::sleep_for(1500ms);  // some reach the frozen replica
+  doomed.signal(SIGKILL);
+  for (int i = 0; i < 8; ++i) {  // and the load goes on
+    const int model = i % Hub::kModels;
+    ids.emplace_back(c.query(hub().queries[static_cast<std::size_t>(model)], 3), model);
+  }
+  for (const auto& [id, model] : ids) {
+    json j = c.await(id, 60s);
+    ASSERT_EQ(j.value("state", ""), "finished") << j.dump() << c.logs();
+    EXPECT_FALSE(j["result"].contains("missing_shards")) << j.dump();
+    EXPECT_EQ(j["result"].value("models", 0), Hub::kModels) << j.dump();
+    EXPECT_EQ(j["result"]["results"][0]["model"], Hub::model(model)) << j.dump();
+  }
+  const auto [results_after, active_after] = c.redis_counts();
+  EXPECT_EQ(results_after - results_before, static_cast<long long>(ids.size()));  // one result each
+  EXPECT_EQ(active_after, 0);
+  EXPECT_NE(c.broker_metrics().find("gmi_retries_total{reason=\"worker_lost\",stage=\"score\"}"), std::string::npos)
+      << "the frozen replica held tasks when it died";
+}
+
 // A process() that hangs: the worker's watchdog makes it suspect (its heartbeats say so and
 // its /healthz fails), the broker retries the task elsewhere and sends the hung worker
 // nothing more, and on SIGTERM it exits with a message instead of waiting on the batch.
