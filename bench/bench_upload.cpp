@@ -18,11 +18,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <hiredis/hiredis.h>
 #include <unistd.h>
 
 #include "bench_util.hpp"
 #include "gmi/error.hpp"
 #include "gmi/log.hpp"
+#include "gmi/redis.hpp"
 #include "gmi/spec_store.hpp"
 #include "gmi/workers/hub_cache.hpp"
 #include "hub_synth.hpp"
@@ -100,6 +102,39 @@ int main(int argc, char** argv) try {
   }
   const std::size_t stored = store->count();
 
+  // What a full load is made of, each timed alone over every stored spec, 64 a round trip as
+  // the cache fetches: the bytes from Redis (pipelined GETs, nothing parsed; one server only),
+  // and SpecStore::get_many (fetched and parsed).
+  {
+    const std::vector<std::string> ids = store->list();
+    constexpr std::size_t kBatch = 64;
+    if (uri.rfind("redis://", 0) == 0) {
+      gmi::RedisConnection raw(gmi::parse_redis_uri(uri));
+      std::size_t bytes = 0;
+      t0 = Clock::now();
+      for (std::size_t i = 0; i < ids.size(); i += kBatch) {
+        std::vector<std::string> keys;
+        std::vector<gmi::RedisConnection::Args> gets;
+        for (std::size_t j = i; j < std::min(ids.size(), i + kBatch); ++j) keys.push_back(raw.key("spec:" + ids[j]));
+        for (const auto& k : keys) gets.push_back({"GET", k});
+        for (const auto& reply : raw.pipeline(gets)) bytes += reply->len;
+      }
+      const double seconds = ms_since(t0) / 1000.0;
+      out["spec_bytes"] = bytes;
+      out["fetch_raw_seconds"] = seconds;
+      out["fetch_raw_gb_per_s"] = static_cast<double>(bytes) / seconds / 1e9;
+    }
+    t0 = Clock::now();
+    std::size_t got = 0;
+    for (std::size_t i = 0; i < ids.size(); i += kBatch) {
+      const std::vector<std::string> batch(ids.begin() + static_cast<std::ptrdiff_t>(i),
+                                           ids.begin() + static_cast<std::ptrdiff_t>(std::min(ids.size(), i + kBatch)));
+      for (const auto& f : store->get_many(batch)) got += f.spec ? 1 : 0;
+    }
+    out["fetch_parse_seconds"] = ms_since(t0) / 1000.0;
+    if (got != ids.size()) throw gmi::IoError("get_many returned " + std::to_string(got) + " of " + std::to_string(ids.size()) + " specs");
+  }
+
   gmi::workers::HubCacheOptions o;
   o.store_uri = uri;
   o.refresh_ms = refresh_ms;
@@ -128,6 +163,8 @@ int main(int argc, char** argv) try {
   auto cache_ptr = std::make_unique<gmi::workers::HubCache>(o, first.image_encoder, first.text_encoder, nullptr);
   gmi::workers::HubCache& cache = *cache_ptr;
   out["load_seconds"] = wait_loaded(cache, stored);
+  if (out.contains("spec_bytes"))
+    out["load_gb_per_s"] = out["spec_bytes"].get<double>() / out["load_seconds"].get<double>() / 1e9;
   out["index_bytes"] = cache.current()->hub().memory_bytes();
   if (!snapshot_dir.empty()) {  // the first snapshot, before the uploads (so as not to time them against it)
     t0 = Clock::now();

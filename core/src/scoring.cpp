@@ -196,11 +196,11 @@ void check_packable_shape(const Spec& s, Eigen::Index d_in, Eigen::Index dt) {
               ", expected " + std::to_string(r) + "x" + std::to_string(dt));
   if (s.gram_x.rows() != r || s.gram_x.cols() != r) throw bad("gram_x is not r x r");
   if (s.mean_x.size() != d_in && s.mean_x.size() != 0) throw bad("mean_x is not of size d");
-  if (!s.beta.allFinite() || (s.beta.array() < 0).any())
+  if (!all_finite(s.beta) || (s.beta.array() < 0).any())
     throw bad("beta must be finite and non-negative");
   if (!(s.gamma > 0) || !std::isfinite(s.gamma)) throw bad("gamma must be positive");
   if (!std::isfinite(s.downloads)) throw bad("downloads must be finite");
-  if (!s.zx.allFinite() || !s.zt.allFinite() || !s.gram_x.allFinite() || !s.mean_x.allFinite())
+  if (!all_finite(s.zx) || !all_finite(s.zt) || !all_finite(s.gram_x) || !all_finite(s.mean_x))
     throw SpecFormatError("spec " + in_quotes(s.model_id) + ": non-finite values");
 }
 

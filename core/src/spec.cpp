@@ -51,11 +51,8 @@ bool valid_model_id(const std::string& id) {
 }
 
 void check_finite(const float* values, std::size_t count, const char* name) {
-  for (std::size_t i = 0; i < count; ++i) {
-    if (!std::isfinite(values[i])) {
-      fail(std::string(name) + "[" + std::to_string(i) + "] is not finite");
-    }
-  }
+  if (const std::size_t i = first_non_finite(values, count); i < count)
+    fail(std::string(name) + "[" + std::to_string(i) + "] is not finite");
 }
 
 void check_encoder(const EncoderIdentity& e, const char* field) {

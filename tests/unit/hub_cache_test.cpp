@@ -196,6 +196,29 @@ TEST(HubCache, ASegmentedShardFollowsAClusterStoresPartitions) {
   uploads_and_removals_touch_only_the_tail(cluster.uri("?partitions=4"));
 }
 
+// A full load packs its segments in parts as the specs arrive and merges each segment's parts:
+// the segments hold load_chunk specs each, score as the store says, and nothing is lost at a
+// part's or a chunk's edge.
+TEST(HubCache, AFullLoadPacksInPartsAndMergesThemIntoSegmentsOfLoadChunk) {
+  testing::TempDir dir;
+  const std::string uri = "dir:" + dir.path().string();
+  auto store = open_spec_store(uri);
+  for (int m = 0; m < 12; ++m) store->put(testing::make_random_spec("model-" + std::to_string(m), 70 + m, 5));
+  HubCacheOptions o = segmented_options(uri);
+  o.load_chunk = 5;
+  o.load_part = 2;
+  o.segments.merge_factor = 100;  // no compaction: the segments stay as loaded
+  o.segments.dead_fraction = 1.0;
+  const Spec any = testing::make_random_spec("x", 1, 5);
+  HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
+  auto loaded = wait_for(cache, [](const Identifier& id) { return id.size() == 12; });
+  ASSERT_NE(loaded, nullptr);
+  std::vector<std::size_t> sizes;
+  for (const Segment& s : loaded->hub().segments()) sizes.push_back(s.index->size());
+  EXPECT_EQ(sizes, (std::vector<std::size_t>{5, 5, 2})) << "parts of 2, 2 and 1 merged per segment";
+  expect_ranks_as_the_store(*loaded, *store);
+}
+
 TEST(HubCache, ASegmentedShardCompactsInTheBackgroundAndCountsIt) {
   testing::TempDir dir;
   const std::string uri = "dir:" + dir.path().string();

@@ -658,3 +658,32 @@ TEST(OpenSpecStore, RejectsUnknownSchemesAndEmptyLocations) {
 
 }  // namespace
 }  // namespace gmi
+
+namespace gmi {
+namespace {
+
+// The finiteness check every load runs over every value: the first NaN or infinity anywhere,
+// a block's edges included; denormals, zeros and the largest floats are finite.
+TEST(FiniteCheck, FindsTheFirstNonFiniteValueWhereverItIs) {
+  std::vector<float> v(1500, 1.0f);
+  v[3] = std::numeric_limits<float>::denorm_min();
+  v[4] = -0.0f;
+  v[5] = std::numeric_limits<float>::max();
+  v[6] = -std::numeric_limits<float>::max();
+  EXPECT_EQ(first_non_finite(v.data(), v.size()), v.size());
+  EXPECT_TRUE(all_finite(v.data(), v.size()));
+  for (const std::size_t at : {std::size_t{0}, std::size_t{511}, std::size_t{512}, std::size_t{1499}}) {
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()}) {
+      std::vector<float> w = v;
+      w[at] = bad;
+      if (at + 7 < w.size()) w[at + 7] = bad;  // a later one is not the first
+      EXPECT_EQ(first_non_finite(w.data(), w.size()), at) << "at " << at << " value " << bad;
+      EXPECT_FALSE(all_finite(w.data(), w.size()));
+    }
+  }
+  EXPECT_EQ(first_non_finite(v.data(), 0), 0u);
+}
+
+}  // namespace
+}  // namespace gmi

@@ -1,6 +1,11 @@
 #include "gmi/workers/hub_cache.hpp"
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <chrono>
+#include <future>
 #include <map>
 #include <set>
 
@@ -140,27 +145,100 @@ std::vector<std::string> distinct(const std::vector<std::string>& ids) {
 }
 
 // Every spec of `ids` in this shard, fetched a pipelined batch at a time, to `sink` (in order).
+// The next batch is fetched (and parsed) on another thread while the sink takes this one.
 template <class Sink>
 std::size_t fetch_all(SpecStore& store, const std::vector<std::string>& ids, int shard, int shards,
                       const Metric* metric, const EncoderIdentity& image, const EncoderIdentity& text,
                       const Sink& sink) {
   constexpr std::size_t kBatch = 64;
-  std::vector<std::string> batch;
+  std::vector<std::vector<std::string>> batches(1);
+  for (const auto& id : ids) {
+    if (!in_shard(id, shard, shards)) continue;
+    if (batches.back().size() == kBatch) batches.emplace_back();
+    batches.back().push_back(id);
+  }
+  if (batches.back().empty()) return 0;
   std::size_t fetched = 0;
-  auto flush = [&] {
-    auto got = store.get_many(batch);
+  auto fetch = [&store](const std::vector<std::string>* batch) { return store.get_many(*batch); };
+  std::future<std::vector<SpecStore::Fetched>> next = std::async(std::launch::async, fetch, &batches[0]);
+  for (std::size_t b = 0; b < batches.size(); ++b) {
+    std::vector<SpecStore::Fetched> got = next.get();  // rethrows the fetch's error
+    if (b + 1 < batches.size()) next = std::async(std::launch::async, fetch, &batches[b + 1]);
+    // (A sink that throws leaves `next` to finish before the store goes: its destructor waits.)
+    const std::vector<std::string>& batch = batches[b];
     for (std::size_t i = 0; i < batch.size(); ++i)
       sink(batch[i], servable(std::move(got[i]), batch[i], metric, image, text));
     fetched += batch.size();
-    batch.clear();
-  };
-  for (const auto& id : ids) {
-    if (!in_shard(id, shard, shards)) continue;
-    batch.push_back(id);
-    if (batch.size() == kBatch) flush();
   }
-  if (!batch.empty()) flush();
   return fetched;
+}
+
+// A full load's segments, packed as the specs arrive: every `part` specs are packed on a thread
+// of their own while the next are fetched (one part at a time, so at most two parts are held
+// unpacked), and every `chunk` specs the parts are merged (copied as packed) into one segment.
+class ChunkPacker {
+ public:
+  ChunkPacker(SegmentBuilder& builder, std::size_t chunk, std::size_t part, std::shared_ptr<const Metric> metric,
+              SpecStorage storage)
+      : builder_(builder), chunk_(std::max<std::size_t>(1, chunk)), part_size_(std::max<std::size_t>(1, part)),
+        metric_(std::move(metric)), storage_(storage) {}
+  ~ChunkPacker() {
+    if (packing_.valid()) packing_.wait();
+  }
+  void add(Spec spec) {
+    part_.push_back(std::move(spec));
+    if (++in_chunk_ >= chunk_) {
+      seal();
+    } else if (part_.size() >= part_size_) {
+      pack_part();
+    }
+  }
+  /// The last specs packed and merged; the builder has every segment.
+  void seal() {
+    pack_part();
+    collect();
+    in_chunk_ = 0;
+    if (parts_.empty()) return;
+    if (parts_.size() == 1) {
+      builder_.add_segment(parts_.front());
+    } else {
+      std::vector<SpecIndex::Part> merge;
+      for (const auto& p : parts_) merge.push_back({p.get(), nullptr});
+      builder_.add_segment(std::make_shared<const SpecIndex>(SpecIndex::merge(merge)));
+    }
+    parts_.clear();
+  }
+
+ private:
+  void collect() {
+    if (packing_.valid()) parts_.push_back(packing_.get());
+  }
+  void pack_part() {
+    if (part_.empty()) return;
+    collect();
+    packing_ = std::async(std::launch::async, [specs = std::move(part_), metric = metric_, storage = storage_]() mutable {
+      return std::make_shared<const SpecIndex>(std::move(specs), metric, metric ? SpecSpace::kMapped : SpecSpace::kRaw,
+                                               storage);
+    });
+    part_ = {};
+  }
+
+  SegmentBuilder& builder_;
+  std::size_t chunk_, part_size_;
+  std::shared_ptr<const Metric> metric_;
+  SpecStorage storage_;
+  std::vector<Spec> part_;
+  std::size_t in_chunk_ = 0;
+  std::vector<std::shared_ptr<const SpecIndex>> parts_;
+  std::future<std::shared_ptr<const SpecIndex>> packing_;
+};
+
+// Hands the memory a full load freed (fetched and unpacked specs) back to the system once,
+// rather than as each part is packed (the next part would fault it in again).
+void release_load_memory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
 }
 
 }  // namespace
@@ -397,30 +475,26 @@ void HubCache::loop() {
         std::size_t fetched = 0;
         const bool full = !state.loaded || !changes.complete || metric_moved;
         if (full && options_.segmented) {
-          // Into a new builder, swapped in only once every spec is in; packed a chunk at a
-          // time, so that no more than one chunk of specs is held unpacked.
+          // Into a new builder, swapped in only once every spec is in; packed as the specs
+          // arrive (ChunkPacker), so that no more than two parts of specs are held unpacked.
           auto reload = new_builder();
-          std::vector<Spec> chunk;
-          auto pack = [&] {
-            if (chunk.empty()) return;
-            reload->add_segment(std::make_shared<const SpecIndex>(
-                std::move(chunk), state.metric, state.metric ? SpecSpace::kMapped : SpecSpace::kRaw, storage));
-            chunk.clear();
-          };
-          fetched = fetch_all(*store, store->list(), options_.shard, options_.shards, state.metric.get(),
-                              image_encoder_, text_encoder_, [&](const std::string& id, std::optional<Spec> spec) {
-                                if (!spec) return;
-                                try {
-                                  check_packable(*spec, state.metric.get(),
-                                                 state.metric ? SpecSpace::kMapped : SpecSpace::kRaw);
-                                } catch (const InputError& e) {
-                                  log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
-                                  return;
-                                }
-                                chunk.push_back(std::move(*spec));
-                                if (chunk.size() >= options_.load_chunk) pack();
-                              });
-          pack();
+          {
+            ChunkPacker packer(*reload, options_.load_chunk, options_.load_part, state.metric, storage);
+            fetched = fetch_all(*store, store->list(), options_.shard, options_.shards, state.metric.get(),
+                                image_encoder_, text_encoder_, [&](const std::string& id, std::optional<Spec> spec) {
+                                  if (!spec) return;
+                                  try {
+                                    check_packable(*spec, state.metric.get(),
+                                                   state.metric ? SpecSpace::kMapped : SpecSpace::kRaw);
+                                  } catch (const InputError& e) {
+                                    log::warn("skipping a spec the shard cannot hold", {{"model", id}, {"error", e.what()}});
+                                    return;
+                                  }
+                                  packer.add(std::move(*spec));
+                                });
+            packer.seal();
+          }
+          release_load_memory();
           builder = std::move(reload);
           ++epoch;
         } else if (options_.segmented) {

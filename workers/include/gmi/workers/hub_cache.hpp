@@ -44,6 +44,9 @@ struct HubCacheOptions {
   bool segmented = false;
   SegmentPolicy segments;
   std::size_t load_chunk = 16384;  ///< a full load packs this many specs per segment
+  /// ... in parts of this many, each packed on its own thread while the next are fetched, and
+  /// merged (copied as packed) into the segment; at most two parts are held unpacked.
+  std::size_t load_part = 2048;
   /// Segmented: keep the shard's segments as snapshot files in this local directory (empty:
   /// none), so that a restart maps them back and fetches only the changes since (README,
   /// "Restarts from disk"). Written at most every snapshot_every_s seconds, and on shutdown.
