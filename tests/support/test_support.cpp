@@ -72,6 +72,21 @@ static bool port_accepts(int port) {
   return ok;
 }
 
+// Starts argv[0] with argv, its stdout sent to /dev/null; the child's pid.
+static pid_t spawn_quiet(std::vector<std::string> args) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int devnull = ::open("/dev/null", O_WRONLY);
+    ::dup2(devnull, 1);
+    std::vector<char*> cargs;
+    for (auto& a : args) cargs.push_back(a.data());
+    cargs.push_back(nullptr);
+    ::execv(cargs[0], cargs.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
 static std::string find_redis_server() {
   for (const char* p : {"/usr/bin/redis-server", "/usr/local/bin/redis-server"}) {
     if (::access(p, X_OK) == 0) return p;
@@ -105,17 +120,7 @@ void RedisServer::start() {
     args.push_back("--requirepass");
     args.push_back(password_);
   }
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    int devnull = ::open("/dev/null", O_WRONLY);
-    ::dup2(devnull, 1);
-    std::vector<char*> cargs;
-    for (auto& a : args) cargs.push_back(a.data());
-    cargs.push_back(nullptr);
-    ::execv(cargs[0], cargs.data());
-    ::_exit(127);
-  }
-  pid_ = pid;
+  pid_ = spawn_quiet(args);
   for (int i = 0; i < 400; ++i) {
     if (port_accepts(port_)) return;
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
@@ -179,17 +184,7 @@ RedisClusterServers::RedisClusterServers(int masters) {
                                      "--appendonly", "no", "--dir", dir.string(), "--daemonize", "no",
                                      "--loglevel", "warning", "--cluster-enabled", "yes",
                                      "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"};
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      int devnull = ::open("/dev/null", O_WRONLY);
-      ::dup2(devnull, 1);
-      std::vector<char*> cargs;
-      for (auto& a : args) cargs.push_back(a.data());
-      cargs.push_back(nullptr);
-      ::execv(cargs[0], cargs.data());
-      ::_exit(127);
-    }
-    pids_.push_back(pid);
+    pids_.push_back(spawn_quiet(args));
   }
   for (const int port : ports_) {
     bool up = false;

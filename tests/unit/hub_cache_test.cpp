@@ -140,13 +140,19 @@ HubCacheOptions segmented_options(const std::string& uri) {
   return o;
 }
 
+// The same, with no compaction: the segments stay as loaded.
+HubCacheOptions uncompacted_options(const std::string& uri) {
+  HubCacheOptions o = segmented_options(uri);
+  o.segments.merge_factor = 100;
+  o.segments.dead_fraction = 1.0;
+  return o;
+}
+
 // The store's change log is what lets a refresh fetch only what changed.
 void uploads_and_removals_touch_only_the_tail(const std::string& uri) {
   auto store = open_spec_store(uri);
   for (int m = 0; m < 7; ++m) store->put(testing::make_random_spec("model-" + std::to_string(m), 40 + m, 5));
-  HubCacheOptions o = segmented_options(uri);
-  o.segments.merge_factor = 100;  // no compaction: the segments stay as loaded
-  o.segments.dead_fraction = 1.0;
+  HubCacheOptions o = uncompacted_options(uri);
   const Spec any = testing::make_random_spec("x", 1, 5);
   HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
   auto loaded = wait_for(cache, [](const Identifier& id) { return id.size() == 7; });
@@ -204,11 +210,9 @@ TEST(HubCache, AFullLoadPacksInPartsAndMergesThemIntoSegmentsOfLoadChunk) {
   const std::string uri = "dir:" + dir.path().string();
   auto store = open_spec_store(uri);
   for (int m = 0; m < 12; ++m) store->put(testing::make_random_spec("model-" + std::to_string(m), 70 + m, 5));
-  HubCacheOptions o = segmented_options(uri);
+  HubCacheOptions o = uncompacted_options(uri);
   o.load_chunk = 5;
   o.load_part = 2;
-  o.segments.merge_factor = 100;  // no compaction: the segments stay as loaded
-  o.segments.dead_fraction = 1.0;
   const Spec any = testing::make_random_spec("x", 1, 5);
   HubCache cache(o, any.image_encoder, any.text_encoder, nullptr);
   auto loaded = wait_for(cache, [](const Identifier& id) { return id.size() == 12; });

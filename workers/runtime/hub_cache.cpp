@@ -235,6 +235,13 @@ class ChunkPacker {
 
 // Hands the memory a full load freed (fetched and unpacked specs) back to the system once,
 // rather than as each part is packed (the next part would fault it in again).
+void keep_part_memory() {
+#if defined(__GLIBC__)
+  static const bool done = [] { return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1; }();
+  (void)done;
+#endif
+}
+
 void release_load_memory() {
 #if defined(__GLIBC__)
   malloc_trim(0);
@@ -479,6 +486,7 @@ void HubCache::loop() {
           // arrive (ChunkPacker), so that no more than two parts of specs are held unpacked.
           auto reload = new_builder();
           {
+            keep_part_memory();
             ChunkPacker packer(*reload, options_.load_chunk, options_.load_part, state.metric, storage);
             fetched = fetch_all(*store, store->list(), options_.shard, options_.shards, state.metric.get(),
                                 image_encoder_, text_encoder_, [&](const std::string& id, std::optional<Spec> spec) {

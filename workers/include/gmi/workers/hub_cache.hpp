@@ -45,8 +45,10 @@ struct HubCacheOptions {
   SegmentPolicy segments;
   std::size_t load_chunk = 16384;  ///< a full load packs this many specs per segment
   /// ... in parts of this many, each packed on its own thread while the next are fetched, and
-  /// merged (copied as packed) into the segment; at most two parts are held unpacked.
-  std::size_t load_part = 2048;
+  /// merged (copied as packed) into the segment; at most two parts are held unpacked. Small
+  /// enough that a part's arrays come from the heap (below glibc's 32 MB mmap threshold, which
+  /// the load fixes) and the next chunk's parts reuse them instead of faulting in fresh pages.
+  std::size_t load_part = 512;
   /// Segmented: keep the shard's segments as snapshot files in this local directory (empty:
   /// none), so that a restart maps them back and fetches only the changes since (README,
   /// "Restarts from disk"). Written at most every snapshot_every_s seconds, and on shutdown.
