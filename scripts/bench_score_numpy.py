@@ -14,6 +14,7 @@ Keep M modest (1e4 needs ~1.1 GB); the box is shared.
   /usr/bin/python3 scripts/bench_score_numpy.py --models 10000
 """
 import argparse
+import json
 import time
 
 import numpy as np
@@ -70,7 +71,11 @@ def main():
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--gamma", type=float, default=1.0)
     ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (per version: p50_ms, p90_ms; bytes of zx+zt) instead of lines")
+    ap.add_argument("--packed-only", action="store_true", help="time the packed version only")
     args = ap.parse_args()
+    report = {"models": args.models, "r": args.r, "d": args.d, "dt": args.dt, "queries": args.queries}
     rng = np.random.default_rng(7)
     zx, zt, beta, gram = make_specs(args.models, args.r, args.d, args.dt, args.gamma, rng)
     zx_all = zx.reshape(-1, args.d)
@@ -78,18 +83,23 @@ def main():
     zx_sq = (zx * zx).sum(-1)
     zt_norm = np.linalg.norm(zt, axis=-1)
     nbytes = zx.nbytes + zt.nbytes
-    print(f"bench_score_numpy: M={args.models} r={args.r} d={args.d} dt={args.dt} "
-          f"({nbytes / 1e9:.2f} GB of zx+zt)")
+    report["bytes"] = int(nbytes)
+    if not args.json:
+        print(f"bench_score_numpy: M={args.models} r={args.r} d={args.d} dt={args.dt} "
+              f"({nbytes / 1e9:.2f} GB of zx+zt)")
 
     picks = rng.integers(0, args.models * args.r, args.queries)
     xs = unit_rows(zx_all[picks] + 0.05 * rng.uniform(-1, 1, (args.queries, args.d)).astype(np.float32))
     ts = unit_rows(zt_all[picks] + 0.05 * rng.uniform(-1, 1, (args.queries, args.dt)).astype(np.float32))
 
-    for name, fn in [
+    versions = [
         ("linear scan", lambda x, t: score_linear_scan(zx, zt, beta, gram, x, t, args.gamma, args.tau)),
         ("packed", lambda x, t: score_packed(zx_all, zx_sq, zt_all, zt_norm, beta, gram, x, t,
                                              args.gamma, args.tau, args.r)),
-    ]:
+    ]
+    if args.packed_only:
+        versions = versions[1:]
+    for name, fn in versions:
         times = []
         for q in range(args.queries):
             start = time.perf_counter()
@@ -99,12 +109,19 @@ def main():
         times.sort()
         med = times[len(times) // 2]
         p90 = times[min(len(times) - 1, int(0.9 * len(times)))]
-        print(f"weighted {name:11s}: median {med * 1e3:9.3f} ms  p90 {p90 * 1e3:9.3f} ms per query "
-              f"({nbytes / med / 1e9:.1f} GB/s)")
-    # The two NumPy versions agree (a check on the benchmark itself).
-    a = score_linear_scan(zx, zt, beta, gram, xs[0], ts[0], args.gamma, args.tau)
-    b = score_packed(zx_all, zx_sq, zt_all, zt_norm, beta, gram, xs[0], ts[0], args.gamma, args.tau, args.r)
-    print(f"max |linear scan - packed| = {np.abs(a - b).max():.2e}")
+        report[name.replace(" ", "_")] = {"p50_ms": med * 1e3, "p90_ms": p90 * 1e3}
+        if not args.json:
+            print(f"weighted {name:11s}: median {med * 1e3:9.3f} ms  p90 {p90 * 1e3:9.3f} ms per query "
+                  f"({nbytes / med / 1e9:.1f} GB/s)")
+    if not args.packed_only:
+        # The two NumPy versions agree (a check on the benchmark itself).
+        a = score_linear_scan(zx, zt, beta, gram, xs[0], ts[0], args.gamma, args.tau)
+        b = score_packed(zx_all, zx_sq, zt_all, zt_norm, beta, gram, xs[0], ts[0], args.gamma, args.tau, args.r)
+        report["max_abs_difference"] = float(np.abs(a - b).max())
+        if not args.json:
+            print(f"max |linear scan - packed| = {np.abs(a - b).max():.2e}")
+    if args.json:
+        print(json.dumps(report))
 
 
 if __name__ == "__main__":
