@@ -233,15 +233,17 @@ class ChunkPacker {
   std::future<std::shared_ptr<const SpecIndex>> packing_;
 };
 
-// Hands the memory a full load freed (fetched and unpacked specs) back to the system once,
-// rather than as each part is packed (the next part would fault it in again).
+// A load's parts (below 32 MB each) come from the heap rather than from mmap, so that once
+// freed (merged into their segment) the next chunk's parts reuse them instead of faulting in
+// fresh pages; glibc's threshold otherwise starts at 128 KB and moves with what is freed.
 void keep_part_memory() {
 #if defined(__GLIBC__)
-  static const bool done = [] { return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1; }();
-  (void)done;
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
 #endif
 }
 
+// Hands the memory a full load freed (fetched and unpacked specs) back to the system once,
+// rather than as each part is packed (the next part would fault it in again).
 void release_load_memory() {
 #if defined(__GLIBC__)
   malloc_trim(0);

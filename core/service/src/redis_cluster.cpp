@@ -167,7 +167,7 @@ RedisConnection& RedisCluster::connect(int node) {
 
 void RedisCluster::refresh() {
   std::string last = "no node to ask";
-  // The nodes of the map first, then the seeds (all are in nodes_, seeds first).
+  // Every node known, the seeds first (nodes_ starts with them), until one answers.
   for (std::size_t i = 0; i < nodes_.size(); ++i) {
     RedisReply r;
     try {
